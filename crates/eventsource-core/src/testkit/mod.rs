@@ -1,0 +1,8 @@
+//! Test fixtures shared by the crates of this workspace (feature `testkit`).
+//!
+//! - [`orders`]: the tutorial's order domain (`OrderCreated`, `OrderShipped`, `OrderAggregate`).
+//! - [`store_contract`]: the behaviour every [`EventStore`](crate::EventStore) must show; each
+//!   store's test suite runs it against its own store.
+
+pub mod orders;
+pub mod store_contract;
