@@ -410,6 +410,12 @@ impl Subscribers {
     /// Runs every handler of the event: type handlers in subscription order, then wildcards,
     /// one after the other. A failure or panic is recorded and the next handler still runs.
     pub async fn dispatch(&self, event: &EventEnvelope) -> DispatchReport {
+        self.dispatch_with(event, false).await
+    }
+
+    /// As [`dispatch`](Self::dispatch); with `traced`, each handler runs inside an
+    /// `eventsource.handle` span naming the handler and the event.
+    pub async fn dispatch_with(&self, event: &EventEnvelope, traced: bool) -> DispatchReport {
         let table = self.snapshot();
         let typed = table.by_type.get(event.event_type()).map(Vec::as_slice);
         let mut report = DispatchReport::default();
@@ -419,7 +425,28 @@ impl Subscribers {
             .chain(table.wildcard.iter())
         {
             report.handlers_run += 1;
-            let outcome = CatchPanic::new(entry.handler.call(event)).await;
+            let call = CatchPanic::new(entry.handler.call(event));
+            let outcome = if traced {
+                let span = tracing::info_span!(
+                    "eventsource.handle",
+                    handler = %entry.name,
+                    event.type = event.event_type(),
+                    event.id = %event.event_id(),
+                    otel.status_code = tracing::field::Empty,
+                );
+                let outcome = tracing::Instrument::instrument(call, span.clone()).await;
+                span.record(
+                    "otel.status_code",
+                    if matches!(outcome, Ok(Ok(()))) {
+                        "OK"
+                    } else {
+                        "ERROR"
+                    },
+                );
+                outcome
+            } else {
+                call.await
+            };
             let failure = match outcome {
                 Ok(Ok(())) => None,
                 Ok(Err(error)) => Some((false, error)),

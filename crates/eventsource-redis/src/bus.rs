@@ -1,0 +1,360 @@
+//! The bus itself: construction, connections, publishing, subscriptions and counters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use eventsource_core::bus::{BusError, EventBus, EventPublisher, Subscribers};
+use eventsource_core::{BoxFuture, EventEnvelope, EventRegistry};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Value};
+use tracing::Instrument;
+
+use crate::codec;
+use crate::config::{RedisEventBusConfig, redact_url};
+use crate::error::RedisBusError;
+use crate::trace::TraceContext;
+
+/// Counters of one bus instance (atomics; read with [`RedisEventBus::stats`]).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) events_published: AtomicU64,
+    pub(crate) events_consumed: AtomicU64,
+    pub(crate) events_processed_success: AtomicU64,
+    pub(crate) events_processed_failed: AtomicU64,
+    pub(crate) messages_recovered: AtomicU64,
+    pub(crate) messages_sent_to_dlq: AtomicU64,
+    pub(crate) handler_errors: AtomicU64,
+    pub(crate) reconnections: AtomicU64,
+    pub(crate) events_skipped_no_subscriber: AtomicU64,
+    pub(crate) events_skipped_unregistered: AtomicU64,
+    pub(crate) events_skipped_other_group: AtomicU64,
+    pub(crate) malformed_messages: AtomicU64,
+    pub(crate) messages_dropped_dlq_disabled: AtomicU64,
+    pub(crate) entries_deleted_while_pending: AtomicU64,
+    pub(crate) group_recreations: AtomicU64,
+    pub(crate) recovery_runs: AtomicU64,
+    pub(crate) acks_not_applied: AtomicU64,
+}
+
+pub(crate) fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: RedisEventBusConfig,
+    pub(crate) consumer_name: String,
+    pub(crate) stream: String,
+    pub(crate) dlq_stream: String,
+    pub(crate) client: redis::Client,
+    pub(crate) registry: EventRegistry,
+    pub(crate) subscribers: Subscribers,
+    pub(crate) counters: Counters,
+    /// The multiplexed command connection (publish, ack, claim, info). Created on first use;
+    /// reconnects by itself.
+    pub(crate) commands: tokio::sync::Mutex<Option<ConnectionManager>>,
+    pub(crate) connected: AtomicBool,
+    pub(crate) consuming: AtomicBool,
+    /// `true` asks the consume loop to stop after its in-flight batch.
+    pub(crate) stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// A distributed event bus on Redis Streams, wire-compatible with eventsource-py.
+///
+/// Cheap to clone: clones share connections, subscriptions and counters (spawn
+/// `start_consuming` on a clone). See the crate docs for the guarantees.
+#[derive(Clone)]
+pub struct RedisEventBus {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisEventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisEventBus")
+            .field("stream", &self.inner.stream)
+            .field("consumer_group", &self.inner.config.consumer_group)
+            .field("consumer_name", &self.inner.consumer_name)
+            .field("connected", &self.is_connected())
+            .field("consuming", &self.is_consuming())
+            .finish()
+    }
+}
+
+impl RedisEventBus {
+    /// A bus with this configuration, decoding events through `registry`. Does not connect.
+    ///
+    /// # Errors
+    /// [`RedisBusError::Config`] naming the invalid field.
+    pub fn new(
+        config: RedisEventBusConfig,
+        registry: EventRegistry,
+    ) -> Result<Self, RedisBusError> {
+        config.validate()?;
+        let client = redis::Client::open(config.redis_url.as_str()).map_err(|e| {
+            crate::config::ConfigError {
+                field: "redis_url",
+                reason: e.to_string(),
+            }
+        })?;
+        let consumer_name = config.effective_consumer_name();
+        let (stop, _) = tokio::sync::watch::channel(false);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                stream: config.stream_name(),
+                dlq_stream: config.dlq_stream_name(),
+                consumer_name,
+                client,
+                registry,
+                subscribers: Subscribers::new(),
+                counters: Counters::default(),
+                commands: tokio::sync::Mutex::new(None),
+                connected: AtomicBool::new(false),
+                consuming: AtomicBool::new(false),
+                stop,
+                config,
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RedisEventBusConfig {
+        &self.inner.config
+    }
+
+    /// The registry events are decoded through.
+    pub fn registry(&self) -> &EventRegistry {
+        &self.inner.registry
+    }
+
+    /// This consumer's name in its group.
+    pub fn consumer_name(&self) -> &str {
+        &self.inner.consumer_name
+    }
+
+    /// The main stream's key.
+    pub fn stream_name(&self) -> &str {
+        &self.inner.stream
+    }
+
+    /// The dead-letter stream's key.
+    pub fn dlq_stream_name(&self) -> &str {
+        &self.inner.dlq_stream
+    }
+
+    /// Whether the last connection attempt or command succeeded.
+    pub fn is_connected(&self) -> bool {
+        self.inner.connected.load(Ordering::Relaxed)
+    }
+
+    /// Whether `start_consuming` is running.
+    pub fn is_consuming(&self) -> bool {
+        self.inner.consuming.load(Ordering::Relaxed)
+    }
+
+    /// Connects (PING) and creates the consumer group with MKSTREAM if it does not exist
+    /// (a new group reads the stream's whole history, as in eventsource-py).
+    ///
+    /// # Errors
+    /// [`RedisBusError::Connect`] when Redis cannot be reached.
+    pub async fn connect(&self) -> Result<(), RedisBusError> {
+        let mut conn = self.commands().await?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|source| self.connect_error(source))?;
+        self.ensure_group(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Asks the consumer to stop and drops the command connection. A later call to any
+    /// method reconnects.
+    pub async fn disconnect(&self) {
+        self.stop_consuming();
+        *self.inner.commands.lock().await = None;
+        self.inner.connected.store(false, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connect_error(&self, source: redis::RedisError) -> RedisBusError {
+        self.inner.connected.store(false, Ordering::Relaxed);
+        RedisBusError::Connect {
+            url: redact_url(&self.inner.config.redis_url),
+            source,
+        }
+    }
+
+    /// The command connection, created on first use.
+    pub(crate) async fn commands(&self) -> Result<ConnectionManager, RedisBusError> {
+        let mut slot = self.inner.commands.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let cfg = &self.inner.config;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(cfg.socket_timeout()))
+            .set_connection_timeout(Some(cfg.connect_timeout()))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(cfg.reconnect_max_delay_ms));
+        let conn = ConnectionManager::new_with_config(self.inner.client.clone(), manager_config)
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        self.inner.connected.store(true, Ordering::Relaxed);
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// A dedicated connection for blocking reads: its response timeout covers the block time.
+    pub(crate) async fn blocking_reader(&self) -> Result<MultiplexedConnection, RedisBusError> {
+        let cfg = &self.inner.config;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout()))
+            .set_response_timeout(Some(
+                Duration::from_millis(cfg.block_ms) + cfg.socket_timeout(),
+            ));
+        let mut conn = self
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        // Named so operators (and fault tests) can find it: CLIENT LIST / CLIENT KILL.
+        let name = format!("eventsource-reader:{}", self.inner.consumer_name)
+            .replace(|c: char| c.is_whitespace(), "_");
+        let _: Result<Value, _> = redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(name)
+            .query_async(&mut conn)
+            .await;
+        Ok(conn)
+    }
+
+    /// `XGROUP CREATE <stream> <group> 0 MKSTREAM`; an existing group is fine.
+    /// Returns whether the group was created now.
+    pub(crate) async fn ensure_group(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> Result<bool, RedisBusError> {
+        let result: Result<Value, redis::RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.inner.stream)
+            .arg(&self.inner.config.consumer_group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await;
+        match result {
+            Ok(_) => {
+                self.inner.connected.store(true, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) if e.code() == Some("BUSYGROUP") => {
+                self.inner.connected.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) if crate::error::is_connection_error(&e) => Err(self.connect_error(e)),
+            Err(e) => Err(RedisBusError::Command {
+                command: "XGROUP CREATE",
+                source: e,
+            }),
+        }
+    }
+
+    /// Publishes events in one pipelined round trip and returns their stream ids, in order.
+    /// Every event is validated and encoded before anything is sent.
+    ///
+    /// # Errors
+    /// [`RedisBusError::InvalidEvent`] (nothing sent); [`RedisBusError::Command`] or
+    /// [`RedisBusError::Connect`] when Redis fails — then some events of the batch may have
+    /// been written; consumers dedupe by `event_id` if the caller republishes.
+    pub async fn publish_events(
+        &self,
+        events: &[EventEnvelope],
+    ) -> Result<Vec<String>, RedisBusError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let traced = self.inner.config.enable_tracing;
+        let span = if traced {
+            tracing::info_span!(
+                "eventsource.publish",
+                otel.kind = "producer",
+                messaging.system = "redis",
+                messaging.destination.name = %self.inner.stream,
+                messaging.operation = "publish",
+                messaging.batch.message_count = events.len(),
+            )
+        } else {
+            tracing::Span::none()
+        };
+        async {
+            let mut pipe = redis::pipe();
+            for event in events {
+                event
+                    .validate()
+                    .map_err(|source| RedisBusError::InvalidEvent {
+                        event_id: event.event_id(),
+                        source,
+                    })?;
+                let trace = traced.then(TraceContext::next_hop);
+                let fields = codec::encode_fields(
+                    event,
+                    trace
+                        .as_ref()
+                        .map(|t| (t.traceparent(), t.state.clone()))
+                        .as_ref()
+                        .map(|(p, s)| (p.as_str(), s.as_deref())),
+                )
+                .map_err(|source| RedisBusError::InvalidEvent {
+                    event_id: event.event_id(),
+                    source,
+                })?;
+                let cmd = pipe.cmd("XADD").arg(&self.inner.stream).arg("*");
+                for (k, v) in &fields {
+                    cmd.arg(*k).arg(v);
+                }
+            }
+            let mut conn = self.commands().await?;
+            let ids: Vec<String> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.command_error("XADD", e))?;
+            bump(&self.inner.counters.events_published, ids.len() as u64);
+            Ok(ids)
+        }
+        .instrument(span)
+        .await
+    }
+
+    pub(crate) fn command_error(
+        &self,
+        command: &'static str,
+        source: redis::RedisError,
+    ) -> RedisBusError {
+        if crate::error::is_connection_error(&source) {
+            self.inner.connected.store(false, Ordering::Relaxed);
+        }
+        RedisBusError::Command { command, source }
+    }
+}
+
+impl EventPublisher for RedisEventBus {
+    fn publish<'a>(&'a self, events: &'a [EventEnvelope]) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            self.publish_events(events)
+                .await
+                .map(drop)
+                .map_err(|e| match e {
+                    RedisBusError::InvalidEvent { event_id, source } => {
+                        BusError::InvalidEvent { event_id, source }
+                    }
+                    other => BusError::Transport(Box::new(other)),
+                })
+        })
+    }
+}
+
+impl EventBus for RedisEventBus {
+    fn subscribers(&self) -> &Subscribers {
+        &self.inner.subscribers
+    }
+}

@@ -1,0 +1,426 @@
+//! Every option of the bus, with the tutorial's names and defaults, validation that names the
+//! bad field, the derived key names, and loading from environment variables.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration was refused. Always names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid RedisEventBusConfig.{field}: {reason}")]
+pub struct ConfigError {
+    /// The option's name, as in [`RedisEventBusConfig`].
+    pub field: &'static str,
+    /// What is wrong and what would be right.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Configuration of a [`RedisEventBus`](crate::RedisEventBus).
+///
+/// Option names and defaults are those of eventsource-py's `RedisEventBusConfig`, so its
+/// examples translate line by line. Build with struct update syntax and let the bus validate:
+/// ```
+/// use eventsource_redis::RedisEventBusConfig;
+/// let config = RedisEventBusConfig {
+///     stream_prefix: "orders".into(),
+///     consumer_group: "projections".into(),
+///     ..RedisEventBusConfig::default()
+/// };
+/// config.validate().unwrap();
+/// assert_eq!(config.stream_name(), "orders:stream");
+/// assert_eq!(config.dlq_stream_name(), "orders:stream_dlq");
+/// assert_eq!(config.retry_key("1-0"), "orders:retry:1-0");
+/// ```
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisEventBusConfig {
+    /// Redis URL, `redis://[user:password@]host:port[/db]` (or `rediss://`). Default
+    /// `redis://localhost:6379`. A password in it never appears in Debug output or logs.
+    pub redis_url: String,
+    /// Response timeout of ordinary commands (publish, ack, claim, info), in seconds.
+    /// Default 5. A command that takes longer fails with a timeout instead of hanging.
+    pub socket_timeout: f64,
+    /// Timeout of establishing a connection, in seconds. Default 5.
+    pub socket_connect_timeout: f64,
+    /// Accepted for compatibility. The bus always uses one multiplexed connection for
+    /// commands; the blocking read has its own, because a blocking read on the publishing
+    /// connection would stall every publish behind it. Default false.
+    pub single_connection_client: bool,
+    /// Prefix of every key of this bus: `{prefix}:stream`, its DLQ and retry keys.
+    /// Default `events`.
+    pub stream_prefix: String,
+    /// Consumer group: every group receives every event; inside a group each event goes to
+    /// one consumer. Default `default`.
+    pub consumer_group: String,
+    /// This consumer's name inside the group. Default `{hostname}-{8 hex}`; give a stable
+    /// name to a restarting worker so it drains its own pending entries first.
+    pub consumer_name: Option<String>,
+    /// Entries per XREADGROUP (eventsource-py now calls it `stream_read_count`; both names
+    /// are accepted when deserialising). Bounds the messages in flight per consumer.
+    /// Default 100.
+    #[serde(alias = "stream_read_count")]
+    pub batch_size: usize,
+    /// How long one XREADGROUP blocks waiting for new entries, in milliseconds. Must be below
+    /// `socket_timeout` so an idle consumer never sees timeouts. Default **2000** — the one
+    /// default that differs from eventsource-py (5000, equal to its socket timeout, which
+    /// makes its idle consumers log timeouts).
+    pub block_ms: u64,
+    /// Retries after the first attempt before an entry is dead-lettered: an entry is handled
+    /// at most `1 + max_retries` times. Default 3.
+    pub max_retries: u32,
+    /// Dead-letter entries that exhausted their retries (or cannot be decoded). When false
+    /// they are acknowledged and dropped with an error log and a counter. Default true.
+    pub enable_dlq: bool,
+    /// DLQ stream suffix: `{prefix}:stream{suffix}`. Default `_dlq`.
+    pub dlq_stream_suffix: String,
+    /// How long an entry must sit unacknowledged before recovery claims it, in milliseconds.
+    /// Default 60000.
+    pub pending_idle_ms: u64,
+    /// Middle part of the per-message keys: `{prefix}:{retry_key_prefix}:{message id}`.
+    /// This bus keeps the last failure reason there so the dead letter can state it.
+    /// Default `retry`.
+    pub retry_key_prefix: String,
+    /// Expiry of those keys, in seconds. Default 86400.
+    pub retry_key_expiry_seconds: u64,
+    /// Emit tracing spans (publish, process, handle) and carry W3C trace context in entries.
+    /// Default true.
+    pub enable_tracing: bool,
+    /// How often the consumer runs pending recovery by itself, in milliseconds; 0 turns it
+    /// off (then call `recover_pending_messages` yourself). Default 30000.
+    pub recovery_interval_ms: u64,
+    /// Longest wait between reconnection attempts, in milliseconds (backoff doubles from
+    /// 100 ms up to this, with jitter). Default 5000.
+    pub reconnect_max_delay_ms: u64,
+}
+
+impl Default for RedisEventBusConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: "redis://localhost:6379".into(),
+            socket_timeout: 5.0,
+            socket_connect_timeout: 5.0,
+            single_connection_client: false,
+            stream_prefix: "events".into(),
+            consumer_group: "default".into(),
+            consumer_name: None,
+            batch_size: 100,
+            block_ms: 2000,
+            max_retries: 3,
+            enable_dlq: true,
+            dlq_stream_suffix: "_dlq".into(),
+            pending_idle_ms: 60_000,
+            retry_key_prefix: "retry".into(),
+            retry_key_expiry_seconds: 86_400,
+            enable_tracing: true,
+            recovery_interval_ms: 30_000,
+            reconnect_max_delay_ms: 5_000,
+        }
+    }
+}
+
+impl fmt::Debug for RedisEventBusConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisEventBusConfig")
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("socket_timeout", &self.socket_timeout)
+            .field("socket_connect_timeout", &self.socket_connect_timeout)
+            .field("single_connection_client", &self.single_connection_client)
+            .field("stream_prefix", &self.stream_prefix)
+            .field("consumer_group", &self.consumer_group)
+            .field("consumer_name", &self.consumer_name)
+            .field("batch_size", &self.batch_size)
+            .field("block_ms", &self.block_ms)
+            .field("max_retries", &self.max_retries)
+            .field("enable_dlq", &self.enable_dlq)
+            .field("dlq_stream_suffix", &self.dlq_stream_suffix)
+            .field("pending_idle_ms", &self.pending_idle_ms)
+            .field("retry_key_prefix", &self.retry_key_prefix)
+            .field("retry_key_expiry_seconds", &self.retry_key_expiry_seconds)
+            .field("enable_tracing", &self.enable_tracing)
+            .field("recovery_interval_ms", &self.recovery_interval_ms)
+            .field("reconnect_max_delay_ms", &self.reconnect_max_delay_ms)
+            .finish()
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`; URLs without a password unchanged.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    let redacted = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        // `redis://secret@host` puts the password where the user would be.
+        "***".to_owned()
+    };
+    format!("{}{}@{}", &url[..scheme_end + 3], redacted, &rest[at + 1..])
+}
+
+fn non_empty(field: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        return Err(ConfigError::new(field, "must not be empty"));
+    }
+    if value.chars().any(char::is_whitespace) {
+        return Err(ConfigError::new(
+            field,
+            format!("{value:?} must not contain whitespace"),
+        ));
+    }
+    Ok(())
+}
+
+fn positive_secs(field: &'static str, value: f64) -> Result<(), ConfigError> {
+    if !(value.is_finite() && value > 0.0) {
+        return Err(ConfigError::new(
+            field,
+            format!("{value} must be a positive number of seconds"),
+        ));
+    }
+    Ok(())
+}
+
+impl RedisEventBusConfig {
+    /// Checks every option; the bus calls this when it is built.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first bad field: an unparsable URL, an empty prefix, group,
+    /// consumer name, DLQ suffix or retry key prefix, a zero batch size, block time, idle
+    /// time or expiry, non-positive timeouts, or a block time not below the socket timeout.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.redis_url.starts_with("redis://")
+            || self.redis_url.starts_with("rediss://")
+            || self.redis_url.starts_with("unix://")
+            || self.redis_url.starts_with("redis+unix://"))
+        {
+            return Err(ConfigError::new(
+                "redis_url",
+                format!(
+                    "{:?} must start with redis://, rediss:// or unix://",
+                    redact_url(&self.redis_url)
+                ),
+            ));
+        }
+        redis::Client::open(self.redis_url.as_str()).map_err(|e| {
+            ConfigError::new(
+                "redis_url",
+                format!("{:?} does not parse: {e}", redact_url(&self.redis_url)),
+            )
+        })?;
+        positive_secs("socket_timeout", self.socket_timeout)?;
+        positive_secs("socket_connect_timeout", self.socket_connect_timeout)?;
+        non_empty("stream_prefix", &self.stream_prefix)?;
+        non_empty("consumer_group", &self.consumer_group)?;
+        if let Some(name) = &self.consumer_name {
+            non_empty("consumer_name", name)?;
+        }
+        if self.batch_size == 0 {
+            return Err(ConfigError::new("batch_size", "must be at least 1"));
+        }
+        if self.batch_size > 10_000 {
+            return Err(ConfigError::new(
+                "batch_size",
+                format!(
+                    "{} is above the limit of 10000 entries per read",
+                    self.batch_size
+                ),
+            ));
+        }
+        if self.block_ms == 0 {
+            return Err(ConfigError::new(
+                "block_ms",
+                "must be at least 1 (0 would block forever and the consumer could not stop)",
+            ));
+        }
+        if self.block_ms as f64 >= self.socket_timeout * 1000.0 {
+            return Err(ConfigError::new(
+                "block_ms",
+                format!(
+                    "{} ms must be below socket_timeout ({} s), or idle reads would time out",
+                    self.block_ms, self.socket_timeout
+                ),
+            ));
+        }
+        non_empty("dlq_stream_suffix", &self.dlq_stream_suffix)?;
+        if self.pending_idle_ms == 0 {
+            return Err(ConfigError::new(
+                "pending_idle_ms",
+                "must be at least 1 (0 would claim entries other consumers are handling)",
+            ));
+        }
+        non_empty("retry_key_prefix", &self.retry_key_prefix)?;
+        if self.retry_key_expiry_seconds == 0 {
+            return Err(ConfigError::new(
+                "retry_key_expiry_seconds",
+                "must be at least 1",
+            ));
+        }
+        if self.reconnect_max_delay_ms < 100 {
+            return Err(ConfigError::new(
+                "reconnect_max_delay_ms",
+                "must be at least 100",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The main stream: `{stream_prefix}:stream`.
+    pub fn stream_name(&self) -> String {
+        format!("{}:stream", self.stream_prefix)
+    }
+
+    /// The dead-letter stream: `{stream_prefix}:stream{dlq_stream_suffix}`.
+    pub fn dlq_stream_name(&self) -> String {
+        format!("{}:stream{}", self.stream_prefix, self.dlq_stream_suffix)
+    }
+
+    /// The per-message key: `{stream_prefix}:{retry_key_prefix}:{message_id}`.
+    pub fn retry_key(&self, message_id: &str) -> String {
+        format!(
+            "{}:{}:{}",
+            self.stream_prefix, self.retry_key_prefix, message_id
+        )
+    }
+
+    /// The consumer name in use: the configured one, or `{hostname}-{8 hex}`.
+    pub fn effective_consumer_name(&self) -> String {
+        self.consumer_name
+            .clone()
+            .unwrap_or_else(default_consumer_name)
+    }
+
+    pub(crate) fn socket_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.socket_timeout)
+    }
+
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.socket_connect_timeout)
+    }
+
+    /// Reads options from environment variables named `EVENTSOURCE_REDIS_<OPTION>` in upper
+    /// case (`EVENTSOURCE_REDIS_URL` for `redis_url`, `EVENTSOURCE_REDIS_STREAM_PREFIX`, ...;
+    /// `..._STREAM_READ_COUNT` is accepted for `batch_size`). Unset variables keep defaults.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the option whose variable does not parse, or any validation
+    /// error.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// As [`from_env`](Self::from_env), reading variables through `lookup` (for tests and
+    /// other sources).
+    ///
+    /// # Errors
+    /// As [`from_env`](Self::from_env).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut c = Self::default();
+        let get = |option: &str| lookup(&format!("EVENTSOURCE_REDIS_{}", option.to_uppercase()));
+        fn parse<T: std::str::FromStr>(
+            field: &'static str,
+            raw: Option<String>,
+        ) -> Result<Option<T>, ConfigError>
+        where
+            T::Err: fmt::Display,
+        {
+            raw.map(|s| {
+                s.trim().parse::<T>().map_err(|e| {
+                    ConfigError::new(
+                        field,
+                        format!("environment value {s:?} does not parse: {e}"),
+                    )
+                })
+            })
+            .transpose()
+        }
+        if let Some(v) = get("url").or_else(|| get("redis_url")) {
+            c.redis_url = v;
+        }
+        if let Some(v) = parse("socket_timeout", get("socket_timeout"))? {
+            c.socket_timeout = v;
+        }
+        if let Some(v) = parse("socket_connect_timeout", get("socket_connect_timeout"))? {
+            c.socket_connect_timeout = v;
+        }
+        if let Some(v) = parse("single_connection_client", get("single_connection_client"))? {
+            c.single_connection_client = v;
+        }
+        if let Some(v) = get("stream_prefix") {
+            c.stream_prefix = v;
+        }
+        if let Some(v) = get("consumer_group") {
+            c.consumer_group = v;
+        }
+        if let Some(v) = get("consumer_name") {
+            c.consumer_name = Some(v);
+        }
+        if let Some(v) = parse(
+            "batch_size",
+            get("batch_size").or_else(|| get("stream_read_count")),
+        )? {
+            c.batch_size = v;
+        }
+        if let Some(v) = parse("block_ms", get("block_ms"))? {
+            c.block_ms = v;
+        }
+        if let Some(v) = parse("max_retries", get("max_retries"))? {
+            c.max_retries = v;
+        }
+        if let Some(v) = parse("enable_dlq", get("enable_dlq"))? {
+            c.enable_dlq = v;
+        }
+        if let Some(v) = get("dlq_stream_suffix") {
+            c.dlq_stream_suffix = v;
+        }
+        if let Some(v) = parse("pending_idle_ms", get("pending_idle_ms"))? {
+            c.pending_idle_ms = v;
+        }
+        if let Some(v) = get("retry_key_prefix") {
+            c.retry_key_prefix = v;
+        }
+        if let Some(v) = parse("retry_key_expiry_seconds", get("retry_key_expiry_seconds"))? {
+            c.retry_key_expiry_seconds = v;
+        }
+        if let Some(v) = parse("enable_tracing", get("enable_tracing"))? {
+            c.enable_tracing = v;
+        }
+        if let Some(v) = parse("recovery_interval_ms", get("recovery_interval_ms"))? {
+            c.recovery_interval_ms = v;
+        }
+        if let Some(v) = parse("reconnect_max_delay_ms", get("reconnect_max_delay_ms"))? {
+            c.reconnect_max_delay_ms = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// `{hostname}-{8 random hex chars}`, as eventsource-py names consumers.
+pub fn default_consumer_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..8])
+}

@@ -1,0 +1,475 @@
+//! The read loop: own pending entries first, then new ones; dispatch; ack; built-in recovery;
+//! reconnection with backoff.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tracing::Instrument;
+
+use crate::bus::{RedisEventBus, bump};
+use crate::codec::{self, DecodeFailure, REPLAY_GROUP_FIELD, ReadEntry, StreamEntry};
+use crate::error::{RedisBusError, is_connection_error, is_nogroup};
+use crate::recovery::RecoveryOptions;
+use crate::trace::TraceContext;
+
+/// What became of one entry.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Every handler succeeded: ack.
+    Handled,
+    /// Nothing to do here, for a stated and counted reason: ack.
+    Skipped(&'static str),
+    /// A handler failed or panicked: leave pending, remember the reason.
+    Failed(String),
+    /// The entry can never be decoded: dead-letter it now.
+    Malformed(String),
+}
+
+/// Exponential backoff with full jitter between `min` and `max`.
+pub(crate) struct Backoff {
+    attempt: u32,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(max: Duration) -> Self {
+        Self {
+            attempt: 0,
+            min: Duration::from_millis(100),
+            max,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next delay: random in [base/2, base], base = min * 2^attempt capped at max.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let base = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as u32;
+        base / 2 + base / 2 * jitter / 1000
+    }
+}
+
+enum Cursor {
+    /// Re-reading this consumer's own pending entries after this id.
+    OwnPending(String),
+    /// Reading new entries (`>`).
+    New,
+}
+
+impl RedisEventBus {
+    /// Consumes until [`stop_consuming`](Self::stop_consuming) (or
+    /// [`disconnect`](Self::disconnect)): first this consumer's own pending entries (left by
+    /// an earlier run with the same name), then new entries, `batch_size` at a time. Every
+    /// `recovery_interval_ms` it also runs pending recovery.
+    ///
+    /// Connection loss, a Redis restart and a lost consumer group are handled inside: the loop
+    /// reconnects with jittered backoff (counted in `reconnections`) and recreates the group.
+    /// Stopping finishes and acknowledges the in-flight batch; a handler is never cancelled.
+    ///
+    /// # Errors
+    /// [`RedisBusError::AlreadyConsuming`] if this bus is already consuming.
+    pub async fn start_consuming(&self) -> Result<(), RedisBusError> {
+        if self
+            .inner
+            .consuming
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(RedisBusError::AlreadyConsuming);
+        }
+        struct Reset<'a>(&'a RedisEventBus);
+        impl Drop for Reset<'_> {
+            fn drop(&mut self) {
+                self.0.inner.consuming.store(false, Ordering::SeqCst);
+            }
+        }
+        let _reset = Reset(self);
+        self.inner.stop.send_replace(false);
+        let mut stop = self.inner.stop.subscribe();
+        self.consume_loop(&mut stop).await;
+        Ok(())
+    }
+
+    /// Asks the consume loop to stop after its in-flight batch. Returns at once; the
+    /// `start_consuming` future completes when the batch is acknowledged.
+    pub fn stop_consuming(&self) {
+        self.inner.stop.send_replace(true);
+    }
+
+    fn stop_requested(&self) -> bool {
+        *self.inner.stop.borrow()
+    }
+
+    /// Sleeps `delay` unless a stop is requested first. Returns whether to go on.
+    async fn pause(&self, stop: &mut tokio::sync::watch::Receiver<bool>, delay: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => !self.stop_requested(),
+            _ = stop.wait_for(|s| *s) => false,
+        }
+    }
+
+    async fn consume_loop(&self, stop: &mut tokio::sync::watch::Receiver<bool>) {
+        let cfg = &self.inner.config;
+        let mut backoff = Backoff::new(Duration::from_millis(cfg.reconnect_max_delay_ms));
+        let mut reader: Option<MultiplexedConnection> = None;
+        let mut cursor = Cursor::OwnPending("0".to_owned());
+        let recovery_every =
+            (cfg.recovery_interval_ms > 0).then(|| Duration::from_millis(cfg.recovery_interval_ms));
+        let mut next_recovery = recovery_every.map(|every| Instant::now() + every);
+        let mut group_checked = false;
+        let mut failing_since: Option<Instant> = None;
+
+        while !self.stop_requested() {
+            if !group_checked {
+                match self.commands().await {
+                    Ok(mut conn) => match self.ensure_group(&mut conn).await {
+                        Ok(_) => group_checked = true,
+                        Err(e) => {
+                            self.note_failure(&mut failing_since, &e);
+                            let delay = backoff.next_delay();
+                            if !self.pause(stop, delay).await {
+                                break;
+                            }
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        self.note_failure(&mut failing_since, &e);
+                        let delay = backoff.next_delay();
+                        if !self.pause(stop, delay).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if reader.is_none() {
+                match self.blocking_reader().await {
+                    Ok(conn) => reader = Some(conn),
+                    Err(e) => {
+                        self.note_failure(&mut failing_since, &e);
+                        let delay = backoff.next_delay();
+                        if !self.pause(stop, delay).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if let (Some(every), Some(due)) = (recovery_every, next_recovery) {
+                if Instant::now() >= due {
+                    if let Err(e) = self
+                        .recover_pending_messages(RecoveryOptions::default())
+                        .await
+                    {
+                        tracing::warn!(error = %e, "pending recovery failed; will retry");
+                    }
+                    next_recovery = Some(Instant::now() + every);
+                }
+            }
+            let conn = reader.as_mut().expect("reader connected above");
+            let (id, block) = match &cursor {
+                Cursor::OwnPending(after) => (after.clone(), None),
+                Cursor::New => (">".to_owned(), Some(cfg.block_ms)),
+            };
+            let read = tokio::select! {
+                r = self.read_group(conn, &id, block) => r,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            match read {
+                Ok(entries) => {
+                    if failing_since.take().is_some() {
+                        tracing::info!(stream = %self.inner.stream, "Redis reachable again; consuming");
+                    }
+                    backoff.reset();
+                    if entries.is_empty() {
+                        if matches!(cursor, Cursor::OwnPending(_)) {
+                            cursor = Cursor::New;
+                        }
+                        continue;
+                    }
+                    if let Cursor::OwnPending(after) = &mut cursor {
+                        if let Some(last) = entries.last() {
+                            *after = match last {
+                                ReadEntry::Present(e) => e.id.clone(),
+                                ReadEntry::Deleted(id) => id.clone(),
+                            };
+                        }
+                    }
+                    self.process_batch(entries).await;
+                }
+                Err(e) if is_nogroup(&e) => {
+                    // Redis restarted without persistence, the stream was deleted or evicted,
+                    // or the group was destroyed: recreate it and go on.
+                    tracing::warn!(
+                        stream = %self.inner.stream,
+                        group = %cfg.consumer_group,
+                        "consumer group missing (Redis restart, eviction or deletion); recreating it"
+                    );
+                    bump(&self.inner.counters.group_recreations, 1);
+                    group_checked = false;
+                    cursor = Cursor::New;
+                }
+                Err(e) if is_connection_error(&e) => {
+                    reader = None;
+                    group_checked = false;
+                    bump(&self.inner.counters.reconnections, 1);
+                    self.inner.connected.store(false, Ordering::Relaxed);
+                    let err = RedisBusError::Command {
+                        command: "XREADGROUP",
+                        source: e,
+                    };
+                    self.note_failure(&mut failing_since, &err);
+                    let delay = backoff.next_delay();
+                    if !self.pause(stop, delay).await {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    // E.g. UNBLOCKED (stream deleted while blocking), OOM, MISCONF.
+                    tracing::warn!(error = %e, stream = %self.inner.stream, "XREADGROUP failed");
+                    reader = None;
+                    group_checked = false;
+                    let delay = backoff.next_delay();
+                    if !self.pause(stop, delay).await {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::debug!(consumer = %self.inner.consumer_name, "consume loop stopped");
+    }
+
+    /// Logs a connection problem once when it starts (warn), then only at debug, so an outage
+    /// does not flood the log.
+    fn note_failure(&self, failing_since: &mut Option<Instant>, error: &RedisBusError) {
+        if failing_since.is_none() {
+            *failing_since = Some(Instant::now());
+            tracing::warn!(error = %error, "Redis unavailable; consumer retrying with backoff");
+        } else {
+            tracing::debug!(error = %error, "Redis still unavailable");
+        }
+    }
+
+    async fn read_group(
+        &self,
+        conn: &mut MultiplexedConnection,
+        id: &str,
+        block_ms: Option<u64>,
+    ) -> Result<Vec<ReadEntry>, redis::RedisError> {
+        let cfg = &self.inner.config;
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&cfg.consumer_group)
+            .arg(&self.inner.consumer_name)
+            .arg("COUNT")
+            .arg(cfg.batch_size);
+        if let Some(ms) = block_ms {
+            cmd.arg("BLOCK").arg(ms);
+        }
+        cmd.arg("STREAMS").arg(&self.inner.stream).arg(id);
+        let reply: Value = cmd.query_async(conn).await?;
+        Ok(codec::parse_read_reply(&reply))
+    }
+
+    /// Handles one batch in stream order, then acknowledges it (one XACK for the batch).
+    async fn process_batch(&self, entries: Vec<ReadEntry>) {
+        let mut acks: Vec<String> = Vec::with_capacity(entries.len());
+        let mut failures: Vec<(String, String)> = Vec::new();
+        for entry in entries {
+            match entry {
+                ReadEntry::Deleted(id) => {
+                    // Trimmed or deleted while pending: nothing left to handle.
+                    bump(&self.inner.counters.entries_deleted_while_pending, 1);
+                    tracing::warn!(message_id = %id, "pending entry was deleted or trimmed; acknowledging");
+                    acks.push(id);
+                }
+                ReadEntry::Present(entry) => match self.process_entry(&entry).await {
+                    Outcome::Handled => acks.push(entry.id),
+                    Outcome::Skipped(reason) => {
+                        tracing::debug!(message_id = %entry.id, reason, "entry skipped");
+                        acks.push(entry.id);
+                    }
+                    Outcome::Failed(reason) => failures.push((entry.id, reason)),
+                    Outcome::Malformed(reason) => {
+                        if let Err(e) = self
+                            .dead_letter(&entry, 0, &format!("malformed: {reason}"))
+                            .await
+                        {
+                            tracing::error!(message_id = %entry.id, error = %e, "dead-lettering a malformed entry failed; it stays pending");
+                        }
+                    }
+                },
+            }
+        }
+        if let Err(e) = self.ack_and_note(&acks, &failures).await {
+            // The entries stay pending and will be redelivered: at-least-once.
+            tracing::warn!(error = %e, count = acks.len(), "acknowledging a batch failed; entries will be redelivered");
+        }
+    }
+
+    /// XACK `acks` and record failure reasons, in one pipelined round trip.
+    pub(crate) async fn ack_and_note(
+        &self,
+        acks: &[String],
+        failures: &[(String, String)],
+    ) -> Result<(), RedisBusError> {
+        if acks.is_empty() && failures.is_empty() {
+            return Ok(());
+        }
+        let cfg = &self.inner.config;
+        let mut pipe = redis::pipe();
+        if !acks.is_empty() {
+            let cmd = pipe
+                .cmd("XACK")
+                .arg(&self.inner.stream)
+                .arg(&cfg.consumer_group);
+            for id in acks {
+                cmd.arg(id);
+            }
+        }
+        for (id, reason) in failures {
+            pipe.cmd("SET")
+                .arg(cfg.retry_key(id))
+                .arg(reason)
+                .arg("EX")
+                .arg(cfg.retry_key_expiry_seconds)
+                .ignore();
+        }
+        let mut conn = self.commands().await?;
+        let reply: Vec<Value> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.command_error("XACK", e))?;
+        if let Some(Value::Int(n)) = reply.first() {
+            let missing = acks.len() as u64 - (*n as u64).min(acks.len() as u64);
+            if !acks.is_empty() && missing > 0 {
+                // Another consumer claimed them meanwhile, or Redis lost the group.
+                bump(&self.inner.counters.acks_not_applied, missing);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes and dispatches one entry; never panics, never returns an error.
+    pub(crate) async fn process_entry(&self, entry: &StreamEntry) -> Outcome {
+        let c = &self.inner.counters;
+        let group = &self.inner.config.consumer_group;
+        if let Some(target) = entry.get(REPLAY_GROUP_FIELD) {
+            if target != group {
+                bump(&c.events_skipped_other_group, 1);
+                return Outcome::Skipped("replayed for another consumer group");
+            }
+        }
+        let event = match codec::decode_entry(entry, &self.inner.registry) {
+            Ok(event) => event,
+            Err(DecodeFailure::Unregistered(event)) => {
+                if !self.inner.subscribers.has_handlers_for(event.event_type()) {
+                    bump(&c.events_skipped_unregistered, 1);
+                    tracing::debug!(event_type = event.event_type(), message_id = %entry.id, "unregistered event type with no subscriber; skipped");
+                    return Outcome::Skipped("unregistered event type");
+                }
+                // Wildcard handlers (and typed handlers, which decode themselves) still get it.
+                *event
+            }
+            Err(DecodeFailure::Malformed(reason)) => {
+                bump(&c.malformed_messages, 1);
+                tracing::error!(message_id = %entry.id, %reason, "malformed stream entry; dead-lettering");
+                return Outcome::Malformed(reason);
+            }
+        };
+        if !self.inner.subscribers.has_handlers_for(event.event_type()) {
+            bump(&c.events_skipped_no_subscriber, 1);
+            return Outcome::Skipped("no subscriber in this bus");
+        }
+        bump(&c.events_consumed, 1);
+        let traced = self.inner.config.enable_tracing;
+        let parent = entry
+            .get("traceparent")
+            .and_then(|p| TraceContext::parse(p, entry.get("tracestate")));
+        let context = parent
+            .as_ref()
+            .map_or_else(TraceContext::new_root, TraceContext::child);
+        let span = if traced {
+            tracing::info_span!(
+                "eventsource.process",
+                otel.kind = "consumer",
+                messaging.system = "redis",
+                messaging.destination.name = %self.inner.stream,
+                messaging.operation = "process",
+                messaging.message.id = %entry.id,
+                messaging.consumer.group.name = %group,
+                event.type = event.event_type(),
+                event.id = %event.event_id(),
+                trace_id = %context.trace_id_hex(),
+                span_id = %context.span_id_hex(),
+                parent_span_id = parent.as_ref().map(TraceContext::span_id_hex).unwrap_or_default(),
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let report = context
+            .scope(self.inner.subscribers.dispatch_with(&event, traced))
+            .instrument(span)
+            .await;
+        if report.is_success() {
+            bump(&c.events_processed_success, 1);
+            Outcome::Handled
+        } else {
+            bump(&c.events_processed_failed, 1);
+            bump(&c.handler_errors, report.failures.len() as u64);
+            let summary = report.failure_summary();
+            tracing::warn!(message_id = %entry.id, event_type = event.event_type(), failures = %summary, "handler failed; entry stays pending for retry");
+            Outcome::Failed(summary)
+        }
+    }
+
+    /// Moves an entry to the DLQ and acknowledges it, atomically (MULTI/EXEC), so a crash
+    /// cannot leave it both dead-lettered and pending. With the DLQ disabled it is acked,
+    /// logged and counted as dropped.
+    pub(crate) async fn dead_letter(
+        &self,
+        entry: &StreamEntry,
+        retry_count: u64,
+        reason: &str,
+    ) -> Result<(), RedisBusError> {
+        let cfg = &self.inner.config;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if cfg.enable_dlq {
+            let fields = codec::dead_letter_fields(entry, retry_count, reason, &cfg.consumer_group);
+            let cmd = pipe.cmd("XADD").arg(&self.inner.dlq_stream).arg("*");
+            for (k, v) in &fields {
+                cmd.arg(k).arg(v);
+            }
+        }
+        pipe.cmd("XACK")
+            .arg(&self.inner.stream)
+            .arg(&cfg.consumer_group)
+            .arg(&entry.id);
+        pipe.cmd("DEL").arg(cfg.retry_key(&entry.id));
+        let mut conn = self.commands().await?;
+        let _: Value = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.command_error("XADD (dead letter)", e))?;
+        if cfg.enable_dlq {
+            bump(&self.inner.counters.messages_sent_to_dlq, 1);
+            tracing::error!(message_id = %entry.id, dlq = %self.inner.dlq_stream, %reason, "entry dead-lettered");
+        } else {
+            bump(&self.inner.counters.messages_dropped_dlq_disabled, 1);
+            tracing::error!(message_id = %entry.id, %reason, "entry dropped: retries exhausted and the DLQ is disabled");
+        }
+        Ok(())
+    }
+}

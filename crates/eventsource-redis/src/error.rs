@@ -1,0 +1,80 @@
+//! The error type of the Redis bus.
+
+use crate::config::ConfigError;
+
+/// Why a Redis bus operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisBusError {
+    /// The configuration is invalid; the message names the field. Fix the configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Redis could not be reached (refused, timed out, DNS...). Is Redis running at that
+    /// address? The bus's consumer retries by itself; a caller may retry with backoff.
+    #[error("cannot connect to Redis at {url}: {source}")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// The cause.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A Redis command failed or timed out. Transient for timeouts and dropped connections;
+    /// for `OOM`, `MISCONF`, `NOPERM` an operator must act.
+    #[error("Redis {command} failed: {source}")]
+    Command {
+        /// The command, e.g. `XADD`.
+        command: &'static str,
+        /// The cause.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// An event could not be published (invalid base field, data not an object). Nothing of
+    /// the batch was sent.
+    #[error("cannot publish event {event_id}: {source}")]
+    InvalidEvent {
+        /// The event.
+        event_id: uuid::Uuid,
+        /// What is wrong.
+        #[source]
+        source: eventsource_core::EventError,
+    },
+    /// `start_consuming` was called while this bus is already consuming.
+    #[error("this bus is already consuming; call stop_consuming first")]
+    AlreadyConsuming,
+    /// Redis answered something this bus does not understand (a bug or an incompatible
+    /// server).
+    #[error("unexpected reply to {command}: {detail}")]
+    UnexpectedReply {
+        /// The command.
+        command: &'static str,
+        /// What was odd.
+        detail: String,
+    },
+}
+
+impl RedisBusError {
+    /// Whether retrying later may succeed (connection loss, timeout, Redis loading).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Command { source, .. } => is_connection_error(source),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a Redis error means the connection (not the command) is the problem.
+pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+        || matches!(e.code(), Some("LOADING" | "MASTERDOWN" | "TRYAGAIN"))
+}
+
+/// Whether the error says the consumer group (or the stream) is gone.
+pub(crate) fn is_nogroup(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOGROUP")
+}

@@ -1,0 +1,286 @@
+//! Statistics, stream information and health.
+
+use std::sync::atomic::Ordering;
+
+use redis::Value;
+use serde::Serialize;
+use serde_json::{Map, Value as Json};
+
+use crate::bus::RedisEventBus;
+use crate::codec;
+use crate::error::RedisBusError;
+
+/// Counters of one bus instance since it was created. The first eight are the tutorial's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BusStats {
+    /// Events written to the stream by this bus.
+    pub events_published: u64,
+    /// Entries decoded and given to handlers (each delivery counts, retries included).
+    pub events_consumed: u64,
+    /// Deliveries where every handler succeeded.
+    pub events_processed_success: u64,
+    /// Deliveries where a handler failed or panicked (the entry stayed pending).
+    pub events_processed_failed: u64,
+    /// Entries that recovery claimed and then handled successfully.
+    pub messages_recovered: u64,
+    /// Entries moved to the dead-letter queue by this bus.
+    pub messages_sent_to_dlq: u64,
+    /// Individual handler failures (one delivery can count several).
+    pub handler_errors: u64,
+    /// Times the consumer lost its connection and reconnected.
+    pub reconnections: u64,
+    /// Entries acknowledged without handling: their type has no subscriber in this bus.
+    pub events_skipped_no_subscriber: u64,
+    /// Entries acknowledged without handling: their type is not registered and no handler
+    /// (not even a wildcard) would take it.
+    pub events_skipped_unregistered: u64,
+    /// Replayed dead letters meant for another consumer group, acknowledged and skipped.
+    pub events_skipped_other_group: u64,
+    /// Entries that could not be decoded (and were dead-lettered).
+    pub malformed_messages: u64,
+    /// Entries acknowledged without a dead letter because the DLQ is disabled.
+    pub messages_dropped_dlq_disabled: u64,
+    /// Pending entries found deleted or trimmed (acknowledged).
+    pub entries_deleted_while_pending: u64,
+    /// Times the consumer group was missing and recreated.
+    pub group_recreations: u64,
+    /// Recovery runs (automatic and explicit).
+    pub recovery_runs: u64,
+    /// Acks Redis did not apply: the entry was claimed by another consumer meanwhile, or the
+    /// group was lost. The handling may be duplicated elsewhere.
+    pub acks_not_applied: u64,
+}
+
+impl BusStats {
+    /// As an ordered JSON object (the tutorial's `get_stats_dict()` keys first).
+    pub fn to_map(&self) -> Map<String, Json> {
+        match serde_json::to_value(self) {
+            Ok(Json::Object(map)) => map,
+            _ => Map::new(),
+        }
+    }
+}
+
+/// The main stream's details.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StreamDetails {
+    /// The stream key.
+    pub name: String,
+    /// Entries in it (0 when it does not exist).
+    pub length: u64,
+    /// Oldest entry id (None when empty).
+    pub first_entry_id: Option<String>,
+    /// Newest entry id (None when empty).
+    pub last_entry_id: Option<String>,
+}
+
+/// One consumer group on the stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GroupInfo {
+    /// Group name.
+    pub name: String,
+    /// Consumers known to the group.
+    pub consumers: u64,
+    /// Entries delivered and not yet acknowledged.
+    pub pending: u64,
+    /// Last id delivered to the group.
+    pub last_delivered_id: String,
+    /// Entries not yet delivered to the group, when Redis knows (7.0+).
+    pub lag: Option<u64>,
+}
+
+/// What [`RedisEventBus::get_stream_info`] reports (the tutorial's keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StreamInfo {
+    /// Whether Redis answered.
+    pub connected: bool,
+    /// The main stream.
+    pub stream: StreamDetails,
+    /// Every group on the stream.
+    pub consumer_groups: Vec<GroupInfo>,
+    /// Pending entries of this bus's group.
+    pub pending_messages: u64,
+    /// Entries in the dead-letter stream.
+    pub dlq_messages: u64,
+    /// Consumers summed over all groups.
+    pub active_consumers: u64,
+    /// Why Redis could not be asked, when `connected` is false.
+    pub error: Option<String>,
+}
+
+/// What [`RedisEventBus::health_check`] reports (the tutorial's "Health Check").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Health {
+    /// `healthy` (connected and consuming), `degraded` (connected, not consuming) or
+    /// `unhealthy` (Redis unreachable).
+    pub status: &'static str,
+    /// Whether Redis answered.
+    pub connected: bool,
+    /// Whether the consume loop runs.
+    pub consuming: bool,
+    /// Pending entries of this group.
+    pub pending_messages: u64,
+    /// Dead letters waiting.
+    pub dlq_messages: u64,
+    /// The error, when unhealthy.
+    pub error: Option<String>,
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// A flat `[k, v, k, v]` array or a RESP3 map, as pairs.
+fn pairs(v: &Value) -> Vec<(String, &Value)> {
+    match v {
+        Value::Array(flat) => flat
+            .chunks(2)
+            .filter_map(|kv| Some((text(kv.first()?)?, kv.get(1)?)))
+            .collect(),
+        Value::Map(m) => m.iter().filter_map(|(k, v)| Some((text(k)?, v))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn int(v: Option<&Value>) -> Option<u64> {
+    match v? {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+fn entry_id(v: Option<&Value>) -> Option<String> {
+    codec::parse_entry(v?).map(|(id, _)| id)
+}
+
+impl RedisEventBus {
+    /// The counters.
+    pub fn stats(&self) -> BusStats {
+        let c = &self.inner.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        BusStats {
+            events_published: get(&c.events_published),
+            events_consumed: get(&c.events_consumed),
+            events_processed_success: get(&c.events_processed_success),
+            events_processed_failed: get(&c.events_processed_failed),
+            messages_recovered: get(&c.messages_recovered),
+            messages_sent_to_dlq: get(&c.messages_sent_to_dlq),
+            handler_errors: get(&c.handler_errors),
+            reconnections: get(&c.reconnections),
+            events_skipped_no_subscriber: get(&c.events_skipped_no_subscriber),
+            events_skipped_unregistered: get(&c.events_skipped_unregistered),
+            events_skipped_other_group: get(&c.events_skipped_other_group),
+            malformed_messages: get(&c.malformed_messages),
+            messages_dropped_dlq_disabled: get(&c.messages_dropped_dlq_disabled),
+            entries_deleted_while_pending: get(&c.entries_deleted_while_pending),
+            group_recreations: get(&c.group_recreations),
+            recovery_runs: get(&c.recovery_runs),
+            acks_not_applied: get(&c.acks_not_applied),
+        }
+    }
+
+    /// The counters as an ordered map: `stats["events_published"]`, as in the tutorial.
+    pub fn get_stats_dict(&self) -> Map<String, Json> {
+        self.stats().to_map()
+    }
+
+    /// Stream, groups, pending and DLQ counts. Never fails: when Redis cannot be asked it
+    /// returns `connected: false` with the error. Correct on an empty or missing stream.
+    pub async fn get_stream_info(&self) -> StreamInfo {
+        match self.try_stream_info().await {
+            Ok(info) => info,
+            Err(e) => StreamInfo {
+                connected: false,
+                stream: StreamDetails {
+                    name: self.inner.stream.clone(),
+                    ..StreamDetails::default()
+                },
+                error: Some(codec::error_chain(&e)),
+                ..StreamInfo::default()
+            },
+        }
+    }
+
+    /// As [`get_stream_info`](Self::get_stream_info), failing instead of reporting.
+    ///
+    /// # Errors
+    /// [`RedisBusError`] when Redis cannot be reached or answers oddly.
+    pub async fn try_stream_info(&self) -> Result<StreamInfo, RedisBusError> {
+        let mut conn = self.commands().await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS").arg(&self.inner.stream);
+        pipe.cmd("XLEN").arg(&self.inner.dlq_stream);
+        let (exists, dlq_messages): (u64, u64) = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.command_error("XLEN", e))?;
+        let mut info = StreamInfo {
+            connected: true,
+            stream: StreamDetails {
+                name: self.inner.stream.clone(),
+                ..StreamDetails::default()
+            },
+            dlq_messages,
+            ..StreamInfo::default()
+        };
+        if exists == 0 {
+            return Ok(info);
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("XINFO").arg("STREAM").arg(&self.inner.stream);
+        pipe.cmd("XINFO").arg("GROUPS").arg(&self.inner.stream);
+        let (stream, groups): (Value, Value) = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.command_error("XINFO", e))?;
+        let fields = pairs(&stream);
+        let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+        info.stream.length = int(field("length")).unwrap_or(0);
+        info.stream.first_entry_id = entry_id(field("first-entry"));
+        info.stream.last_entry_id = entry_id(field("last-entry"));
+        if let Value::Array(list) = &groups {
+            for g in list {
+                let gf = pairs(g);
+                let get = |name: &str| gf.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+                let group = GroupInfo {
+                    name: get("name").and_then(text).unwrap_or_default(),
+                    consumers: int(get("consumers")).unwrap_or(0),
+                    pending: int(get("pending")).unwrap_or(0),
+                    last_delivered_id: get("last-delivered-id").and_then(text).unwrap_or_default(),
+                    lag: int(get("lag")),
+                };
+                if group.name == self.inner.config.consumer_group {
+                    info.pending_messages = group.pending;
+                }
+                info.active_consumers += group.consumers;
+                info.consumer_groups.push(group);
+            }
+        }
+        Ok(info)
+    }
+
+    /// Health for liveness/readiness probes: `healthy` when Redis answers and the consumer
+    /// runs, `degraded` when Redis answers but nothing consumes, `unhealthy` otherwise.
+    pub async fn health_check(&self) -> Health {
+        let info = self.get_stream_info().await;
+        let consuming = self.is_consuming();
+        let status = match (info.connected, consuming) {
+            (true, true) => "healthy",
+            (true, false) => "degraded",
+            (false, _) => "unhealthy",
+        };
+        Health {
+            status,
+            connected: info.connected,
+            consuming,
+            pending_messages: info.pending_messages,
+            dlq_messages: info.dlq_messages,
+            error: info.error,
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Running a bus as a service: consume (with built-in recovery) until a shutdown signal, then
+//! stop gracefully — the tutorial's "Graceful Shutdown".
+
+use std::future::Future;
+
+use crate::bus::RedisEventBus;
+use crate::error::RedisBusError;
+
+/// Runs a bus until shutdown: connects, consumes (pending recovery runs inside the consumer
+/// every `recovery_interval_ms`), and on shutdown finishes and acknowledges the in-flight
+/// batch, then disconnects.
+///
+/// ```no_run
+/// # use eventsource_redis::{RedisEventBus, RedisEventBusConfig, RedisEventBusService};
+/// # async fn run(bus: RedisEventBus) -> Result<(), eventsource_redis::RedisBusError> {
+/// RedisEventBusService::new(bus).run_until_signal().await
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisEventBusService {
+    bus: RedisEventBus,
+}
+
+impl RedisEventBusService {
+    /// A service for `bus` (subscribe handlers before running it).
+    pub fn new(bus: RedisEventBus) -> Self {
+        Self { bus }
+    }
+
+    /// The bus.
+    pub fn bus(&self) -> &RedisEventBus {
+        &self.bus
+    }
+
+    /// Runs until `shutdown` completes, then stops gracefully.
+    ///
+    /// # Errors
+    /// [`RedisBusError::Connect`] when Redis cannot be reached at start;
+    /// [`RedisBusError::AlreadyConsuming`] if the bus is consuming elsewhere.
+    pub async fn run_until(&self, shutdown: impl Future<Output = ()>) -> Result<(), RedisBusError> {
+        self.bus.connect().await?;
+        let consumer = self.bus.clone();
+        let mut task = tokio::spawn(async move { consumer.start_consuming().await });
+        let early = tokio::select! {
+            () = shutdown => None,
+            r = &mut task => Some(r),
+        };
+        let result = match early {
+            Some(r) => r,
+            None => {
+                tracing::info!("shutting down: finishing the in-flight batch");
+                self.bus.stop_consuming();
+                task.await
+            }
+        };
+        self.bus.disconnect().await;
+        tracing::info!("shutdown complete");
+        match result {
+            Ok(r) => r,
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT (Ctrl-C), then stops gracefully.
+    ///
+    /// # Errors
+    /// As [`run_until`](Self::run_until).
+    pub async fn run_until_signal(&self) -> Result<(), RedisBusError> {
+        self.run_until(shutdown_signal()).await
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (on non-Unix: Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,196 @@
+//! Shared test helpers: a unique stream prefix per test, configs, raw Redis access, waiting.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use eventsource_core::prelude::*;
+use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
+use eventsource_redis::{RedisEventBus, RedisEventBusConfig};
+use redis::aio::MultiplexedConnection;
+
+/// The Redis the tests use; override with EVENTSOURCE_TEST_REDIS_URL.
+pub fn redis_url() -> String {
+    std::env::var("EVENTSOURCE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A prefix no other test (or earlier run) uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!(
+        "es-test:{test}:{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// Deletes every key under `prefix` when dropped, so tests leave nothing behind.
+pub struct Cleanup(pub String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Ok(client) = redis::Client::open(redis_url()) {
+            if let Ok(mut conn) = client.get_connection() {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{}:*", self.0))
+                    .query(&mut conn)
+                    .unwrap_or_default();
+                if !keys.is_empty() {
+                    let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
+                }
+            }
+        }
+    }
+}
+
+pub fn config(prefix: &str, group: &str, consumer: &str) -> RedisEventBusConfig {
+    RedisEventBusConfig {
+        redis_url: redis_url(),
+        stream_prefix: prefix.to_owned(),
+        consumer_group: group.to_owned(),
+        consumer_name: Some(consumer.to_owned()),
+        block_ms: 100,
+        recovery_interval_ms: 0,
+        ..RedisEventBusConfig::default()
+    }
+}
+
+pub fn registry() -> EventRegistry {
+    let registry = EventRegistry::new();
+    registry.register::<OrderCreated>().unwrap();
+    registry.register::<OrderShipped>().unwrap();
+    registry
+}
+
+pub fn bus(config: RedisEventBusConfig) -> RedisEventBus {
+    RedisEventBus::new(config, registry()).unwrap()
+}
+
+pub fn created(i: usize) -> EventEnvelope {
+    Event::new(
+        uuid::Uuid::new_v4(),
+        OrderCreated {
+            customer_id: format!("cust-{i}"),
+            total_amount: i as f64 * 1.5,
+        },
+    )
+    .into_envelope()
+}
+
+pub fn shipped(i: usize) -> EventEnvelope {
+    Event::new(
+        uuid::Uuid::new_v4(),
+        OrderShipped {
+            tracking_number: format!("TRACK-{i}"),
+        },
+    )
+    .with_aggregate_version(2)
+    .into_envelope()
+}
+
+pub async fn raw() -> MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis must run on 127.0.0.1:6379 for these tests")
+}
+
+/// Polls `check` every 20 ms until it is true or `timeout` passes; returns the last result.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts `bus.start_consuming()` on a task.
+pub fn spawn_consumer(
+    bus: &RedisEventBus,
+) -> tokio::task::JoinHandle<Result<(), eventsource_redis::RedisBusError>> {
+    let bus = bus.clone();
+    tokio::spawn(async move { bus.start_consuming().await })
+}
+
+/// Stops the consumer and waits for its loop to return (at most 10 s).
+pub async fn stop(
+    bus: &RedisEventBus,
+    task: tokio::task::JoinHandle<Result<(), eventsource_redis::RedisBusError>>,
+) {
+    bus.stop_consuming();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("consumer stops within 10 s")
+        .expect("consumer task does not panic")
+        .expect("consumer returns Ok");
+}
+
+/// XPENDING summary count for a group.
+pub async fn pending(stream: &str, group: &str) -> u64 {
+    let mut conn = raw().await;
+    let reply: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match reply {
+        redis::Value::Array(v) => match v.first() {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// Per-entry delivery counts of a group's pending list: (id, deliveries).
+pub async fn pending_entries(stream: &str, group: &str) -> Vec<(String, u64)> {
+    let mut conn = raw().await;
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(10_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    rows.into_iter().map(|(id, _, _, n)| (id, n)).collect()
+}
+
+/// Ages every pending entry of a group instantly (XCLAIM ... IDLE ... JUSTID) without adding
+/// a delivery.
+pub async fn age_pending(stream: &str, group: &str, idle_ms: u64) {
+    let mut conn = raw().await;
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(100_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for (id, owner, _, _) in rows {
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(owner)
+            .arg(0)
+            .arg(&id)
+            .arg("IDLE")
+            .arg(idle_ms)
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
