@@ -106,7 +106,9 @@ pub fn decode_entry(
     }
     match registry.resolve(envelope.clone()) {
         Ok(typed) => Ok(typed),
-        Err(RegistryError::UnknownEventType(_)) => Err(DecodeFailure::Unregistered(Box::new(envelope))),
+        Err(RegistryError::UnknownEventType(_)) => {
+            Err(DecodeFailure::Unregistered(Box::new(envelope)))
+        }
         Err(e) => Err(DecodeFailure::Malformed(error_chain(&e))),
     }
 }

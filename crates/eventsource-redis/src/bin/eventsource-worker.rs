@@ -1,0 +1,54 @@
+//! A consumer process for demos and fault tests: consumes `OrderCreated` / `OrderShipped`
+//! from the bus configured by `EVENTSOURCE_REDIS_*` variables, records each handled event id
+//! in the Redis set `{stream_prefix}:handled`, optionally sleeping per event
+//! (`WORKER_SLEEP_MS`), and shuts down gracefully on SIGTERM/SIGINT.
+//!
+//! ```text
+//! EVENTSOURCE_REDIS_STREAM_PREFIX=orders EVENTSOURCE_REDIS_CONSUMER_NAME=w1 \
+//!   cargo run -p eventsource-redis --bin eventsource-worker
+//! ```
+
+use std::time::Duration;
+
+use eventsource_core::prelude::*;
+use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
+use eventsource_redis::{RedisEventBus, RedisEventBusConfig, RedisEventBusService};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let config = RedisEventBusConfig::from_env()?;
+    let sleep = Duration::from_millis(
+        std::env::var("WORKER_SLEEP_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+    );
+    let registry = EventRegistry::new();
+    registry.register::<OrderCreated>()?;
+    registry.register::<OrderShipped>()?;
+    let handled_key = format!("{}:handled", config.stream_prefix);
+    let client = redis::Client::open(config.redis_url.as_str())?;
+    let conn = client.get_multiplexed_async_connection().await?;
+    let bus = RedisEventBus::new(config, registry)?;
+    bus.subscribe_to_all_events(move |event: EventEnvelope| {
+        let mut conn = conn.clone();
+        let key = handled_key.clone();
+        async move {
+            tokio::time::sleep(sleep).await;
+            redis::cmd("SADD")
+                .arg(&key)
+                .arg(event.event_id().to_string())
+                .query_async::<i64>(&mut conn)
+                .await
+                .map(drop)
+        }
+    });
+    println!(
+        "worker {} consuming {}",
+        bus.consumer_name(),
+        bus.stream_name()
+    );
+    RedisEventBusService::new(bus).run_until_signal().await?;
+    println!("worker stopped");
+    Ok(())
+}

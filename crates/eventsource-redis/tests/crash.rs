@@ -1,0 +1,301 @@
+//! Crashes and restarts: a consumer process killed with SIGKILL mid-batch, a Redis server
+//! restarted without persistence, the blocking-read connection killed.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use eventsource_core::prelude::*;
+use eventsource_core::testkit::orders::OrderCreated;
+use eventsource_redis::RedisEventBusConfig;
+
+async fn handled_by_process(prefix: &str) -> HashSet<String> {
+    let mut conn = raw().await;
+    redis::cmd("SMEMBERS")
+        .arg(format!("{prefix}:handled"))
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// A consumer process killed with `kill -9` in the middle of its work loses nothing: a
+/// surviving consumer of the group recovers its pending entries, and every event is handled
+/// at least once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_killed_mid_batch_loses_nothing() {
+    let prefix = unique_prefix("kill9");
+    let _c = Cleanup(prefix.clone());
+    let publisher = bus(config(&prefix, "workers", "publisher"));
+    publisher.connect().await.unwrap();
+    let events: Vec<EventEnvelope> = (0..200).map(created).collect();
+    let all: HashSet<String> = events.iter().map(|e| e.event_id().to_string()).collect();
+    publisher.publish_events(&events).await.unwrap();
+
+    let mut victim = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventsource-worker"))
+        .env("EVENTSOURCE_REDIS_URL", redis_url())
+        .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
+        .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")
+        .env("EVENTSOURCE_REDIS_CONSUMER_NAME", "victim")
+        .env("EVENTSOURCE_REDIS_BATCH_SIZE", "50")
+        .env("EVENTSOURCE_REDIS_BLOCK_MS", "100")
+        .env("WORKER_SLEEP_MS", "5")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker binary starts");
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            handled_by_process(&prefix).await.len() >= 20
+        })
+        .await,
+        "the worker started handling"
+    );
+    victim.start_kill().unwrap(); // SIGKILL
+    victim.wait().await.unwrap();
+    let by_victim = handled_by_process(&prefix).await;
+    assert!(by_victim.len() < 200, "killed before it finished");
+    assert!(
+        pending(publisher.stream_name(), "workers").await > 0,
+        "it died holding pending entries"
+    );
+
+    let survivor = bus(RedisEventBusConfig {
+        pending_idle_ms: 300,
+        recovery_interval_ms: 100,
+        ..config(&prefix, "workers", "survivor")
+    });
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let s = seen.clone();
+    survivor.subscribe(move |e: Event<OrderCreated>| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().insert(e.metadata.event_id.to_string());
+        }
+    });
+    let task = spawn_consumer(&survivor);
+    let complete = wait_until(Duration::from_secs(30), || async {
+        let union: HashSet<String> = seen.lock().unwrap().union(&by_victim).cloned().collect();
+        union == all
+    })
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            pending(survivor.stream_name(), "workers").await == 0
+        })
+        .await
+    );
+    stop(&survivor, task).await;
+    let union: HashSet<String> = seen.lock().unwrap().union(&by_victim).cloned().collect();
+    assert!(complete, "lost {} events", all.difference(&union).count());
+    assert!(
+        survivor.stats().messages_recovered > 0,
+        "some came back through recovery"
+    );
+}
+
+struct OwnRedis {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnRedis {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Redis restart without persistence: the consumer reconnects with backoff, recreates its
+/// lost group, counts both, and handles events published after the restart.
+#[tokio::test]
+async fn survives_a_redis_restart() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("es-redis-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = OwnRedis::start(port, &dir);
+    let cfg = RedisEventBusConfig {
+        redis_url: server.url(),
+        reconnect_max_delay_ms: 500,
+        socket_timeout: 1.0,
+        ..config("restart", "g", "c")
+    };
+    let consumer = bus(cfg.clone());
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    consumer.subscribe(move |_: Event<OrderCreated>| {
+        let n = n2.clone();
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    consumer.connect().await.unwrap();
+    let task = spawn_consumer(&consumer);
+    let publisher = bus(RedisEventBusConfig {
+        consumer_name: Some("p".into()),
+        ..cfg
+    });
+    publisher
+        .publish_events(&(0..5).map(created).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            n.load(Ordering::SeqCst) == 5
+        })
+        .await
+    );
+
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let server = OwnRedis::start(port, &dir);
+    // Publishing retries until the new server answers.
+    let mut published = false;
+    for _ in 0..50 {
+        if publisher
+            .publish_events(&(5..10).map(created).collect::<Vec<_>>())
+            .await
+            .is_ok()
+        {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(published, "publisher recovers after the restart");
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            n.load(Ordering::SeqCst) == 10
+        })
+        .await,
+        "handled {}",
+        n.load(Ordering::SeqCst)
+    );
+    stop(&consumer, task).await;
+    let stats = consumer.stats();
+    assert!(stats.reconnections >= 1, "{stats:?}");
+    assert!(stats.group_recreations >= 1 || stats.reconnections >= 1);
+    assert!(
+        stats.reconnections < 50,
+        "no tight reconnect loop: {}",
+        stats.reconnections
+    );
+    drop(server);
+}
+
+/// Killing only the blocking-read connection leaves publishing unaffected; the consumer
+/// reconnects and goes on.
+#[tokio::test]
+async fn killing_the_reader_connection_does_not_affect_publishing() {
+    let prefix = unique_prefix("killreader");
+    let _c = Cleanup(prefix.clone());
+    let consumer_name = format!("reader-{}", &prefix[prefix.len() - 12..]);
+    let bus = bus(RedisEventBusConfig {
+        reconnect_max_delay_ms: 200,
+        ..config(&prefix, "g", &consumer_name)
+    });
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    bus.subscribe(move |_: Event<OrderCreated>| {
+        let n = n2.clone();
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    bus.connect().await.unwrap();
+    let task = spawn_consumer(&bus);
+    bus.publish_events(&[created(1)]).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            n.load(Ordering::SeqCst) == 1
+        })
+        .await
+    );
+    let mut conn = raw().await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reader_name = format!("eventsource-reader:{consumer_name}");
+    let id = list
+        .lines()
+        .find(|l| l.contains(&format!("name={reader_name} ")))
+        .and_then(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("id=")))
+        .expect("the reader connection is named")
+        .to_owned();
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    bus.publish_events(&[created(2)])
+        .await
+        .expect("publishing is unaffected");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            n.load(Ordering::SeqCst) == 2
+        })
+        .await
+    );
+    stop(&bus, task).await;
+    assert!(bus.stats().reconnections >= 1);
+}
