@@ -78,8 +78,3 @@ pub mod prelude {
     pub use crate::repository::AggregateRepository;
     pub use crate::store::{EventStore, ExpectedVersion, InMemoryEventStore};
 }
-
-/// The README's Rust examples, compiled and run as doc tests.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-struct ReadmeDoctests;

@@ -102,3 +102,8 @@ pub use error::RedisBusError;
 pub use info::{BusStats, GroupInfo, Health, StreamDetails, StreamInfo};
 pub use recovery::{RecoveryOptions, RecoveryStats};
 pub use service::RedisEventBusService;
+
+/// The README's Rust examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

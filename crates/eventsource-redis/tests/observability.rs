@@ -122,6 +122,8 @@ type SpanRecord = (String, HashMap<String, String>);
 #[derive(Default, Clone)]
 struct Captured {
     spans: Arc<Mutex<Vec<SpanRecord>>>,
+    /// Log events at WARN or ERROR: (target, message fields).
+    warnings: Arc<Mutex<Vec<HashMap<String, String>>>>,
     next: Arc<AtomicU64>,
 }
 
@@ -158,7 +160,13 @@ impl Subscriber for Captured {
         }
     }
     fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, _: &TracingEvent<'_>) {}
+    fn event(&self, event: &TracingEvent<'_>) {
+        if *event.metadata().level() <= tracing::Level::WARN {
+            let mut fields = HashMap::new();
+            event.record(&mut Fields(&mut fields));
+            self.warnings.lock().unwrap().push(fields);
+        }
+    }
     fn enter(&self, _: &Id) {}
     fn exit(&self, _: &Id) {}
 }
@@ -277,5 +285,32 @@ async fn tracing_can_be_switched_off() {
             .all(|(name, _)| !name.starts_with("eventsource.")),
         "{:?}",
         spans.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
+}
+
+/// An idle consumer (nothing to read for many block periods) logs no warning or error.
+#[tokio::test]
+async fn idle_consumer_logs_nothing_alarming() {
+    let captured = Captured::default();
+    let _guard = tracing::subscriber::set_default(captured.clone());
+    let prefix = unique_prefix("idle");
+    let _c = Cleanup(prefix.clone());
+    let bus = bus(RedisEventBusConfig {
+        block_ms: 50,
+        socket_timeout: 0.2,
+        recovery_interval_ms: 100,
+        ..config(&prefix, "g", "c")
+    });
+    bus.subscribe(|_: Event<OrderCreated>| async {});
+    bus.connect().await.unwrap();
+    let task = spawn_consumer(&bus);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop(&bus, task).await;
+    assert!(bus.stats().recovery_runs >= 3, "recovery ran while idle");
+    assert_eq!(bus.stats().reconnections, 0);
+    assert!(
+        captured.warnings.lock().unwrap().is_empty(),
+        "{:?}",
+        captured.warnings.lock().unwrap()
     );
 }
