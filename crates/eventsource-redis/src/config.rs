@@ -40,6 +40,7 @@ impl ConfigError {
 /// assert_eq!(config.stream_name(), "orders:stream");
 /// assert_eq!(config.dlq_stream_name(), "orders:stream_dlq");
 /// assert_eq!(config.retry_key("1-0"), "orders:retry:1-0");
+/// assert_eq!(config.error_key("1-0"), "orders:retry:1-0:error");
 /// ```
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -87,8 +88,8 @@ pub struct RedisEventBusConfig {
     /// Default 60000.
     pub pending_idle_ms: u64,
     /// Middle part of the per-message keys: `{prefix}:{retry_key_prefix}:{message id}`.
-    /// This bus keeps the last failure reason there so the dead letter can state it.
-    /// Default `retry`.
+    /// This bus keeps the last failure reason under `{that key}:error` so the dead letter can
+    /// state it. Default `retry`.
     pub retry_key_prefix: String,
     /// Expiry of those keys, in seconds. Default 86400.
     pub retry_key_expiry_seconds: u64,
@@ -298,6 +299,13 @@ impl RedisEventBusConfig {
             "{}:{}:{}",
             self.stream_prefix, self.retry_key_prefix, message_id
         )
+    }
+
+    /// Where this bus keeps the last failure reason of a pending entry:
+    /// `{retry key}:error`. Kept apart from the retry key itself, which eventsource-py reads as
+    /// an integer, so Python consumers in the same group are not disturbed.
+    pub fn error_key(&self, message_id: &str) -> String {
+        format!("{}:error", self.retry_key(message_id))
     }
 
     /// The consumer name in use: the configured one, or `{hostname}-{8 hex}`.

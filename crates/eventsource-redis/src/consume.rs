@@ -340,7 +340,7 @@ impl RedisEventBus {
         }
         for (id, reason) in failures {
             pipe.cmd("SET")
-                .arg(cfg.retry_key(id))
+                .arg(cfg.error_key(id))
                 .arg(reason)
                 .arg("EX")
                 .arg(cfg.retry_key_expiry_seconds)
@@ -457,7 +457,7 @@ impl RedisEventBus {
             .arg(&self.inner.stream)
             .arg(&cfg.consumer_group)
             .arg(&entry.id);
-        pipe.cmd("DEL").arg(cfg.retry_key(&entry.id));
+        pipe.cmd("DEL").arg(cfg.error_key(&entry.id));
         let mut conn = self.commands().await?;
         let _: Value = pipe
             .query_async(&mut conn)

@@ -190,7 +190,7 @@ impl RedisEventBus {
             return Ok(());
         };
         let last_error: Option<String> = redis::cmd("GET")
-            .arg(cfg.retry_key(id))
+            .arg(cfg.error_key(id))
             .query_async(conn)
             .await
             .map_err(|e| self.command_error("GET", e))?;
@@ -242,7 +242,7 @@ impl RedisEventBus {
                     .await?;
                 let mut conn = self.commands().await?;
                 let _: Value = redis::cmd("DEL")
-                    .arg(self.inner.config.retry_key(&entry.id))
+                    .arg(self.inner.config.error_key(&entry.id))
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| self.command_error("DEL", e))?;

@@ -236,7 +236,7 @@ async fn failing_or_panicking_handler_leaves_entry_pending() {
     // The failure reason is kept for the dead letter.
     let mut conn = raw().await;
     let reason: String = redis::cmd("GET")
-        .arg(bus.config().retry_key(&ids[0]))
+        .arg(bus.config().error_key(&ids[0]))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -245,7 +245,7 @@ async fn failing_or_panicking_handler_leaves_entry_pending() {
         "{reason}"
     );
     let reason: String = redis::cmd("GET")
-        .arg(bus.config().retry_key(&ids[1]))
+        .arg(bus.config().error_key(&ids[1]))
         .query_async(&mut conn)
         .await
         .unwrap();
