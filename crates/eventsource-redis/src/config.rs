@@ -99,6 +99,12 @@ pub struct RedisEventBusConfig {
     /// How often the consumer runs pending recovery by itself, in milliseconds; 0 turns it
     /// off (then call `recover_pending_messages` yourself). Default 30000.
     pub recovery_interval_ms: u64,
+    /// Messages one consumer handles at the same time. 1 (the default) handles a batch
+    /// strictly in stream order, one entry after the other. N > 1 runs up to N entries of a
+    /// batch concurrently while entries of the same aggregate (same `aggregate_id`) still run
+    /// one after the other in stream order; the next batch is read when the whole batch is
+    /// done. Useful for I/O-bound handlers.
+    pub handler_concurrency: usize,
     /// Longest wait between reconnection attempts, in milliseconds (backoff doubles from
     /// 100 ms up to this, with jitter). Default 5000.
     pub reconnect_max_delay_ms: u64,
@@ -124,6 +130,7 @@ impl Default for RedisEventBusConfig {
             retry_key_expiry_seconds: 86_400,
             enable_tracing: true,
             recovery_interval_ms: 30_000,
+            handler_concurrency: 1,
             reconnect_max_delay_ms: 5_000,
         }
     }
@@ -149,6 +156,7 @@ impl fmt::Debug for RedisEventBusConfig {
             .field("retry_key_expiry_seconds", &self.retry_key_expiry_seconds)
             .field("enable_tracing", &self.enable_tracing)
             .field("recovery_interval_ms", &self.recovery_interval_ms)
+            .field("handler_concurrency", &self.handler_concurrency)
             .field("reconnect_max_delay_ms", &self.reconnect_max_delay_ms)
             .finish()
     }
@@ -272,6 +280,12 @@ impl RedisEventBusConfig {
             return Err(ConfigError::new(
                 "retry_key_expiry_seconds",
                 "must be at least 1",
+            ));
+        }
+        if self.handler_concurrency == 0 || self.handler_concurrency > 1024 {
+            return Err(ConfigError::new(
+                "handler_concurrency",
+                format!("{} must be between 1 and 1024", self.handler_concurrency),
             ));
         }
         if self.reconnect_max_delay_ms < 100 {
@@ -412,6 +426,9 @@ impl RedisEventBusConfig {
         }
         if let Some(v) = parse("recovery_interval_ms", get("recovery_interval_ms"))? {
             c.recovery_interval_ms = v;
+        }
+        if let Some(v) = parse("handler_concurrency", get("handler_concurrency"))? {
+            c.handler_concurrency = v;
         }
         if let Some(v) = parse("reconnect_max_delay_ms", get("reconnect_max_delay_ms"))? {
             c.reconnect_max_delay_ms = v;

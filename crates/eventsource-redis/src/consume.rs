@@ -1,6 +1,7 @@
 //! The read loop: own pending entries first, then new ones; dispatch; ack; built-in recovery;
 //! reconnection with backoff.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -282,10 +283,12 @@ impl RedisEventBus {
         Ok(codec::parse_read_reply(&reply))
     }
 
-    /// Handles one batch in stream order, then acknowledges it (one XACK for the batch).
+    /// Handles one batch, then acknowledges it (one XACK for the batch): in stream order, or
+    /// with `handler_concurrency` > 1 concurrently per aggregate.
     async fn process_batch(&self, entries: Vec<ReadEntry>) {
         let mut acks: Vec<String> = Vec::with_capacity(entries.len());
         let mut failures: Vec<(String, String)> = Vec::new();
+        let mut present = Vec::with_capacity(entries.len());
         for entry in entries {
             match entry {
                 ReadEntry::Deleted(id) => {
@@ -294,28 +297,97 @@ impl RedisEventBus {
                     tracing::warn!(message_id = %id, "pending entry was deleted or trimmed; acknowledging");
                     acks.push(id);
                 }
-                ReadEntry::Present(entry) => match self.process_entry(&entry).await {
-                    Outcome::Handled => acks.push(entry.id),
-                    Outcome::Skipped(reason) => {
-                        tracing::debug!(message_id = %entry.id, reason, "entry skipped");
-                        acks.push(entry.id);
+                ReadEntry::Present(entry) => present.push(entry),
+            }
+        }
+        let outcomes = if self.inner.config.handler_concurrency > 1 && present.len() > 1 {
+            self.process_concurrently(present).await
+        } else {
+            let mut outcomes = Vec::with_capacity(present.len());
+            for entry in present {
+                let outcome = self.process_entry(&entry).await;
+                outcomes.push((entry, outcome));
+            }
+            outcomes
+        };
+        for (entry, outcome) in outcomes {
+            match outcome {
+                Outcome::Handled => acks.push(entry.id),
+                Outcome::Skipped(reason) => {
+                    tracing::debug!(message_id = %entry.id, reason, "entry skipped");
+                    acks.push(entry.id);
+                }
+                Outcome::Failed(reason) => failures.push((entry.id, reason)),
+                Outcome::Malformed(reason) => {
+                    let reason = format!("malformed: {reason}");
+                    if let Err(e) = self.dead_letter(&entry, 0, &reason).await {
+                        tracing::error!(message_id = %entry.id, error = %e, "dead-lettering a malformed entry failed; it stays pending");
                     }
-                    Outcome::Failed(reason) => failures.push((entry.id, reason)),
-                    Outcome::Malformed(reason) => {
-                        if let Err(e) = self
-                            .dead_letter(&entry, 0, &format!("malformed: {reason}"))
-                            .await
-                        {
-                            tracing::error!(message_id = %entry.id, error = %e, "dead-lettering a malformed entry failed; it stays pending");
-                        }
-                    }
-                },
+                }
             }
         }
         if let Err(e) = self.ack_and_note(&acks, &failures).await {
             // The entries stay pending and will be redelivered: at-least-once.
             tracing::warn!(error = %e, count = acks.len(), "acknowledging a batch failed; entries will be redelivered");
         }
+    }
+
+    /// Runs a batch with up to `handler_concurrency` entries in flight: one task per
+    /// aggregate (its entries in stream order), at most that many tasks at once. Should a task
+    /// die (handler panics are caught, so it should not), its entries stay pending.
+    async fn process_concurrently(&self, entries: Vec<StreamEntry>) -> Vec<(StreamEntry, Outcome)> {
+        let limit = self.inner.config.handler_concurrency;
+        let total = entries.len();
+        let mut chains: Vec<Vec<StreamEntry>> = Vec::new();
+        let mut by_aggregate: HashMap<String, usize> = HashMap::new();
+        for entry in entries {
+            let key = entry
+                .get("aggregate_id")
+                .unwrap_or(entry.id.as_str())
+                .to_owned();
+            match by_aggregate.get(&key) {
+                Some(&i) => chains[i].push(entry),
+                None => {
+                    by_aggregate.insert(key, chains.len());
+                    chains.push(vec![entry]);
+                }
+            }
+        }
+        let mut results: Vec<(StreamEntry, Outcome)> = Vec::with_capacity(total);
+        let mut running = tokio::task::JoinSet::new();
+        let mut in_flight: HashMap<tokio::task::Id, Vec<StreamEntry>> = HashMap::new();
+        let mut queue = chains.into_iter();
+        loop {
+            while running.len() < limit {
+                let Some(chain) = queue.next() else { break };
+                let bus = self.clone();
+                let keep = chain.clone();
+                let handle = running.spawn(async move {
+                    let mut out = Vec::with_capacity(chain.len());
+                    for entry in chain {
+                        let outcome = bus.process_entry(&entry).await;
+                        out.push((entry, outcome));
+                    }
+                    out
+                });
+                in_flight.insert(handle.id(), keep);
+            }
+            match running.join_next_with_id().await {
+                Some(Ok((id, out))) => {
+                    in_flight.remove(&id);
+                    results.extend(out);
+                }
+                Some(Err(e)) => {
+                    let lost = in_flight.remove(&e.id()).unwrap_or_default();
+                    tracing::error!(error = %e, entries = lost.len(), "a handler task died; its entries stay pending");
+                    for entry in lost {
+                        results.push((entry, Outcome::Failed(format!("handler task died: {e}"))));
+                    }
+                }
+                None => break,
+            }
+        }
+        results
     }
 
     /// XACK `acks` and record failure reasons, in one pipelined round trip.
@@ -393,35 +465,44 @@ impl RedisEventBus {
             return Outcome::Skipped("no subscriber in this bus");
         }
         bump(&c.events_consumed, 1);
-        let traced = self.inner.config.enable_tracing;
+        if !self.inner.config.enable_tracing {
+            let report = self.inner.subscribers.dispatch_with(&event, false).await;
+            return self.outcome_of(entry, &event, report);
+        }
         let parent = entry
             .get("traceparent")
             .and_then(|p| TraceContext::parse(p, entry.get("tracestate")));
         let context = parent
             .as_ref()
             .map_or_else(TraceContext::new_root, TraceContext::child);
-        let span = if traced {
-            tracing::info_span!(
-                "eventsource.process",
-                otel.kind = "consumer",
-                messaging.system = "redis",
-                messaging.destination.name = %self.inner.stream,
-                messaging.operation = "process",
-                messaging.message.id = %entry.id,
-                messaging.consumer.group.name = %group,
-                event.type = event.event_type(),
-                event.id = %event.event_id(),
-                trace_id = %context.trace_id_hex(),
-                span_id = %context.span_id_hex(),
-                parent_span_id = parent.as_ref().map(TraceContext::span_id_hex).unwrap_or_default(),
-            )
-        } else {
-            tracing::Span::none()
-        };
+        let span = tracing::info_span!(
+            "eventsource.process",
+            otel.kind = "consumer",
+            messaging.system = "redis",
+            messaging.destination.name = %self.inner.stream,
+            messaging.operation = "process",
+            messaging.message.id = %entry.id,
+            messaging.consumer.group.name = %group,
+            event.type = event.event_type(),
+            event.id = %event.event_id(),
+            trace_id = %context.trace_id_hex(),
+            span_id = %context.span_id_hex(),
+            parent_span_id = parent.as_ref().map(TraceContext::span_id_hex).unwrap_or_default(),
+        );
         let report = context
-            .scope(self.inner.subscribers.dispatch_with(&event, traced))
+            .scope(self.inner.subscribers.dispatch_with(&event, true))
             .instrument(span)
             .await;
+        self.outcome_of(entry, &event, report)
+    }
+
+    fn outcome_of(
+        &self,
+        entry: &StreamEntry,
+        event: &eventsource_core::EventEnvelope,
+        report: eventsource_core::bus::DispatchReport,
+    ) -> Outcome {
+        let c = &self.inner.counters;
         if report.is_success() {
             bump(&c.events_processed_success, 1);
             Outcome::Handled
