@@ -329,6 +329,7 @@ impl<E: DomainEvent> From<Event<E>> for EventEnvelope {
 trait ErasedData: Send + Sync + fmt::Debug {
     fn as_any(&self) -> &dyn Any;
     fn to_value(&self) -> Result<Value, serde_json::Error>;
+    fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error>;
 }
 
 impl<E: DomainEvent> ErasedData for E {
@@ -337,6 +338,9 @@ impl<E: DomainEvent> ErasedData for E {
     }
     fn to_value(&self) -> Result<Value, serde_json::Error> {
         serde_json::to_value(self)
+    }
+    fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(out, self)
     }
 }
 
@@ -538,7 +542,85 @@ impl EventEnvelope {
     /// # Errors
     /// As [`to_json_value`](Self::to_json_value).
     pub fn to_json(&self) -> Result<String, EventError> {
-        Ok(self.to_json_value()?.to_string())
+        let mut out = Vec::with_capacity(512);
+        self.write_json(&mut out)?;
+        // Only valid UTF-8 was written (serde_json output and ASCII).
+        String::from_utf8(out).map_err(|_| self.not_object())
+    }
+
+    /// Writes the flat JSON text into `out` without building an intermediate JSON tree: the
+    /// base fields, then the event's own fields spliced in from their serialised object.
+    ///
+    /// # Errors
+    /// [`EventError::DataNotAnObject`] if the data is not a JSON object.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), EventError> {
+        use std::io::Write as _;
+        let m = &self.metadata;
+        let json_str = |out: &mut Vec<u8>, s: &str| {
+            serde_json::to_writer(&mut *out, s).expect("writing a str to a Vec cannot fail");
+        };
+        let mut uuid_buf = uuid::Uuid::encode_buffer();
+        let mut uuid = |out: &mut Vec<u8>, id: &Uuid| {
+            out.push(b'"');
+            out.extend_from_slice(id.hyphenated().encode_lower(&mut uuid_buf).as_bytes());
+            out.push(b'"');
+        };
+        out.extend_from_slice(b"{\"event_id\":");
+        uuid(out, &m.event_id);
+        out.extend_from_slice(b",\"event_type\":");
+        json_str(out, &m.event_type);
+        let _ = write!(
+            out,
+            ",\"event_version\":{},\"occurred_at\":\"",
+            m.event_version
+        );
+        let _ = write!(out, "{}", m.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6fZ"));
+        out.extend_from_slice(b"\",\"aggregate_id\":");
+        uuid(out, &m.aggregate_id);
+        out.extend_from_slice(b",\"aggregate_type\":");
+        json_str(out, &m.aggregate_type);
+        let _ = write!(
+            out,
+            ",\"aggregate_version\":{},\"tenant_id\":",
+            m.aggregate_version
+        );
+        match &m.tenant_id {
+            Some(t) => uuid(out, t),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"actor_id\":");
+        match &m.actor_id {
+            Some(a) => json_str(out, a),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"correlation_id\":");
+        uuid(out, &m.correlation_id);
+        out.extend_from_slice(b",\"causation_id\":");
+        match &m.causation_id {
+            Some(c) => uuid(out, c),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"metadata\":");
+        serde_json::to_writer(&mut *out, &m.metadata).map_err(|_| self.not_object())?;
+        // The event's own fields: serialise the object, then splice its members in.
+        let start = out.len();
+        match &self.data {
+            EventData::Typed(data) => data.write_json(out),
+            EventData::Json(value) => serde_json::to_writer(&mut *out, value.as_ref()),
+        }
+        .map_err(|_| self.not_object())?;
+        let own = &out[start..];
+        if own.first() != Some(&b'{') || own.last() != Some(&b'}') {
+            return Err(self.not_object());
+        }
+        if own.len() == 2 {
+            // `{}`: no own fields.
+            out.truncate(start);
+            out.push(b'}');
+        } else {
+            out[start] = b',';
+        }
+        Ok(())
     }
 
     /// Parses the flat JSON form without a registry: the data stays JSON.
@@ -593,6 +675,69 @@ impl EventEnvelope {
             }
         }
     }
+}
+
+/// The base fields as borrowed from a JSON text, for the registry's fast decode path.
+#[derive(serde::Deserialize)]
+struct BaseFields<'a> {
+    event_id: Uuid,
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
+    event_version: Option<u32>,
+    #[serde(borrow)]
+    occurred_at: Option<Cow<'a, str>>,
+    aggregate_id: Uuid,
+    #[serde(borrow)]
+    aggregate_type: Cow<'a, str>,
+    aggregate_version: Option<u64>,
+    tenant_id: Option<Uuid>,
+    actor_id: Option<String>,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    metadata: Option<Map<String, Value>>,
+}
+
+impl EventMetadata {
+    /// Reads the base fields straight from the flat JSON text (no JSON tree), ignoring the
+    /// event's own fields. `None` when anything is off; the caller then takes the slow path,
+    /// which names the problem precisely.
+    pub(crate) fn from_json_fast(json: &str) -> Option<Self> {
+        let b: BaseFields<'_> = serde_json::from_str(json).ok()?;
+        let occurred_at = match &b.occurred_at {
+            Some(s) => DateTime::parse_from_rfc3339(s)
+                .ok()?
+                .with_timezone(&Utc)
+                .trunc_subsecs(6),
+            None => now_micros(),
+        };
+        let metadata = Self {
+            event_id: b.event_id,
+            event_type: b.event_type.into_owned(),
+            event_version: b.event_version.unwrap_or(1),
+            occurred_at,
+            aggregate_id: b.aggregate_id,
+            aggregate_type: b.aggregate_type.into_owned(),
+            aggregate_version: b.aggregate_version.unwrap_or(1),
+            tenant_id: b.tenant_id,
+            actor_id: b.actor_id,
+            correlation_id: b.correlation_id.unwrap_or_else(Uuid::new_v4),
+            causation_id: b.causation_id,
+            metadata: b.metadata.unwrap_or_default(),
+        };
+        metadata.validate().ok()?;
+        Some(metadata)
+    }
+}
+
+/// Decodes the flat JSON text as `E` in two passes over the text (base fields, own fields),
+/// without a JSON tree. `None` when anything is off (the caller falls back to the slow path).
+pub(crate) fn decode_typed_fast<E: DomainEvent>(json: &str) -> Option<EventEnvelope> {
+    let metadata = EventMetadata::from_json_fast(json)?;
+    if metadata.event_type != E::EVENT_TYPE {
+        return None;
+    }
+    let data: E = serde_json::from_str(json).ok()?;
+    Some(Event { metadata, data }.into())
 }
 
 fn opt_uuid(id: Option<Uuid>) -> Value {

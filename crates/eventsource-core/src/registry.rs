@@ -34,16 +34,29 @@ pub enum RegistryError {
 }
 
 type Decoder = fn(EventEnvelope) -> Result<EventEnvelope, EventError>;
+type FastDecoder = fn(&str) -> Option<EventEnvelope>;
 
 #[derive(Clone)]
 struct Registration {
     type_id: TypeId,
     type_name: &'static str,
     decode: Decoder,
+    decode_str: FastDecoder,
 }
 
 fn decode_as<E: DomainEvent>(envelope: EventEnvelope) -> Result<EventEnvelope, EventError> {
     envelope.into_typed::<E>()
+}
+
+/// The `event_type` value of a flat event JSON text, when it is a plain string (no escapes)
+/// found right where eventsource-py and this crate write it (the second key).
+fn wire_name(json: &str) -> Option<&str> {
+    const KEY: &str = "\"event_type\":\"";
+    let at = json.get(..200).unwrap_or(json).find(KEY)? + KEY.len();
+    let rest = &json[at..];
+    let end = rest.find('"')?;
+    let name = &rest[..end];
+    (!name.contains('\\')).then_some(name)
 }
 
 /// Maps wire names to event types. Cheap to clone (shared); safe to use from many tasks.
@@ -88,6 +101,7 @@ impl EventRegistry {
             type_id: TypeId::of::<E>(),
             type_name: std::any::type_name::<E>(),
             decode: decode_as::<E>,
+            decode_str: crate::event::decode_typed_fast::<E>,
         };
         if let Some(existing) = map.get(E::EVENT_TYPE) {
             if existing.type_id == new.type_id {
@@ -130,6 +144,16 @@ impl EventRegistry {
     /// [`RegistryError::UnknownEventType`] for an unregistered wire name,
     /// [`RegistryError::Event`] for malformed JSON or data that does not fit.
     pub fn decode(&self, json: &str) -> Result<EventEnvelope, RegistryError> {
+        // Fast path: find the wire name, then decode base and own fields straight from the
+        // text. Anything unusual takes the slow path, which names the problem precisely.
+        if let Some(event_type) = wire_name(json) {
+            let fast = self.read().get(event_type).map(|r| r.decode_str);
+            if let Some(decode_str) = fast {
+                if let Some(event) = decode_str(json) {
+                    return Ok(event);
+                }
+            }
+        }
         let envelope = EventEnvelope::from_json(json)?;
         self.resolve(envelope)
     }

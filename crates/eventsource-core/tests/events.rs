@@ -219,3 +219,40 @@ fn event_version_comes_from_the_type() {
     let value: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(value["event_version"], 3);
 }
+
+/// The direct writer and the JSON-tree form agree byte for byte, escapes and all.
+#[test]
+fn direct_json_writer_matches_the_tree_form() {
+    let event = Event::new(
+        Uuid::new_v4(),
+        OrderCreated {
+            customer_id: "quote \" back\\slash ünïcode \n".into(),
+            total_amount: 1e-7,
+        },
+    )
+    .with_tenant(Uuid::new_v4())
+    .with_actor("actor \"x\"")
+    .with_metadata("nested", json!({"a": [1, 2, {"b": null}]}))
+    .into_envelope();
+    assert_eq!(
+        event.to_json().unwrap(),
+        event.to_json_value().unwrap().to_string()
+    );
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct Empty {}
+    eventsource_core::domain_event!(Empty, "Empty", aggregate = "X");
+    let empty = Event::new(Uuid::new_v4(), Empty {}).into_envelope();
+    assert_eq!(
+        empty.to_json().unwrap(),
+        empty.to_json_value().unwrap().to_string()
+    );
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct Tuple(u8);
+    eventsource_core::domain_event!(Tuple, "Tuple", aggregate = "X");
+    assert!(matches!(
+        Event::new(Uuid::new_v4(), Tuple(1))
+            .into_envelope()
+            .to_json(),
+        Err(EventError::DataNotAnObject { .. })
+    ));
+}

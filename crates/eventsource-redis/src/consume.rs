@@ -280,7 +280,7 @@ impl RedisEventBus {
         }
         cmd.arg("STREAMS").arg(&self.inner.stream).arg(id);
         let reply: Value = cmd.query_async(conn).await?;
-        Ok(codec::parse_read_reply(&reply))
+        Ok(codec::parse_read_reply(reply))
     }
 
     /// Handles one batch, then acknowledges it (one XACK for the batch): in stream order, or
