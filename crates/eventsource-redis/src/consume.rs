@@ -15,6 +15,14 @@ use crate::error::{RedisBusError, is_connection_error, is_nogroup};
 use crate::recovery::RecoveryOptions;
 use crate::trace::TraceContext;
 
+async fn read_entries(
+    conn: &mut MultiplexedConnection,
+    cmd: redis::Cmd,
+) -> Result<Vec<ReadEntry>, redis::RedisError> {
+    let reply: Value = cmd.query_async(conn).await?;
+    Ok(codec::parse_read_reply(reply))
+}
+
 /// What became of one entry.
 #[derive(Debug)]
 pub(crate) enum Outcome {
@@ -129,6 +137,9 @@ impl RedisEventBus {
         let mut next_recovery = recovery_every.map(|every| Instant::now() + every);
         let mut group_checked = false;
         let mut failing_since: Option<Instant> = None;
+        let mut prefetched: Option<
+            tokio::task::JoinHandle<Result<Vec<ReadEntry>, redis::RedisError>>,
+        > = None;
 
         while !self.stop_requested() {
             if !group_checked {
@@ -178,14 +189,22 @@ impl RedisEventBus {
                     next_recovery = Some(Instant::now() + every);
                 }
             }
-            let conn = reader.as_mut().expect("reader connected above");
-            let (id, block) = match &cursor {
-                Cursor::OwnPending(after) => (after.clone(), None),
-                Cursor::New => (">".to_owned(), Some(cfg.block_ms)),
-            };
-            let read = tokio::select! {
-                r = self.read_group(conn, &id, block) => r,
-                _ = stop.wait_for(|s| *s) => break,
+            // A read is never abandoned half-way (that would strand delivered entries as
+            // pending): it returns within `block_ms`, and the loop checks for a stop after it.
+            let read = match prefetched.take() {
+                Some(next) => next.await.unwrap_or_else(|join| {
+                    Err(redis::RedisError::from(std::io::Error::other(
+                        join.to_string(),
+                    )))
+                }),
+                None => {
+                    let conn = reader.as_mut().expect("reader connected above");
+                    let (id, block) = match &cursor {
+                        Cursor::OwnPending(after) => (after.clone(), None),
+                        Cursor::New => (">".to_owned(), Some(cfg.block_ms)),
+                    };
+                    read_entries(conn, self.read_command(&id, block)).await
+                }
             };
             match read {
                 Ok(entries) => {
@@ -199,13 +218,27 @@ impl RedisEventBus {
                         }
                         continue;
                     }
-                    if let Cursor::OwnPending(after) = &mut cursor {
-                        if let Some(last) = entries.last() {
-                            *after = match last {
-                                ReadEntry::Present(e) => e.id.clone(),
-                                ReadEntry::Deleted(id) => id.clone(),
-                            };
+                    match &mut cursor {
+                        Cursor::OwnPending(after) => {
+                            if let Some(last) = entries.last() {
+                                *after = match last {
+                                    ReadEntry::Present(e) => e.id.clone(),
+                                    ReadEntry::Deleted(id) => id.clone(),
+                                };
+                            }
                         }
+                        Cursor::New if !self.stop_requested() => {
+                            // Read the next batch while this one is handled: the reply is
+                            // parsed by the connection's driver, off this task. At most two
+                            // batches are in flight per consumer.
+                            let mut conn = reader.clone().expect("reader connected above");
+                            let cmd = self.read_command(">", Some(cfg.block_ms));
+                            prefetched =
+                                Some(tokio::spawn(
+                                    async move { read_entries(&mut conn, cmd).await },
+                                ));
+                        }
+                        Cursor::New => {}
                     }
                     self.process_batch(entries).await;
                 }
@@ -248,6 +281,14 @@ impl RedisEventBus {
                 }
             }
         }
+        if let Some(next) = prefetched.take() {
+            // Delivered to us while we were stopping: handle it rather than strand it.
+            if let Ok(Ok(entries)) = next.await {
+                if !entries.is_empty() {
+                    self.process_batch(entries).await;
+                }
+            }
+        }
         tracing::debug!(consumer = %self.inner.consumer_name, "consume loop stopped");
     }
 
@@ -262,12 +303,7 @@ impl RedisEventBus {
         }
     }
 
-    async fn read_group(
-        &self,
-        conn: &mut MultiplexedConnection,
-        id: &str,
-        block_ms: Option<u64>,
-    ) -> Result<Vec<ReadEntry>, redis::RedisError> {
+    fn read_command(&self, id: &str, block_ms: Option<u64>) -> redis::Cmd {
         let cfg = &self.inner.config;
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -279,8 +315,7 @@ impl RedisEventBus {
             cmd.arg("BLOCK").arg(ms);
         }
         cmd.arg("STREAMS").arg(&self.inner.stream).arg(id);
-        let reply: Value = cmd.query_async(conn).await?;
-        Ok(codec::parse_read_reply(reply))
+        cmd
     }
 
     /// Handles one batch, then acknowledges it (one XACK for the batch): in stream order, or
