@@ -83,7 +83,10 @@ impl RedisEventBus {
     ///
     /// Connection loss, a Redis restart and a lost consumer group are handled inside: the loop
     /// reconnects with jittered backoff (counted in `reconnections`) and recreates the group.
-    /// Stopping finishes and acknowledges the in-flight batch; a handler is never cancelled.
+    /// Stopping finishes and acknowledges the in-flight batch; a handler is never cancelled,
+    /// and a read in progress is allowed to return (within `block_ms`) and its entries are
+    /// handled too, so nothing this consumer received is left pending. At most two batches
+    /// are in flight per consumer: the one being handled and the next one being read.
     ///
     /// # Errors
     /// [`RedisBusError::AlreadyConsuming`] if this bus is already consuming.
