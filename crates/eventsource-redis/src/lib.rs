@@ -75,6 +75,8 @@
 //!   entries are pending and come back as above. A Redis restart (or a lost connection) is
 //!   survived: the consumer reconnects with jittered backoff, recreates its group when Redis
 //!   lost it (`NOGROUP`), and counts both. Without Redis persistence, what Redis lost is lost.
+//!   A group is (re)created at id `0`, so a group destroyed on a stream that still has entries
+//!   reads them all again: duplicates rather than losses.
 //! - **Trimming.** This bus never trims the stream. Trimming with `MAXLEN` can drop entries a
 //!   lagging group has not read yet; entries trimmed while pending are acknowledged and
 //!   counted (`entries_deleted_while_pending`).

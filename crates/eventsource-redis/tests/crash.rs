@@ -299,3 +299,66 @@ async fn killing_the_reader_connection_does_not_affect_publishing() {
     stop(&bus, task).await;
     assert!(bus.stats().reconnections >= 1);
 }
+
+/// The stream deleted while the consumer blocks on it (and later the group destroyed): no
+/// panic, the group is recreated and later events are handled.
+#[tokio::test]
+async fn stream_deleted_or_group_destroyed_while_consuming() {
+    let prefix = unique_prefix("deleted");
+    let _c = Cleanup(prefix.clone());
+    let bus = bus(RedisEventBusConfig {
+        block_ms: 500,
+        reconnect_max_delay_ms: 200,
+        ..config(&prefix, "g", "c")
+    });
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    bus.subscribe(move |_: Event<OrderCreated>| {
+        let n = n2.clone();
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    bus.connect().await.unwrap();
+    let task = spawn_consumer(&bus);
+    bus.publish_events(&[created(1)]).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            n.load(Ordering::SeqCst) == 1
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await; // now blocking in XREADGROUP
+    let mut conn = raw().await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(bus.stream_name())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bus.publish_events(&[created(2)]).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            n.load(Ordering::SeqCst) == 2
+        })
+        .await,
+        "after DEL"
+    );
+    let _: redis::Value = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(bus.stream_name())
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    bus.publish_events(&[created(3)]).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            n.load(Ordering::SeqCst) >= 3
+        })
+        .await,
+        "after XGROUP DESTROY"
+    );
+    stop(&bus, task).await;
+    assert!(bus.stats().group_recreations >= 1, "{:?}", bus.stats());
+}
