@@ -126,6 +126,19 @@ pub struct Health {
     pub error: Option<String>,
 }
 
+/// One entry of this group's pending list (delivered, not yet acknowledged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingEntry {
+    /// The entry id in the main stream.
+    pub message_id: String,
+    /// The consumer holding it.
+    pub consumer: String,
+    /// Milliseconds since it was last delivered.
+    pub idle_ms: u64,
+    /// How often it was delivered (attempts so far).
+    pub deliveries: u64,
+}
+
 fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
@@ -262,6 +275,43 @@ impl RedisEventBus {
             }
         }
         Ok(info)
+    }
+
+    /// The oldest `count` entries of this group's pending list, with owner, idle time and
+    /// delivery count — what an operator looks at when the pending count grows.
+    ///
+    /// # Errors
+    /// [`RedisBusError`] when Redis fails (a missing stream or group is an empty list).
+    pub async fn pending_entries(&self, count: usize) -> Result<Vec<PendingEntry>, RedisBusError> {
+        let mut conn = self.commands().await?;
+        let reply: Result<Value, redis::RedisError> = redis::cmd("XPENDING")
+            .arg(&self.inner.stream)
+            .arg(&self.inner.config.consumer_group)
+            .arg("-")
+            .arg("+")
+            .arg(count)
+            .query_async(&mut conn)
+            .await;
+        let reply = match reply {
+            Ok(v) => v,
+            Err(e) if crate::error::is_nogroup(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(self.command_error("XPENDING", e)),
+        };
+        let Value::Array(rows) = reply else {
+            return Ok(Vec::new());
+        };
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let Value::Array(cols) = row else { return None };
+                Some(PendingEntry {
+                    message_id: text(cols.first()?)?,
+                    consumer: text(cols.get(1)?)?,
+                    idle_ms: int(cols.get(2))?,
+                    deliveries: int(cols.get(3))?,
+                })
+            })
+            .collect())
     }
 
     /// Health for liveness/readiness probes: `healthy` when Redis answers and the consumer

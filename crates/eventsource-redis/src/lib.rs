@@ -101,7 +101,7 @@ pub use bus::RedisEventBus;
 pub use config::{ConfigError, RedisEventBusConfig};
 pub use dlq::{DlqMessage, HistoryError, HistorySummary};
 pub use error::RedisBusError;
-pub use info::{BusStats, GroupInfo, Health, StreamDetails, StreamInfo};
+pub use info::{BusStats, GroupInfo, Health, PendingEntry, StreamDetails, StreamInfo};
 pub use recovery::{RecoveryOptions, RecoveryStats};
 pub use service::RedisEventBusService;
 
