@@ -243,6 +243,11 @@ impl RedisEventBus {
                         }
                         Cursor::New => {}
                     }
+                    let entries = if matches!(cursor, Cursor::OwnPending(_)) {
+                        self.screen_redeliveries(entries).await
+                    } else {
+                        entries
+                    };
                     self.process_batch(entries).await;
                 }
                 Err(e) if is_nogroup(&e) => {
@@ -304,6 +309,64 @@ impl RedisEventBus {
         } else {
             tracing::debug!(error = %error, "Redis still unavailable");
         }
+    }
+
+    /// Own pending entries re-read after a restart: an entry whose delivery count now
+    /// exceeds `1 + max_retries` is dead-lettered instead of run again, so an event that
+    /// crashes the process cannot put it into a crash loop.
+    async fn screen_redeliveries(&self, entries: Vec<ReadEntry>) -> Vec<ReadEntry> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return entries;
+        };
+        let id_of = |e: &ReadEntry| match e {
+            ReadEntry::Present(e) => e.id.clone(),
+            ReadEntry::Deleted(id) => id.clone(),
+        };
+        let cfg = &self.inner.config;
+        let deliveries: HashMap<String, u64> = match self.commands().await {
+            Ok(mut conn) => redis::cmd("XPENDING")
+                .arg(&self.inner.stream)
+                .arg(&cfg.consumer_group)
+                .arg(id_of(first))
+                .arg(id_of(last))
+                .arg(entries.len())
+                .arg(&self.inner.consumer_name)
+                .query_async::<Vec<(String, String, u64, u64)>>(&mut conn)
+                .await
+                .map(|rows| rows.into_iter().map(|(id, _, _, n)| (id, n)).collect())
+                .unwrap_or_default(),
+            Err(_) => HashMap::new(),
+        };
+        let limit = 1 + u64::from(cfg.max_retries);
+        let mut keep = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match entry {
+                ReadEntry::Present(e) if deliveries.get(&e.id).is_some_and(|&n| n > limit) => {
+                    let n = deliveries[&e.id];
+                    let recorded = match self.commands().await {
+                        Ok(mut conn) => redis::cmd("GET")
+                            .arg(cfg.error_key(&e.id))
+                            .query_async::<Option<String>>(&mut conn)
+                            .await
+                            .ok()
+                            .flatten(),
+                        Err(_) => None,
+                    };
+                    let reason = recorded.unwrap_or_else(|| {
+                        format!(
+                            "delivered {n} times without an acknowledgement (the consumer \
+                             crashed or restarted while handling it)"
+                        )
+                    });
+                    if let Err(err) = self.dead_letter(&e, n - 1, &reason).await {
+                        tracing::error!(message_id = %e.id, error = %err, "dead-lettering a redelivered entry failed; handling it instead");
+                        keep.push(ReadEntry::Present(e));
+                    }
+                }
+                other => keep.push(other),
+            }
+        }
+        keep
     }
 
     fn read_command(&self, id: &str, block_ms: Option<u64>) -> redis::Cmd {

@@ -9,6 +9,11 @@
 //! exactly `1 + max_retries` times and its dead letter says `retry_count = max_retries`, as in
 //! eventsource-py. Deciding to dead-letter claims the entry with `JUSTID` first (no extra
 //! delivery), so of several consumers recovering at once only one dead-letters it.
+//!
+//! The same limit holds for a consumer that restarts with its name and re-reads its own
+//! pending entries: an entry whose delivery count would exceed `1 + max_retries` is
+//! dead-lettered instead of run again, so an event that crashes the process cannot keep it in
+//! a crash loop.
 
 use redis::Value;
 use serde::Serialize;

@@ -362,3 +362,62 @@ async fn stream_deleted_or_group_destroyed_while_consuming() {
     stop(&bus, task).await;
     assert!(bus.stats().group_recreations >= 1, "{:?}", bus.stats());
 }
+
+/// An entry that keeps crashing its consumer (delivered again and again to the same name,
+/// never acknowledged) is dead-lettered on the restart that would exceed `1 + max_retries`
+/// attempts, instead of looping forever.
+#[tokio::test]
+async fn crash_loop_entry_is_dead_lettered_on_restart() {
+    let prefix = unique_prefix("crashloop");
+    let _c = Cleanup(prefix.clone());
+    let cfg = RedisEventBusConfig {
+        max_retries: 2,
+        ..config(&prefix, "g", "crashy")
+    };
+    let publisher = bus(cfg.clone());
+    publisher.connect().await.unwrap();
+    let ids = publisher.publish_events(&[created(1)]).await.unwrap();
+    let mut conn = raw().await;
+    // Three deliveries to "crashy" that never got acknowledged: the read, then two restarts.
+    for id in [">", "0", "0"] {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("crashy")
+            .arg("COUNT")
+            .arg(10)
+            .arg("STREAMS")
+            .arg(publisher.stream_name())
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(pending_entries(publisher.stream_name(), "g").await[0].1, 3);
+    let restarted = bus(cfg);
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    restarted.subscribe(move |_: Event<OrderCreated>| {
+        let n = n2.clone();
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let task = spawn_consumer(&restarted);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            restarted.stats().messages_sent_to_dlq == 1
+        })
+        .await
+    );
+    stop(&restarted, task).await;
+    assert_eq!(n.load(Ordering::SeqCst), 0, "not run a fourth time");
+    let letter = restarted.get_dlq_messages(1).await.unwrap().remove(0);
+    assert_eq!(letter.original_message_id(), Some(ids[0].as_str()));
+    assert_eq!(letter.retry_count(), Some(3));
+    assert!(
+        letter.error().unwrap().contains("delivered 4 times"),
+        "{letter:?}"
+    );
+    assert_eq!(pending(restarted.stream_name(), "g").await, 0);
+}
