@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use eventsource_core::bus::{BusError, EventBus, EventPublisher, Subscribers};
 use eventsource_core::{BoxFuture, EventEnvelope, EventRegistry};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Value};
+use redis::Value;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tracing::Instrument;
 
 use crate::codec;
@@ -204,28 +204,20 @@ impl RedisEventBus {
     }
 
     /// A dedicated connection for blocking reads: its response timeout covers the block time.
-    pub(crate) async fn blocking_reader(&self) -> Result<MultiplexedConnection, RedisBusError> {
+    pub(crate) async fn blocking_reader(
+        &self,
+    ) -> Result<crate::reader::Reader, crate::reader::ReadError> {
         let cfg = &self.inner.config;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(cfg.connect_timeout()))
-            .set_response_timeout(Some(
-                Duration::from_millis(cfg.block_ms) + cfg.socket_timeout(),
-            ));
-        let mut conn = self
-            .inner
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| self.connect_error(e))?;
         // Named so operators (and fault tests) can find it: CLIENT LIST / CLIENT KILL.
         let name = format!("eventsource-reader:{}", self.inner.consumer_name)
             .replace(|c: char| c.is_whitespace(), "_");
-        let _: Result<Value, _> = redis::cmd("CLIENT")
-            .arg("SETNAME")
-            .arg(name)
-            .query_async(&mut conn)
-            .await;
-        Ok(conn)
+        crate::reader::Reader::open(
+            &self.inner.client,
+            cfg.connect_timeout(),
+            Duration::from_millis(cfg.block_ms) + cfg.socket_timeout(),
+            &name,
+        )
+        .await
     }
 
     /// `XGROUP CREATE <stream> <group> 0 MKSTREAM`; an existing group is fine.

@@ -6,22 +6,17 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 use tracing::Instrument;
 
 use crate::bus::{RedisEventBus, bump};
 use crate::codec::{self, DecodeFailure, REPLAY_GROUP_FIELD, ReadEntry, StreamEntry};
-use crate::error::{RedisBusError, is_connection_error, is_nogroup};
+use crate::error::RedisBusError;
+use crate::reader::{ReadError, ReadRequest, Reader};
 use crate::recovery::RecoveryOptions;
 use crate::trace::TraceContext;
 
-async fn read_entries(
-    conn: &mut MultiplexedConnection,
-    cmd: redis::Cmd,
-) -> Result<Vec<ReadEntry>, redis::RedisError> {
-    let reply: Value = cmd.query_async(conn).await?;
-    Ok(codec::parse_read_reply(reply))
-}
+/// A reader handed back (unless its connection broke) with what it read.
+type ReadOutcome = (Option<Reader>, Result<Vec<ReadEntry>, ReadError>);
 
 /// What became of one entry.
 #[derive(Debug)]
@@ -133,16 +128,15 @@ impl RedisEventBus {
     async fn consume_loop(&self, stop: &mut tokio::sync::watch::Receiver<bool>) {
         let cfg = &self.inner.config;
         let mut backoff = Backoff::new(Duration::from_millis(cfg.reconnect_max_delay_ms));
-        let mut reader: Option<MultiplexedConnection> = None;
+        let mut reader: Option<Reader> = None;
+        let read_timeout = Duration::from_millis(cfg.block_ms) + cfg.socket_timeout();
         let mut cursor = Cursor::OwnPending("0".to_owned());
         let recovery_every =
             (cfg.recovery_interval_ms > 0).then(|| Duration::from_millis(cfg.recovery_interval_ms));
         let mut next_recovery = recovery_every.map(|every| Instant::now() + every);
         let mut group_checked = false;
         let mut failing_since: Option<Instant> = None;
-        let mut prefetched: Option<
-            tokio::task::JoinHandle<Result<Vec<ReadEntry>, redis::RedisError>>,
-        > = None;
+        let mut prefetched: Option<tokio::task::JoinHandle<ReadOutcome>> = None;
 
         while !self.stop_requested() {
             if !group_checked {
@@ -170,7 +164,7 @@ impl RedisEventBus {
             }
             if reader.is_none() {
                 match self.blocking_reader().await {
-                    Ok(conn) => reader = Some(conn),
+                    Ok(r) => reader = Some(r),
                     Err(e) => {
                         self.note_failure(&mut failing_since, &e);
                         let delay = backoff.next_delay();
@@ -194,21 +188,20 @@ impl RedisEventBus {
             }
             // A read is never abandoned half-way (that would strand delivered entries as
             // pending): it returns within `block_ms`, and the loop checks for a stop after it.
-            let read = match prefetched.take() {
-                Some(next) => next.await.unwrap_or_else(|join| {
-                    Err(redis::RedisError::from(std::io::Error::other(
-                        join.to_string(),
-                    )))
-                }),
+            let (back, read) = match prefetched.take() {
+                Some(next) => next
+                    .await
+                    .unwrap_or_else(|join| (None, Err(ReadError::Connection(join.to_string())))),
                 None => {
-                    let conn = reader.as_mut().expect("reader connected above");
                     let (id, block) = match &cursor {
                         Cursor::OwnPending(after) => (after.clone(), None),
                         Cursor::New => (">".to_owned(), Some(cfg.block_ms)),
                     };
-                    read_entries(conn, self.read_command(&id, block)).await
+                    let r = reader.take().expect("reader connected above");
+                    r.read(self.read_request(&id, block), read_timeout).await
                 }
             };
+            reader = back;
             match read {
                 Ok(entries) => {
                     if failing_since.take().is_some() {
@@ -231,15 +224,13 @@ impl RedisEventBus {
                             }
                         }
                         Cursor::New if !self.stop_requested() => {
-                            // Read the next batch while this one is handled: the reply is
-                            // parsed by the connection's driver, off this task. At most two
-                            // batches are in flight per consumer.
-                            let mut conn = reader.clone().expect("reader connected above");
-                            let cmd = self.read_command(">", Some(cfg.block_ms));
-                            prefetched =
-                                Some(tokio::spawn(
-                                    async move { read_entries(&mut conn, cmd).await },
-                                ));
+                            // Read the next batch while this one is handled (on another
+                            // worker thread when the runtime has one). At most two batches
+                            // are in flight per consumer.
+                            if let Some(r) = reader.take() {
+                                let request = self.read_request(">", Some(cfg.block_ms));
+                                prefetched = Some(tokio::spawn(r.read(request, read_timeout)));
+                            }
                         }
                         Cursor::New => {}
                     }
@@ -250,7 +241,7 @@ impl RedisEventBus {
                     };
                     self.process_batch(entries).await;
                 }
-                Err(e) if is_nogroup(&e) => {
+                Err(ReadError::NoGroup(_)) => {
                     // Redis restarted without persistence, the stream was deleted or evicted,
                     // or the group was destroyed: recreate it and go on.
                     tracing::warn!(
@@ -262,25 +253,20 @@ impl RedisEventBus {
                     group_checked = false;
                     cursor = Cursor::New;
                 }
-                Err(e) if is_connection_error(&e) => {
+                Err(e @ ReadError::Connection(_)) => {
                     reader = None;
                     group_checked = false;
                     bump(&self.inner.counters.reconnections, 1);
                     self.inner.connected.store(false, Ordering::Relaxed);
-                    let err = RedisBusError::Command {
-                        command: "XREADGROUP",
-                        source: e,
-                    };
-                    self.note_failure(&mut failing_since, &err);
+                    self.note_failure(&mut failing_since, &format!("XREADGROUP: {e}"));
                     let delay = backoff.next_delay();
                     if !self.pause(stop, delay).await {
                         break;
                     }
                 }
-                Err(e) => {
+                Err(e @ ReadError::Server(_)) => {
                     // E.g. UNBLOCKED (stream deleted while blocking), OOM, MISCONF.
                     tracing::warn!(error = %e, stream = %self.inner.stream, "XREADGROUP failed");
-                    reader = None;
                     group_checked = false;
                     let delay = backoff.next_delay();
                     if !self.pause(stop, delay).await {
@@ -291,7 +277,7 @@ impl RedisEventBus {
         }
         if let Some(next) = prefetched.take() {
             // Delivered to us while we were stopping: handle it rather than strand it.
-            if let Ok(Ok(entries)) = next.await {
+            if let Ok((_, Ok(entries))) = next.await {
                 if !entries.is_empty() {
                     self.process_batch(entries).await;
                 }
@@ -302,7 +288,7 @@ impl RedisEventBus {
 
     /// Logs a connection problem once when it starts (warn), then only at debug, so an outage
     /// does not flood the log.
-    fn note_failure(&self, failing_since: &mut Option<Instant>, error: &RedisBusError) {
+    fn note_failure(&self, failing_since: &mut Option<Instant>, error: &dyn std::fmt::Display) {
         if failing_since.is_none() {
             *failing_since = Some(Instant::now());
             tracing::warn!(error = %error, "Redis unavailable; consumer retrying with backoff");
@@ -369,19 +355,15 @@ impl RedisEventBus {
         keep
     }
 
-    fn read_command(&self, id: &str, block_ms: Option<u64>) -> redis::Cmd {
-        let cfg = &self.inner.config;
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&cfg.consumer_group)
-            .arg(&self.inner.consumer_name)
-            .arg("COUNT")
-            .arg(cfg.batch_size);
-        if let Some(ms) = block_ms {
-            cmd.arg("BLOCK").arg(ms);
+    fn read_request(&self, id: &str, block_ms: Option<u64>) -> ReadRequest {
+        ReadRequest {
+            group: self.inner.config.consumer_group.clone(),
+            consumer: self.inner.consumer_name.clone(),
+            count: self.inner.config.batch_size,
+            block_ms,
+            stream: self.inner.stream.clone(),
+            id: id.to_owned(),
         }
-        cmd.arg("STREAMS").arg(&self.inner.stream).arg(id);
-        cmd
     }
 
     /// Handles one batch, then acknowledges it (one XACK for the batch): in stream order, or

@@ -93,6 +93,7 @@ mod consume;
 pub mod dlq;
 mod error;
 pub mod info;
+mod reader;
 pub mod recovery;
 pub mod service;
 pub mod trace;

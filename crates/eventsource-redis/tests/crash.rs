@@ -98,68 +98,6 @@ async fn consumer_killed_mid_batch_loses_nothing() {
     );
 }
 
-struct OwnRedis {
-    child: std::process::Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl OwnRedis {
-    fn start(port: u16, dir: &std::path::Path) -> Self {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            port,
-            dir: dir.to_owned(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A Redis restart without persistence: the consumer reconnects with backoff, recreates its
 /// lost group, counts both, and handles events published after the restart.
 #[tokio::test]
@@ -167,7 +105,7 @@ async fn survives_a_redis_restart() {
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("es-redis-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut server = OwnRedis::start(port, &dir);
+    let mut server = OwnRedis::start(port, &dir, &[]);
     let cfg = RedisEventBusConfig {
         redis_url: server.url(),
         reconnect_max_delay_ms: 500,
@@ -202,7 +140,7 @@ async fn survives_a_redis_restart() {
 
     server.kill();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let server = OwnRedis::start(port, &dir);
+    let server = OwnRedis::start(port, &dir, &[]);
     // Publishing retries until the new server answers.
     let mut published = false;
     for _ in 0..50 {

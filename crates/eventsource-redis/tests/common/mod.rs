@@ -194,3 +194,90 @@ pub async fn age_pending(stream: &str, group: &str, idle_ms: u64) {
             .unwrap();
     }
 }
+
+/// A redis-server of the test's own on a loopback port (or Unix socket), killed on drop.
+pub struct OwnRedis {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub dir: std::path::PathBuf,
+}
+
+impl OwnRedis {
+    /// Starts `redis-server` on `port` (0 = no TCP) with `--dir dir` and extra arguments,
+    /// and waits until it accepts connections.
+    pub fn start(port: u16, dir: &std::path::Path, extra: &[&str]) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        for _ in 0..200 {
+            let up = if port == 0 {
+                std::fs::read_dir(dir)
+                    .map(|d| {
+                        d.flatten()
+                            .any(|e| e.path().extension().is_some_and(|x| x == "sock"))
+                    })
+                    .unwrap_or(false)
+            } else {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            };
+            if up {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh temporary directory for a test's own server.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "es-{tag}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

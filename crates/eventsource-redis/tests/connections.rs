@@ -1,0 +1,85 @@
+//! Connecting the ways operators do: a password, an ACL user, a Unix socket, a database
+//! number — for publishing and for the consumer's blocking reads.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use eventsource_core::prelude::*;
+use eventsource_core::testkit::orders::OrderCreated;
+use eventsource_redis::{RedisBusError, RedisEventBus, RedisEventBusConfig};
+
+async fn round_trip(url: String) -> RedisEventBus {
+    let bus = bus(RedisEventBusConfig {
+        redis_url: url,
+        ..config("conn", "g", "c")
+    });
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    bus.subscribe(move |_: Event<OrderCreated>| {
+        let n = n2.clone();
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    bus.connect().await.unwrap();
+    bus.publish_events(&(0..3).map(created).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let task = spawn_consumer(&bus);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            n.load(Ordering::SeqCst) == 3
+        })
+        .await
+    );
+    stop(&bus, task).await;
+    assert_eq!(bus.stats().reconnections, 0);
+    bus
+}
+
+/// A password-protected Redis and an ACL user work for publish and consume; a wrong password
+/// is a clear connect error that does not show the password.
+#[tokio::test]
+async fn password_and_acl_user() {
+    let port = free_port();
+    let server = OwnRedis::start(port, &temp_dir("auth"), &["--requirepass", "s3cret-pw"]);
+    round_trip(format!("redis://:s3cret-pw@127.0.0.1:{}/3", server.port)).await;
+    let mut admin = redis::Client::open(format!("redis://:s3cret-pw@127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("app")
+        .arg("on")
+        .arg(">app-pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    round_trip(format!("redis://app:app-pw@127.0.0.1:{port}")).await;
+
+    let wrong = bus(RedisEventBusConfig {
+        redis_url: format!("redis://:nope-pw@127.0.0.1:{port}"),
+        ..config("conn", "g", "c")
+    });
+    let err = wrong.connect().await.unwrap_err();
+    assert!(matches!(err, RedisBusError::Connect { .. }), "{err:?}");
+    assert!(!err.to_string().contains("nope-pw"), "{err}");
+}
+
+/// A Redis reached through a Unix socket works for publish and consume.
+#[tokio::test]
+async fn unix_socket() {
+    let dir = temp_dir("unix");
+    let socket = dir.join("redis.sock");
+    let _server = OwnRedis::start(0, &dir, &["--unixsocket", socket.to_str().unwrap()]);
+    round_trip(format!("unix://{}", socket.display())).await;
+}
