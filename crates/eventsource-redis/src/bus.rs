@@ -57,6 +57,8 @@ pub(crate) struct Inner {
     pub(crate) consuming: AtomicBool,
     /// `true` asks the consume loop to stop after its in-flight batch.
     pub(crate) stop: tokio::sync::watch::Sender<bool>,
+    /// The acknowledgement of the last handled batch, sent while the next one is handled.
+    pub(crate) ack_in_flight: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A distributed event bus on Redis Streams, wire-compatible with eventsource-py.
@@ -111,6 +113,7 @@ impl RedisEventBus {
                 connected: AtomicBool::new(false),
                 consuming: AtomicBool::new(false),
                 stop,
+                ack_in_flight: tokio::sync::Mutex::new(None),
                 config,
             }),
         })

@@ -283,6 +283,7 @@ impl RedisEventBus {
                 }
             }
         }
+        self.flush_acks().await;
         tracing::debug!(consumer = %self.inner.consumer_name, "consume loop stopped");
     }
 
@@ -409,9 +410,29 @@ impl RedisEventBus {
                 }
             }
         }
-        if let Err(e) = self.ack_and_note(&acks, &failures).await {
-            // The entries stay pending and will be redelivered: at-least-once.
-            tracing::warn!(error = %e, count = acks.len(), "acknowledging a batch failed; entries will be redelivered");
+        // The ack goes out while the next batch is handled; at most one ack is in flight, and
+        // the loop waits for it before stopping. Entries are acked only after their handlers
+        // finished, so at-least-once holds; an ack lost to a crash means a redelivery.
+        if let Some(previous) = self.inner.ack_in_flight.lock().await.take() {
+            let _ = previous.await;
+        }
+        if acks.is_empty() && failures.is_empty() {
+            return;
+        }
+        let bus = self.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = bus.ack_and_note(&acks, &failures).await {
+                // The entries stay pending and will be redelivered: at-least-once.
+                tracing::warn!(error = %e, count = acks.len(), "acknowledging a batch failed; entries will be redelivered");
+            }
+        });
+        *self.inner.ack_in_flight.lock().await = Some(task);
+    }
+
+    /// Waits for the last batch's acknowledgement to be sent.
+    async fn flush_acks(&self) {
+        if let Some(previous) = self.inner.ack_in_flight.lock().await.take() {
+            let _ = previous.await;
         }
     }
 

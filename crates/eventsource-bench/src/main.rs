@@ -1,0 +1,950 @@
+//! `eventsource-bench`: the workloads of `shared/bench/WORKLOADS.md`, each measured next to
+//! the raw limit of the same Redis in the same run.
+//!
+//! ```text
+//! cargo run --release -p eventsource-bench -- --workload all [--n N] [--repeat R]
+//!     [--redis-url redis://127.0.0.1:6379]
+//! ```
+//!
+//! Workloads: `publish_single`, `publish_batch100`, `publish_concurrent16`, `consume_1`,
+//! `consume_2proc`, `consume_2proc_slow`, `latency_500`, `latency_5000`, `rss`, or `all`.
+//! Progress and tables go to standard error; the last line of standard output is one JSON
+//! object keyed by workload with medians and ranges (`events_per_sec`, `p50_ms`..`max_ms`,
+//! `peak_rss_mib`) and, where a raw limit applies, `limit_events_per_sec` and
+//! `ratio_to_limit`.
+//!
+//! Consumers for the `consume_*` and `rss` workloads run in child processes (this binary with
+//! the hidden `--role consumer`), so two consumers really are two processes and the memory
+//! figure is the consumer's own.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use eventsource_core::prelude::*;
+use eventsource_core::testkit::orders::OrderCreated;
+use eventsource_redis::codec::encode_fields;
+use eventsource_redis::{RedisEventBus, RedisEventBusConfig};
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use serde_json::{Value as Json, json};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const WORKLOADS: [&str; 9] = [
+    "publish_single",
+    "publish_batch100",
+    "publish_concurrent16",
+    "consume_1",
+    "consume_2proc",
+    "consume_2proc_slow",
+    "latency_500",
+    "latency_5000",
+    "rss",
+];
+
+#[derive(Debug, Clone)]
+struct Options {
+    workloads: Vec<String>,
+    redis_url: String,
+    n: Option<usize>,
+    repeat: usize,
+}
+
+fn parse_args(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        workloads: vec![],
+        redis_url: "redis://127.0.0.1:6379".into(),
+        n: None,
+        repeat: 3,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--workload" => {
+                let w = val()?;
+                if w == "all" {
+                    o.workloads = WORKLOADS.iter().map(|s| s.to_string()).collect();
+                } else if WORKLOADS.contains(&w.as_str()) {
+                    o.workloads.push(w);
+                } else {
+                    return Err(format!(
+                        "unknown workload {w:?}; one of {WORKLOADS:?} or all"
+                    ));
+                }
+            }
+            "--redis-url" => o.redis_url = val()?,
+            "--n" => o.n = Some(val()?.parse().map_err(|_| "--n needs a number")?),
+            "--repeat" => o.repeat = val()?.parse().map_err(|_| "--repeat needs a number")?,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if o.workloads.is_empty() {
+        return Err(
+            "usage: eventsource-bench --workload NAME|all [--n N] [--repeat R] [--redis-url URL]"
+                .into(),
+        );
+    }
+    o.repeat = o.repeat.max(1);
+    Ok(o)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn event(i: usize) -> EventEnvelope {
+    Event::new(
+        uuid::Uuid::new_v4(),
+        OrderCreated {
+            customer_id: format!("cust-{i}"),
+            total_amount: i as f64 * 1.5,
+        },
+    )
+    .into_envelope()
+}
+
+fn prefix(tag: &str) -> String {
+    format!(
+        "bench:{tag}:{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+fn bus_config(url: &str, prefix: &str, group: &str, name: &str) -> RedisEventBusConfig {
+    RedisEventBusConfig {
+        redis_url: url.into(),
+        stream_prefix: prefix.into(),
+        consumer_group: group.into(),
+        consumer_name: Some(name.into()),
+        batch_size: 100,
+        block_ms: 100,
+        enable_tracing: false,
+        recovery_interval_ms: 0,
+        ..Default::default()
+    }
+}
+
+fn registry() -> EventRegistry {
+    let r = EventRegistry::new();
+    r.register::<OrderCreated>().expect("fresh registry");
+    r
+}
+
+async fn raw_conn(url: &str) -> Result<MultiplexedConnection, Error> {
+    Ok(redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+async fn delete_prefix(conn: &mut MultiplexedConnection, prefix: &str) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(conn).await;
+    }
+}
+
+fn xadd(pipe: &mut redis::Pipeline, stream: &str, fields: &[(&'static str, String)]) {
+    let cmd = pipe.cmd("XADD").arg(stream).arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(v);
+    }
+}
+
+/// Fills `stream` with `n` entries of the workload's shape, pipelined 100 at a time.
+async fn prefill(conn: &mut MultiplexedConnection, stream: &str, n: usize) -> Result<(), Error> {
+    for start in (0..n).step_by(1000) {
+        let mut pipe = redis::pipe();
+        for i in start..(start + 1000).min(n) {
+            xadd(&mut pipe, stream, &encode_fields(&event(i), None)?);
+        }
+        let _: Vec<String> = pipe.query_async(conn).await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stat(values: &[f64]) -> Stat {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    Stat {
+        median,
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+fn stat_json(s: Stat) -> Json {
+    json!({"median": s.median.round(), "min": s.min.round(), "max": s.max.round()})
+}
+
+fn throughput_json(bus: &[f64], limit: Option<&[f64]>) -> Json {
+    let b = stat(bus);
+    let mut out = json!({"events_per_sec": stat_json(b), "runs": bus.len()});
+    if let Some(limit) = limit {
+        let l = stat(limit);
+        out["limit_events_per_sec"] = stat_json(l);
+        out["ratio_to_limit"] = json!((b.median / l.median * 1000.0).round() / 1000.0);
+        let ratios: Vec<f64> = bus.iter().zip(limit).map(|(b, l)| b / l).collect();
+        let r = stat(&ratios);
+        out["ratio_per_run"] = json!({"median": (r.median * 1000.0).round() / 1000.0, "min": (r.min * 1000.0).round() / 1000.0, "max": (r.max * 1000.0).round() / 1000.0});
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Publishing
+// ---------------------------------------------------------------------------------------
+
+async fn raw_single(url: &str, fields: &[Vec<(&'static str, String)>]) -> Result<f64, Error> {
+    let mut conn = raw_conn(url).await?;
+    let p = prefix("raw-single");
+    let stream = format!("{p}:stream");
+    let t = Instant::now();
+    for f in fields {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&stream).arg("*");
+        for (k, v) in f {
+            cmd.arg(*k).arg(v);
+        }
+        let _: String = cmd.query_async(&mut conn).await?;
+    }
+    let rate = fields.len() as f64 / t.elapsed().as_secs_f64();
+    delete_prefix(&mut conn, &p).await;
+    Ok(rate)
+}
+
+async fn raw_pipelined(url: &str, fields: &[Vec<(&'static str, String)>]) -> Result<f64, Error> {
+    let mut conn = raw_conn(url).await?;
+    let p = prefix("raw-batch");
+    let stream = format!("{p}:stream");
+    let t = Instant::now();
+    for chunk in fields.chunks(100) {
+        let mut pipe = redis::pipe();
+        for f in chunk {
+            xadd(&mut pipe, &stream, f);
+        }
+        let _: Vec<String> = pipe.query_async(&mut conn).await?;
+    }
+    let rate = fields.len() as f64 / t.elapsed().as_secs_f64();
+    delete_prefix(&mut conn, &p).await;
+    Ok(rate)
+}
+
+/// Publishes `events` with `chunk` events per call (`tasks` concurrent publishers).
+async fn bus_publish(
+    url: &str,
+    events: &[EventEnvelope],
+    chunk: usize,
+    tasks: usize,
+) -> Result<f64, Error> {
+    let p = prefix("publish");
+    let bus = RedisEventBus::new(bus_config(url, &p, "bench", "publisher"), registry())?;
+    bus.connect().await?;
+    let per_task = events.len().div_ceil(tasks);
+    let parts: Vec<Vec<EventEnvelope>> = events.chunks(per_task).map(<[_]>::to_vec).collect();
+    let t = Instant::now();
+    let mut handles = Vec::new();
+    for part in parts {
+        let bus = bus.clone();
+        handles.push(tokio::spawn(async move {
+            for c in part.chunks(chunk) {
+                bus.publish_events(c).await?;
+            }
+            Ok::<(), eventsource_redis::RedisBusError>(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    let rate = events.len() as f64 / t.elapsed().as_secs_f64();
+    if bus.stats().events_published != events.len() as u64 {
+        return Err("not every event was published".into());
+    }
+    let mut conn = raw_conn(url).await?;
+    delete_prefix(&mut conn, &p).await;
+    Ok(rate)
+}
+
+async fn publish_workload(o: &Options, name: &str) -> Result<Json, Error> {
+    let n = o.n.unwrap_or(20_000);
+    let events: Vec<EventEnvelope> = (0..n).map(event).collect();
+    let fields: Vec<Vec<(&'static str, String)>> = events
+        .iter()
+        .map(|e| encode_fields(e, None))
+        .collect::<Result<_, _>>()?;
+    let (mut bus, mut limit, mut single) = (vec![], vec![], vec![]);
+    for run in 1..=o.repeat {
+        match name {
+            "publish_single" => {
+                limit.push(raw_single(&o.redis_url, &fields).await?);
+                bus.push(bus_publish(&o.redis_url, &events, 1, 1).await?);
+            }
+            "publish_batch100" => {
+                limit.push(raw_pipelined(&o.redis_url, &fields).await?);
+                bus.push(bus_publish(&o.redis_url, &events, 100, 1).await?);
+            }
+            _ => {
+                limit.push(raw_single(&o.redis_url, &fields).await?);
+                single.push(bus_publish(&o.redis_url, &events, 1, 1).await?);
+                bus.push(bus_publish(&o.redis_url, &events, 1, 16).await?);
+            }
+        }
+        eprintln!(
+            "  {name} run {run}: bus {:>9.0}/s   limit {:>9.0}/s{}",
+            bus[run - 1],
+            limit[run - 1],
+            single
+                .get(run - 1)
+                .map(|s| format!("   one-at-a-time {s:.0}/s"))
+                .unwrap_or_default()
+        );
+    }
+    let mut out = throughput_json(&bus, Some(&limit));
+    out["n"] = json!(n);
+    if !single.is_empty() {
+        let s = stat(&single);
+        out["single_events_per_sec"] = stat_json(s);
+        out["ratio_to_single"] = json!((stat(&bus).median / s.median * 100.0).round() / 100.0);
+        out["limit_is"] = json!("XADD one at a time on one connection");
+    } else if name == "publish_single" {
+        out["limit_is"] = json!("XADD one at a time on one connection");
+    } else {
+        out["limit_is"] = json!("XADD pipelined 100 at a time on one connection");
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Consuming (child processes)
+// ---------------------------------------------------------------------------------------
+
+/// The raw loop: XREADGROUP COUNT 100, acking the previous batch in the same round trip.
+async fn raw_consume(url: &str, n: usize) -> Result<f64, Error> {
+    let mut conn = raw_conn(url).await?;
+    let p = prefix("raw-consume");
+    let stream = format!("{p}:stream");
+    prefill(&mut conn, &stream, n).await?;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("raw")
+        .arg("0")
+        .query_async(&mut conn)
+        .await?;
+    let t = Instant::now();
+    let mut acks: Vec<String> = Vec::new();
+    let mut got = 0;
+    loop {
+        let mut pipe = redis::pipe();
+        if !acks.is_empty() {
+            pipe.cmd("XACK").arg(&stream).arg("raw").arg(&acks).ignore();
+        }
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("raw")
+            .arg("c")
+            .arg("COUNT")
+            .arg(100)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(">");
+        let (reply,): (Value,) = pipe.query_async(&mut conn).await?;
+        acks = entry_ids(&reply);
+        if acks.is_empty() {
+            break;
+        }
+        got += acks.len();
+    }
+    let rate = got as f64 / t.elapsed().as_secs_f64();
+    delete_prefix(&mut conn, &p).await;
+    if got != n {
+        return Err(format!("raw loop read {got} of {n}").into());
+    }
+    Ok(rate)
+}
+
+/// The physical limit of consuming: the same loop over a plain socket, with a scanner that
+/// reads only the entry ids out of the reply and skips the fields. What Redis and the network
+/// can deliver to one client, with the least client work possible.
+fn raw_consume_minimal(addr: &str, stream: &str, n: usize) -> Result<f64, Error> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let sock = std::net::TcpStream::connect(addr)?;
+    sock.set_nodelay(true)?;
+    let mut out = sock.try_clone()?;
+    let mut r = BufReader::with_capacity(256 * 1024, sock);
+    fn line(r: &mut BufReader<std::net::TcpStream>, buf: &mut Vec<u8>) -> Result<(u8, i64), Error> {
+        buf.clear();
+        r.read_until(b'\n', buf)?;
+        if buf.len() < 3 {
+            return Err("short line".into());
+        }
+        if buf[0] == b'-' {
+            return Err(String::from_utf8_lossy(buf).into_owned().into());
+        }
+        let n = std::str::from_utf8(&buf[1..buf.len() - 2])?
+            .parse::<i64>()
+            .unwrap_or(0);
+        Ok((buf[0], n))
+    }
+    fn skip_bulk(r: &mut BufReader<std::net::TcpStream>, buf: &mut Vec<u8>) -> Result<(), Error> {
+        let (_, len) = line(r, buf)?;
+        if len >= 0 {
+            std::io::copy(&mut r.by_ref().take(len as u64 + 2), &mut std::io::sink())?;
+        }
+        Ok(())
+    }
+    fn bulk(r: &mut BufReader<std::net::TcpStream>, buf: &mut Vec<u8>) -> Result<Vec<u8>, Error> {
+        let (_, len) = line(r, buf)?;
+        let mut v = vec![0u8; len.max(0) as usize + 2];
+        r.read_exact(&mut v)?;
+        v.truncate(len.max(0) as usize);
+        Ok(v)
+    }
+    let cmd = |args: &[&[u8]]| {
+        let mut c = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            c.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            c.extend_from_slice(a);
+            c.extend_from_slice(b"\r\n");
+        }
+        c
+    };
+    let read = cmd(&[
+        b"XREADGROUP",
+        b"GROUP",
+        b"raw",
+        b"c",
+        b"COUNT",
+        b"100",
+        b"STREAMS",
+        stream.as_bytes(),
+        b">",
+    ]);
+    let mut buf = Vec::with_capacity(128);
+    let mut ids: Vec<Vec<u8>> = Vec::new();
+    let mut got = 0;
+    let t = Instant::now();
+    loop {
+        let mut request = Vec::new();
+        let acking = !ids.is_empty();
+        if acking {
+            let mut args: Vec<&[u8]> = vec![b"XACK", stream.as_bytes(), b"raw"];
+            args.extend(ids.iter().map(Vec::as_slice));
+            request.extend(cmd(&args));
+        }
+        request.extend_from_slice(&read);
+        out.write_all(&request)?;
+        if acking {
+            line(&mut r, &mut buf)?; // :n
+        }
+        ids.clear();
+        let (_, streams) = line(&mut r, &mut buf)?;
+        for _ in 0..streams.max(0) {
+            line(&mut r, &mut buf)?; // *2
+            skip_bulk(&mut r, &mut buf)?; // stream name
+            let (_, entries) = line(&mut r, &mut buf)?;
+            for _ in 0..entries.max(0) {
+                line(&mut r, &mut buf)?; // *2
+                ids.push(bulk(&mut r, &mut buf)?);
+                let (_, fields) = line(&mut r, &mut buf)?;
+                for _ in 0..fields.max(0) {
+                    skip_bulk(&mut r, &mut buf)?;
+                }
+            }
+        }
+        if ids.is_empty() {
+            break;
+        }
+        got += ids.len();
+    }
+    if got != n {
+        return Err(format!("minimal raw loop read {got} of {n}").into());
+    }
+    Ok(got as f64 / t.elapsed().as_secs_f64())
+}
+
+async fn raw_consume_physical(url: &str, n: usize) -> Result<f64, Error> {
+    let mut conn = raw_conn(url).await?;
+    let p = prefix("raw-min");
+    let stream = format!("{p}:stream");
+    prefill(&mut conn, &stream, n).await?;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("raw")
+        .arg("0")
+        .query_async(&mut conn)
+        .await?;
+    let addr = match redis::Client::open(url)?.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        _ => return Err("the minimal raw loop needs a redis:// TCP address".into()),
+    };
+    let s = stream.clone();
+    let rate = tokio::task::spawn_blocking(move || raw_consume_minimal(&addr, &s, n)).await??;
+    delete_prefix(&mut conn, &p).await;
+    Ok(rate)
+}
+
+fn entry_ids(reply: &Value) -> Vec<String> {
+    let Value::Array(streams) = reply else {
+        return vec![];
+    };
+    let mut ids = Vec::new();
+    for s in streams {
+        if let Value::Array(parts) = s {
+            if let Some(Value::Array(entries)) = parts.get(1) {
+                for e in entries {
+                    if let Value::Array(x) = e {
+                        if let Some(Value::BulkString(id)) = x.first() {
+                            ids.push(String::from_utf8_lossy(id).into_owned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// Runs consumer children on a pre-filled stream and returns (events/s, peak RSS MiB of the
+/// largest child).
+async fn consume_run(
+    o: &Options,
+    n: usize,
+    processes: usize,
+    sleep_ms: u64,
+    concurrency: usize,
+) -> Result<(f64, f64), Error> {
+    let mut conn = raw_conn(&o.redis_url).await?;
+    let p = prefix("consume");
+    let stream = format!("{p}:stream");
+    prefill(&mut conn, &stream, n).await?;
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for i in 0..processes {
+        children.push(
+            tokio::process::Command::new(&exe)
+                .args([
+                    "--role",
+                    "consumer",
+                    "--redis-url",
+                    &o.redis_url,
+                    "--prefix",
+                    &p,
+                    "--group",
+                    "bench",
+                ])
+                .args(["--name", &format!("c{i}"), "--expect-total", &n.to_string()])
+                .args([
+                    "--sleep-ms",
+                    &sleep_ms.to_string(),
+                    "--concurrency",
+                    &concurrency.to_string(),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    let mut reports = Vec::new();
+    for child in children {
+        let out =
+            tokio::time::timeout(Duration::from_secs(300), child.wait_with_output()).await??;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let report: Json = serde_json::from_str(text.lines().last().unwrap_or("{}"))?;
+        if let Some(e) = report.get("error") {
+            return Err(format!("consumer: {e}").into());
+        }
+        reports.push(report);
+    }
+    let handled: u64 = reports
+        .iter()
+        .map(|r| r["handled"].as_u64().unwrap_or(0))
+        .sum();
+    let pending: Value = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("bench")
+        .query_async(&mut conn)
+        .await?;
+    let pending_count = match &pending {
+        Value::Array(v) => match v.first() {
+            Some(Value::Int(n)) => *n,
+            _ => -1,
+        },
+        _ => -1,
+    };
+    delete_prefix(&mut conn, &p).await;
+    if handled < n as u64 || pending_count != 0 {
+        return Err(format!("handled {handled} of {n}, {pending_count} left pending").into());
+    }
+    let start = reports
+        .iter()
+        .filter_map(|r| r["start_us"].as_u64())
+        .min()
+        .unwrap_or(0);
+    let last = reports
+        .iter()
+        .filter_map(|r| r["last_us"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let rss = reports
+        .iter()
+        .filter_map(|r| r["vmhwm_kib"].as_f64())
+        .fold(0.0, f64::max)
+        / 1024.0;
+    Ok((n as f64 / ((last - start).max(1) as f64 / 1e6), rss))
+}
+
+/// The hidden `--role consumer` mode: consume until the group has read `expect_total`
+/// entries and nothing is pending, then print a JSON report.
+async fn consumer_role(args: &[String]) -> Result<Json, Error> {
+    let get = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .ok_or(format!("missing {name}"))
+    };
+    let url = get("--redis-url")?;
+    let prefix = get("--prefix")?;
+    let group = get("--group")?;
+    let name = get("--name")?;
+    let expect: u64 = get("--expect-total")?.parse()?;
+    let sleep_ms: u64 = get("--sleep-ms")?.parse()?;
+    let concurrency: usize = get("--concurrency")?.parse()?;
+    let config = RedisEventBusConfig {
+        handler_concurrency: concurrency,
+        ..bus_config(&url, &prefix, &group, &name)
+    };
+    let bus = RedisEventBus::new(config, registry())?;
+    let handled = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(AtomicU64::new(0));
+    let (h, l) = (handled.clone(), last.clone());
+    bus.subscribe(move |_: Event<OrderCreated>| {
+        let (h, l) = (h.clone(), l.clone());
+        async move {
+            if sleep_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+            }
+            h.fetch_add(1, Ordering::Relaxed);
+            l.store(now_us(), Ordering::Relaxed);
+        }
+    });
+    bus.connect().await?;
+    let start_us = now_us();
+    let consumer = tokio::spawn({
+        let bus = bus.clone();
+        async move { bus.start_consuming().await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let info = bus.try_stream_info().await?;
+        let g = info.consumer_groups.iter().find(|g| g.name == group);
+        let read_all = g.is_some_and(|g| g.lag == Some(0));
+        if read_all && info.pending_messages == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Ok(
+                json!({"error": format!("timed out with {} handled", handled.load(Ordering::Relaxed))}),
+            );
+        }
+    }
+    bus.stop_consuming();
+    consumer.await??;
+    let vmhwm = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    Ok(json!({
+        "name": name,
+        "handled": handled.load(Ordering::Relaxed),
+        "start_us": start_us,
+        "last_us": last.load(Ordering::Relaxed),
+        "vmhwm_kib": vmhwm,
+        "expect_total": expect,
+    }))
+}
+
+async fn consume_workload(o: &Options, name: &str) -> Result<Json, Error> {
+    match name {
+        "consume_1" => {
+            let n = o.n.unwrap_or(20_000);
+            let (mut bus, mut limit, mut client) = (vec![], vec![], vec![]);
+            for run in 1..=o.repeat {
+                limit.push(raw_consume_physical(&o.redis_url, n).await?);
+                client.push(raw_consume(&o.redis_url, n).await?);
+                bus.push(consume_run(o, n, 1, 0, 1).await?.0);
+                eprintln!(
+                    "  consume_1 run {run}: bus {:>9.0}/s   raw loop {:>9.0}/s   same loop with redis-rs {:>9.0}/s",
+                    bus[run - 1],
+                    limit[run - 1],
+                    client[run - 1]
+                );
+            }
+            let mut out = throughput_json(&bus, Some(&limit));
+            out["n"] = json!(n);
+            out["limit_is"] = json!(
+                "XREADGROUP COUNT 100 + XACK of the previous batch in one round trip, one connection, a scanner that reads only the ids"
+            );
+            out["redis_rs_loop_events_per_sec"] = stat_json(stat(&client));
+            out["ratio_to_redis_rs_loop"] =
+                json!((stat(&bus).median / stat(&client).median * 1000.0).round() / 1000.0);
+            Ok(out)
+        }
+        "consume_2proc" => {
+            let n = o.n.unwrap_or(20_000);
+            let (mut one, mut two) = (vec![], vec![]);
+            for run in 1..=o.repeat {
+                one.push(consume_run(o, n, 1, 0, 1).await?.0);
+                two.push(consume_run(o, n, 2, 0, 1).await?.0);
+                eprintln!(
+                    "  consume_2proc run {run}: two processes {:>9.0}/s   one {:>9.0}/s",
+                    two[run - 1],
+                    one[run - 1]
+                );
+            }
+            let mut out = throughput_json(&two, None);
+            out["n"] = json!(n);
+            out["one_consumer_events_per_sec"] = stat_json(stat(&one));
+            out["ratio_to_one_consumer"] =
+                json!((stat(&two).median / stat(&one).median * 100.0).round() / 100.0);
+            Ok(out)
+        }
+        _ => {
+            // consume_2proc_slow: the handler sleeps 1 ms. Without concurrency one consumer
+            // does < 1000/s, so that comparison uses a smaller N (reported).
+            let n = o.n.unwrap_or(20_000);
+            let n_seq = n.min(2_000);
+            let (mut one_c, mut two_c, mut one_s, mut two_s) = (vec![], vec![], vec![], vec![]);
+            for run in 1..=o.repeat {
+                one_c.push(consume_run(o, n, 1, 1, 16).await?.0);
+                two_c.push(consume_run(o, n, 2, 1, 16).await?.0);
+                one_s.push(consume_run(o, n_seq, 1, 1, 1).await?.0);
+                two_s.push(consume_run(o, n_seq, 2, 1, 1).await?.0);
+                eprintln!(
+                    "  consume_2proc_slow run {run}: concurrency 16: two {:>8.0}/s one {:>8.0}/s | sequential: two {:>6.0}/s one {:>6.0}/s",
+                    two_c[run - 1],
+                    one_c[run - 1],
+                    two_s[run - 1],
+                    one_s[run - 1]
+                );
+            }
+            let side = |two: &[f64], one: &[f64], n: usize| {
+                let mut j = throughput_json(two, None);
+                j["n"] = json!(n);
+                j["one_consumer_events_per_sec"] = stat_json(stat(one));
+                j["ratio_to_one_consumer"] =
+                    json!((stat(two).median / stat(one).median * 100.0).round() / 100.0);
+                j
+            };
+            let with = side(&two_c, &one_c, n);
+            let mut out = with.clone();
+            out["with_concurrency"] = with;
+            out["with_concurrency"]["handler_concurrency"] = json!(16);
+            out["without_concurrency"] = side(&two_s, &one_s, n_seq);
+            Ok(out)
+        }
+    }
+}
+
+async fn rss_workload(o: &Options) -> Result<Json, Error> {
+    let n = o.n.unwrap_or(200_000);
+    let mut rss = vec![];
+    let mut rate = vec![];
+    for run in 1..=o.repeat {
+        let (r, m) = consume_run(o, n, 1, 0, 1).await?;
+        rate.push(r);
+        rss.push(m);
+        eprintln!(
+            "  rss run {run}: consumer peak RSS {m:.1} MiB ({r:.0} events/s over {n} events)"
+        );
+    }
+    let s = stat(&rss);
+    Ok(json!({
+        "peak_rss_mib": {"median": (s.median * 10.0).round() / 10.0, "min": (s.min * 10.0).round() / 10.0, "max": (s.max * 10.0).round() / 10.0},
+        "n": n,
+        "events_per_sec": stat_json(stat(&rate)),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Latency
+// ---------------------------------------------------------------------------------------
+
+async fn latency_workload(o: &Options, rate: u64) -> Result<Json, Error> {
+    let n = o.n.unwrap_or(if rate <= 500 { 2_000 } else { 10_000 });
+    let mut p50s = vec![];
+    let mut p95s = vec![];
+    let mut p99s = vec![];
+    let mut maxs = vec![];
+    for run in 1..=o.repeat {
+        let p = prefix("latency");
+        let consumer = RedisEventBus::new(bus_config(&o.redis_url, &p, "bench", "c"), registry())?;
+        let publisher = RedisEventBus::new(bus_config(&o.redis_url, &p, "bench", "p"), registry())?;
+        let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+        let s = samples.clone();
+        consumer.subscribe(move |e: Event<OrderCreated>| {
+            let s = s.clone();
+            async move {
+                let now = now_us();
+                let sent = e.total_amount as u64;
+                s.lock()
+                    .expect("not poisoned")
+                    .push(now.saturating_sub(sent));
+            }
+        });
+        consumer.connect().await?;
+        publisher.connect().await?;
+        let task = tokio::spawn({
+            let c = consumer.clone();
+            async move { c.start_consuming().await }
+        });
+        // Events built before the clock starts; the send time goes into total_amount.
+        let mut events: Vec<EventEnvelope> = (0..n).map(event).collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = Instant::now();
+        for (i, e) in events.iter_mut().enumerate() {
+            let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+            let mut typed = e.to_event::<OrderCreated>()?.expect("OrderCreated");
+            typed.data.total_amount = now_us() as f64;
+            publisher.publish_events(&[typed.into_envelope()]).await?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while samples.lock().expect("not poisoned").len() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        consumer.stop_consuming();
+        task.await??;
+        let mut conn = raw_conn(&o.redis_url).await?;
+        delete_prefix(&mut conn, &p).await;
+        let mut v = samples.lock().expect("not poisoned").clone();
+        if v.len() < n {
+            return Err(format!("latency: {} of {n} events arrived", v.len()).into());
+        }
+        v.sort_unstable();
+        let pct = |q: f64| {
+            v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1000.0
+        };
+        p50s.push(pct(0.50));
+        p95s.push(pct(0.95));
+        p99s.push(pct(0.99));
+        maxs.push(*v.last().expect("non-empty") as f64 / 1000.0);
+        eprintln!(
+            "  latency_{rate} run {run}: p50 {:.3} ms  p95 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            p50s[run - 1],
+            p95s[run - 1],
+            p99s[run - 1],
+            maxs[run - 1]
+        );
+    }
+    let ms = |v: &[f64]| {
+        let s = stat(v);
+        json!({"median": (s.median * 1000.0).round() / 1000.0, "min": (s.min * 1000.0).round() / 1000.0, "max": (s.max * 1000.0).round() / 1000.0})
+    };
+    Ok(
+        json!({"rate_per_sec": rate, "n": n, "p50_ms": ms(&p50s), "p95_ms": ms(&p95s), "p99_ms": ms(&p99s), "max_ms": ms(&maxs)}),
+    )
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--role") {
+        // A consumer child. EVENTSOURCE_BENCH_CONSUMER_THREADS=N gives it a multi-thread
+        // runtime (the next batch is then parsed on another worker while one is handled).
+        let threads: usize = std::env::var("EVENTSOURCE_BENCH_CONSUMER_THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        let rt = if threads > 1 {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()
+                .expect("runtime")
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+        };
+        let report = rt
+            .block_on(consumer_role(&args))
+            .unwrap_or_else(|e| json!({"error": e.to_string()}));
+        println!("{report}");
+        return std::process::ExitCode::SUCCESS;
+    }
+    let options = match parse_args(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // One thread, as a client waiting for each reply would be: the raw limits and the bus
+    // run on the same kind of runtime (a multi-thread runtime whose caller is not on a
+    // worker costs a single awaited call a third of its rate here).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut results = BTreeMap::new();
+    let mut failed = false;
+    for name in &options.workloads {
+        eprintln!("{name}:");
+        let result = rt.block_on(async {
+            match name.as_str() {
+                "publish_single" | "publish_batch100" | "publish_concurrent16" => {
+                    publish_workload(&options, name).await
+                }
+                "consume_1" | "consume_2proc" | "consume_2proc_slow" => {
+                    consume_workload(&options, name).await
+                }
+                "latency_500" => latency_workload(&options, 500).await,
+                "latency_5000" => latency_workload(&options, 5000).await,
+                _ => rss_workload(&options).await,
+            }
+        });
+        let value = result.unwrap_or_else(|e| {
+            failed = true;
+            eprintln!("  {name} failed: {e}");
+            json!({"error": e.to_string()})
+        });
+        results.insert(name.clone(), value);
+    }
+    println!("{}", serde_json::to_string(&results).expect("JSON"));
+    if failed {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
