@@ -53,6 +53,8 @@ pub(crate) struct Inner {
     /// The multiplexed command connection (publish, ack, claim, info). Created on first use;
     /// reconnects by itself.
     pub(crate) commands: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// A copy of the connection for the hot path (no async lock per command).
+    pub(crate) commands_ready: std::sync::RwLock<Option<ConnectionManager>>,
     pub(crate) connected: AtomicBool,
     pub(crate) consuming: AtomicBool,
     /// `true` asks the consume loop to stop after its in-flight batch.
@@ -110,6 +112,7 @@ impl RedisEventBus {
                 subscribers: Subscribers::new(),
                 counters: Counters::default(),
                 commands: tokio::sync::Mutex::new(None),
+                commands_ready: std::sync::RwLock::new(None),
                 connected: AtomicBool::new(false),
                 consuming: AtomicBool::new(false),
                 stop,
@@ -173,6 +176,11 @@ impl RedisEventBus {
     /// method reconnects.
     pub async fn disconnect(&self) {
         self.stop_consuming();
+        *self
+            .inner
+            .commands_ready
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         *self.inner.commands.lock().await = None;
         self.inner.connected.store(false, Ordering::Relaxed);
     }
@@ -187,6 +195,15 @@ impl RedisEventBus {
 
     /// The command connection, created on first use.
     pub(crate) async fn commands(&self) -> Result<ConnectionManager, RedisBusError> {
+        if let Some(conn) = self
+            .inner
+            .commands_ready
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Ok(conn.clone());
+        }
         let mut slot = self.inner.commands.lock().await;
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
@@ -203,6 +220,11 @@ impl RedisEventBus {
             .map_err(|e| self.connect_error(e))?;
         self.inner.connected.store(true, Ordering::Relaxed);
         *slot = Some(conn.clone());
+        *self
+            .inner
+            .commands_ready
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok(conn)
     }
 
@@ -282,7 +304,7 @@ impl RedisEventBus {
             tracing::Span::none()
         };
         async {
-            let mut pipe = redis::pipe();
+            let mut commands = Vec::with_capacity(events.len());
             for event in events {
                 event
                     .validate()
@@ -291,28 +313,42 @@ impl RedisEventBus {
                         source,
                     })?;
                 let trace = traced.then(TraceContext::next_hop);
+                let parent = trace.as_ref().map(TraceContext::traceparent);
                 let fields = codec::encode_fields(
                     event,
                     trace
                         .as_ref()
-                        .map(|t| (t.traceparent(), t.state.clone()))
-                        .as_ref()
-                        .map(|(p, s)| (p.as_str(), s.as_deref())),
+                        .zip(parent.as_deref())
+                        .map(|(t, p)| (p, t.state.as_deref())),
                 )
                 .map_err(|source| RedisBusError::InvalidEvent {
                     event_id: event.event_id(),
                     source,
                 })?;
-                let cmd = pipe.cmd("XADD").arg(&self.inner.stream).arg("*");
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(&self.inner.stream).arg("*");
                 for (k, v) in &fields {
                     cmd.arg(*k).arg(v);
                 }
+                commands.push(cmd);
             }
             let mut conn = self.commands().await?;
-            let ids: Vec<String> = pipe
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.command_error("XADD", e))?;
+            // One event: a plain command; several: one pipeline, one round trip.
+            let ids: Vec<String> = if let [cmd] = commands.as_slice() {
+                vec![
+                    cmd.query_async(&mut conn)
+                        .await
+                        .map_err(|e| self.command_error("XADD", e))?,
+                ]
+            } else {
+                let mut pipe = redis::pipe();
+                for cmd in commands {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.command_error("XADD", e))?
+            };
             bump(&self.inner.counters.events_published, ids.len() as u64);
             Ok(ids)
         }
