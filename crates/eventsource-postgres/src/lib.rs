@@ -1,0 +1,57 @@
+//! # eventsource-postgres
+//!
+//! A PostgreSQL [`EventStore`](eventsource_core::EventStore) and a transactional outbox relay.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use eventsource_core::prelude::*;
+//! use eventsource_postgres::{PostgresEventStore, PostgresStoreConfig};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let store = PostgresEventStore::connect(
+//!     "postgres://postgres@127.0.0.1:5432/test",
+//!     PostgresStoreConfig { schema: "orders".into(), outbox: true, ..Default::default() },
+//! ).await?;
+//! let store: Arc<dyn EventStore> = Arc::new(store);
+//! # let _ = store; Ok(()) }
+//! ```
+//!
+//! ## Guarantees
+//! - **Atomic appends** per batch, with optimistic concurrency: the unique
+//!   `(aggregate_id, aggregate_type, version)` constraint makes exactly one of two racing
+//!   writers win; the other gets [`StoreError::Concurrency`](eventsource_core::StoreError)
+//!   naming expected and actual versions. A duplicate `event_id` is
+//!   [`StoreError::DuplicateEventId`](eventsource_core::StoreError), so retrying an append
+//!   whose commit was lost cannot store it twice.
+//! - **Global order without gaps seen by readers.** Appends take a transaction-scoped
+//!   advisory lock before inserting, so positions become visible in commit order; paging by
+//!   `position > last_seen` never skips a late-committing event.
+//! - **The outbox closes the publish-after-commit hole.** With `outbox: true` every appended
+//!   event gets an outbox row in the same transaction; [`OutboxRelay`] publishes rows in
+//!   order, at least once, and records failures with backoff. A crash between commit and
+//!   publish delays an event, never loses it.
+//! - Queries are built at run time (no database needed to build); table and schema names are
+//!   validated identifiers, every value is a bound parameter.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+mod outbox;
+mod schema;
+mod store;
+
+pub use outbox::{OutboxRelay, OutboxStats, RelayConfig, RoundOutcome, outbox_stats};
+pub use store::{PostgresEventStore, PostgresStoreConfig, SetupError};
+
+/// Test hook: with `EVENTSOURCE_FAILPOINT=<name>:<ms>` the process pauses `ms` at the named
+/// point (used by the crash tests to kill a relay between commit and publish).
+pub(crate) async fn failpoint(name: &str) {
+    if let Ok(spec) = std::env::var("EVENTSOURCE_FAILPOINT") {
+        if let Some((point, ms)) = spec.split_once(':') {
+            if point == name {
+                let ms: u64 = ms.parse().unwrap_or(0);
+                println!("failpoint {name}: pausing {ms} ms");
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+        }
+    }
+}

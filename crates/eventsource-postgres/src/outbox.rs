@@ -1,0 +1,322 @@
+//! The transactional outbox relay: publishes outbox rows written by appends to any
+//! [`EventPublisher`], in order, marking them published.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventsource_core::{EventEnvelope, EventPublisher};
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::postgres::PgListener;
+
+use crate::PostgresEventStore;
+use crate::store::backend;
+
+/// How a relay behaves.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows published per round (one publish call). Default 100.
+    pub batch_size: usize,
+    /// Longest sleep when idle: LISTEN/NOTIFY wakes the relay at once on a new row; this poll
+    /// is the fallback. Default 1 s.
+    pub poll_interval: Duration,
+    /// First retry delay after a failed publish; doubles per attempt. Default 200 ms.
+    pub retry_base: Duration,
+    /// Longest retry delay. Default 30 s.
+    pub retry_max: Duration,
+    /// Published rows older than this are deleted by [`OutboxRelay::cleanup`] (and by the
+    /// relay once a minute). Default 7 days.
+    pub retention: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 100,
+            poll_interval: Duration::from_secs(1),
+            retry_base: Duration::from_millis(200),
+            retry_max: Duration::from_secs(30),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Outbox counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct OutboxStats {
+    /// Rows not yet published.
+    pub pending: u64,
+    /// Rows published (and not yet cleaned up).
+    pub published: u64,
+    /// Pending rows whose last attempt failed.
+    pub failed: u64,
+}
+
+/// What one relay round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundOutcome {
+    /// Published this many rows.
+    Published(usize),
+    /// Nothing was due.
+    Idle,
+    /// Another relay holds the relay lock; this one waits.
+    Standby,
+    /// Publishing failed; the rows were rescheduled with backoff.
+    Failed,
+}
+
+/// Publishes a store's outbox to an [`EventPublisher`].
+///
+/// **Guarantees.** A committed event is published at least once: the outbox row is written
+/// in the append's transaction and stays pending until a publish succeeded. Rows are
+/// published in append order. Several relays may run; a transaction-scoped advisory lock lets
+/// one of them publish at a time (the others stand by), so no row is published twice
+/// concurrently and order is kept across relays. A relay killed after publishing and before
+/// marking the rows published makes the next round publish them again: duplicates (same
+/// `event_id`) are possible, losses are not.
+pub struct OutboxRelay {
+    store: PostgresEventStore,
+    publisher: Arc<dyn EventPublisher>,
+    config: RelayConfig,
+}
+
+impl std::fmt::Debug for OutboxRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxRelay")
+            .field("outbox", &self.store.outbox_table())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl OutboxRelay {
+    /// A relay for `store`'s outbox publishing to `publisher`.
+    pub fn new(
+        store: PostgresEventStore,
+        publisher: Arc<dyn EventPublisher>,
+        config: RelayConfig,
+    ) -> Self {
+        Self {
+            store,
+            publisher,
+            config,
+        }
+    }
+
+    /// One round: lock, take the due rows in order, publish them in one call, mark them.
+    ///
+    /// # Errors
+    /// Database errors (publish errors are recorded on the rows and reported as
+    /// [`RoundOutcome::Failed`]).
+    pub async fn run_once(&self) -> Result<RoundOutcome, eventsource_core::StoreError> {
+        let names = self.store.names();
+        let mut tx = self.store.pool().begin().await.map_err(backend)?;
+        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(names.relay_lock_key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if !leader {
+            return Ok(RoundOutcome::Standby);
+        }
+        let sql = format!(
+            "SELECT o.id, e.payload FROM {outbox} o JOIN {events} e ON e.position = o.position \
+             WHERE o.published_at IS NULL ORDER BY o.id LIMIT $1",
+            outbox = names.outbox,
+            events = names.events
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(self.config.batch_size as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if rows.is_empty() {
+            tx.commit().await.map_err(backend)?;
+            return Ok(RoundOutcome::Idle);
+        }
+        // In order: the first row not yet due stops the round, so a failing row is never
+        // overtaken by later ones.
+        let due_sql = format!(
+            "SELECT next_attempt_at <= now() FROM {outbox} WHERE id = $1",
+            outbox = names.outbox
+        );
+        let first_id: i64 = rows[0].get(0);
+        let due: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(due_sql))
+            .bind(first_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if !due {
+            tx.commit().await.map_err(backend)?;
+            return Ok(RoundOutcome::Idle);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            ids.push(row.get::<i64, _>(0));
+            let payload: serde_json::Value = row.get(1);
+            events.push(EventEnvelope::from_json_value(payload)?);
+        }
+        crate::failpoint("before_publish").await;
+        match self.publisher.publish(&events).await {
+            Ok(()) => {
+                let sql = format!(
+                    "UPDATE {outbox} SET published_at = now(), attempts = attempts + 1, last_error = NULL \
+                     WHERE id = ANY($1)",
+                    outbox = names.outbox
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                tx.commit().await.map_err(backend)?;
+                Ok(RoundOutcome::Published(ids.len()))
+            }
+            Err(e) => {
+                let reason = eventsource_core::bus::BusError::to_string(&e);
+                tracing::warn!(error = %reason, rows = ids.len(), "outbox publish failed; will retry with backoff");
+                let sql = format!(
+                    "UPDATE {outbox} SET attempts = attempts + 1, last_error = $2, \
+                     next_attempt_at = now() + make_interval(secs => LEAST($3::float8 * power(2, attempts), $4::float8)) \
+                     WHERE id = ANY($1)",
+                    outbox = names.outbox
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(&ids)
+                    .bind(&reason)
+                    .bind(self.config.retry_base.as_secs_f64())
+                    .bind(self.config.retry_max.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                tx.commit().await.map_err(backend)?;
+                Ok(RoundOutcome::Failed)
+            }
+        }
+    }
+
+    /// Runs rounds until `shutdown` completes: publishes while rows are due, then sleeps until
+    /// a NOTIFY from an append or `poll_interval`. Cleans up published rows older than the
+    /// retention once a minute. A round in progress finishes before it returns.
+    ///
+    /// # Errors
+    /// Never for database hiccups (logged and retried); only if LISTEN cannot be set up at
+    /// all does it fall back to polling, which is logged.
+    pub async fn run_until(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut listener = match PgListener::connect_with(self.store.pool()).await {
+            Ok(mut l) => match l.listen(&self.store.names().channel).await {
+                Ok(()) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN failed; the relay polls");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no listener connection; the relay polls");
+                None
+            }
+        };
+        let mut last_cleanup = tokio::time::Instant::now();
+        loop {
+            let outcome = self.run_once().await;
+            let busy =
+                matches!(outcome, Ok(RoundOutcome::Published(n)) if n == self.config.batch_size);
+            if let Err(e) = &outcome {
+                tracing::warn!(error = %e, "outbox round failed; retrying");
+            }
+            if last_cleanup.elapsed() > Duration::from_secs(60) {
+                last_cleanup = tokio::time::Instant::now();
+                if let Err(e) = self.cleanup().await {
+                    tracing::warn!(error = %e, "outbox cleanup failed");
+                }
+            }
+            if busy {
+                continue;
+            }
+            let wait = match outcome {
+                Ok(RoundOutcome::Failed) | Err(_) => self.config.retry_base,
+                _ => self.config.poll_interval,
+            };
+            let woken = async {
+                match listener.as_mut() {
+                    Some(l) => {
+                        let _ = tokio::time::timeout(wait, l.recv()).await;
+                    }
+                    None => tokio::time::sleep(wait).await,
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = woken => {}
+            }
+        }
+    }
+
+    /// Deletes published rows older than the retention. Returns how many.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn cleanup(&self) -> Result<u64, eventsource_core::StoreError> {
+        let sql = format!(
+            "DELETE FROM {outbox} WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1)",
+            outbox = self.store.names().outbox
+        );
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(self.config.retention.as_secs_f64())
+            .execute(self.store.pool())
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Pending, published and failed row counts.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn stats(&self) -> Result<OutboxStats, eventsource_core::StoreError> {
+        outbox_stats(&self.store).await
+    }
+
+    /// The last error recorded on a pending row, oldest first, if any.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn last_error(&self) -> Result<Option<String>, eventsource_core::StoreError> {
+        let sql = format!(
+            "SELECT last_error FROM {outbox} WHERE published_at IS NULL AND last_error IS NOT NULL ORDER BY id LIMIT 1",
+            outbox = self.store.names().outbox
+        );
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(backend)
+    }
+}
+
+/// Pending, published and failed row counts of a store's outbox.
+///
+/// # Errors
+/// Database errors.
+pub async fn outbox_stats(
+    store: &PostgresEventStore,
+) -> Result<OutboxStats, eventsource_core::StoreError> {
+    let sql = format!(
+        "SELECT COUNT(*) FILTER (WHERE published_at IS NULL), \
+                COUNT(*) FILTER (WHERE published_at IS NOT NULL), \
+                COUNT(*) FILTER (WHERE published_at IS NULL AND last_error IS NOT NULL) \
+         FROM {outbox}",
+        outbox = store.names().outbox
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .fetch_one(store.pool())
+        .await
+        .map_err(backend)?;
+    Ok(OutboxStats {
+        pending: row.get::<i64, _>(0) as u64,
+        published: row.get::<i64, _>(1) as u64,
+        failed: row.get::<i64, _>(2) as u64,
+    })
+}

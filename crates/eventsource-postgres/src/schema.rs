@@ -1,0 +1,137 @@
+//! Embedded, idempotent migrations and the table names derived from the configuration.
+
+use sqlx::PgPool;
+
+/// Fully qualified names (validated identifiers only, so they are safe to format into SQL).
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    pub(crate) schema: String,
+    pub(crate) events: String,
+    pub(crate) outbox: String,
+    pub(crate) migrations: String,
+    /// LISTEN/NOTIFY channel woken on outbox writes.
+    pub(crate) channel: String,
+    /// Advisory lock key serialising appends of this store.
+    pub(crate) lock_key: i64,
+    /// Advisory lock key making one relay at a time publish this store's outbox.
+    pub(crate) relay_lock_key: i64,
+}
+
+fn key(text: &str) -> i64 {
+    // FNV-1a, stable across processes and versions (unlike std's hasher).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+impl Names {
+    pub(crate) fn new(schema: &str, table: &str) -> Self {
+        Self {
+            schema: schema.to_owned(),
+            events: format!("{schema}.{table}"),
+            outbox: format!("{schema}.{table}_outbox"),
+            migrations: format!("{schema}.{table}_migrations"),
+            channel: format!("{schema}_{table}_outbox"),
+            lock_key: key(&format!("eventsource append {schema}.{table}")),
+            relay_lock_key: key(&format!("eventsource relay {schema}.{table}")),
+        }
+    }
+}
+
+/// The migrations, in order. Each runs once (recorded in `{table}_migrations`).
+fn migrations(n: &Names) -> Vec<(i32, String)> {
+    let table = n.events.rsplit('.').next().unwrap_or("events");
+    vec![
+        (
+            1,
+            format!(
+                "CREATE TABLE IF NOT EXISTS {events} (
+                    position       BIGSERIAL PRIMARY KEY,
+                    event_id       UUID NOT NULL,
+                    aggregate_id   UUID NOT NULL,
+                    aggregate_type TEXT NOT NULL,
+                    version        BIGINT NOT NULL CHECK (version >= 1),
+                    event_type     TEXT NOT NULL,
+                    tenant_id      UUID NULL,
+                    actor_id       TEXT NULL,
+                    occurred_at    TIMESTAMPTZ NOT NULL,
+                    payload        JSONB NOT NULL CHECK (jsonb_typeof(payload) = 'object'),
+                    stored_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    CONSTRAINT {table}_event_id_key UNIQUE (event_id),
+                    CONSTRAINT {table}_stream_version_key UNIQUE (aggregate_id, aggregate_type, version)
+                );
+                CREATE INDEX IF NOT EXISTS {table}_type_position_idx ON {events} (aggregate_type, position);
+                CREATE INDEX IF NOT EXISTS {table}_tenant_position_idx ON {events} (tenant_id, position)
+                    WHERE tenant_id IS NOT NULL;",
+                events = n.events
+            ),
+        ),
+        (
+            2,
+            format!(
+                "CREATE TABLE IF NOT EXISTS {outbox} (
+                    id              BIGSERIAL PRIMARY KEY,
+                    position        BIGINT NOT NULL REFERENCES {events} (position),
+                    event_id        UUID NOT NULL,
+                    aggregate_id    UUID NOT NULL,
+                    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    published_at    TIMESTAMPTZ NULL,
+                    attempts        INTEGER NOT NULL DEFAULT 0,
+                    last_error      TEXT NULL,
+                    next_attempt_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                );
+                CREATE INDEX IF NOT EXISTS {table}_outbox_pending_idx ON {outbox} (id) WHERE published_at IS NULL;
+                CREATE INDEX IF NOT EXISTS {table}_outbox_published_idx ON {outbox} (published_at)
+                    WHERE published_at IS NOT NULL;",
+                outbox = n.outbox,
+                events = n.events
+            ),
+        ),
+    ]
+}
+
+/// Creates the schema and applies missing migrations, under an advisory lock so concurrent
+/// starts do not race.
+pub(crate) async fn migrate(pool: &PgPool, n: &Names) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(n.lock_key ^ 0x5a5a)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS {migrations} (
+             version INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         );",
+        schema = n.schema,
+        migrations = n.migrations
+    )))
+    .execute(&mut *tx)
+    .await?;
+    let applied: Vec<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT version FROM {}",
+        n.migrations
+    )))
+    .fetch_all(&mut *tx)
+    .await?;
+    for (version, sql) in migrations(n) {
+        if applied.contains(&version) {
+            continue;
+        }
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {} (version) VALUES ($1)",
+            n.migrations
+        )))
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}

@@ -1,0 +1,490 @@
+//! The PostgreSQL event store.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use eventsource_core::store::{
+    AppendResult, EventStore, ExpectedVersion, ReadAllOptions, StoreError, StoredEvent, check_batch,
+};
+use eventsource_core::{BoxFuture, EventEnvelope};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::schema;
+
+/// Why a store could not be built. Each variant names what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// A configuration value is invalid; `field` names it.
+    #[error("invalid PostgresStoreConfig.{field}: {reason}")]
+    Config {
+        /// The option.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// PostgreSQL could not be reached or refused the login.
+    #[error("cannot connect to PostgreSQL at {url}: {source}")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// The cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Creating the schema, tables or indexes failed.
+    #[error("migrating the event store schema failed: {0}")]
+    Migrate(#[source] sqlx::Error),
+}
+
+/// Where the store keeps its tables and whether it writes an outbox.
+#[derive(Debug, Clone)]
+pub struct PostgresStoreConfig {
+    /// Schema of the tables (created if missing). Default `public`.
+    pub schema: String,
+    /// The events table. Default `events`; the outbox is `{table}_outbox`.
+    pub table: String,
+    /// Write an outbox row for every appended event in the same transaction, for
+    /// [`OutboxRelay`](crate::OutboxRelay) to publish. Default false.
+    pub outbox: bool,
+    /// Pool size. Default 10.
+    pub max_connections: u32,
+    /// How long to wait for a connection (from the pool, or a new one). Default 5 s.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PostgresStoreConfig {
+    fn default() -> Self {
+        Self {
+            schema: "public".into(),
+            table: "events".into(),
+            outbox: false,
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[a-z_][a-z0-9_]*`, at most 48 characters (room for suffixes within PostgreSQL's 63).
+pub(crate) fn validate_identifier(field: &'static str, value: &str) -> Result<(), SetupError> {
+    let ok = !value.is_empty()
+        && value.len() <= 48
+        && value.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(SetupError::Config {
+            field,
+            reason: format!(
+                "{value:?} is not a plain identifier: use lowercase letters, digits and `_`, \
+                 starting with a letter or `_`, at most 48 characters"
+            ),
+        })
+    }
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// An [`EventStore`] on PostgreSQL.
+///
+/// - One row per event; `position` (bigserial) is the global order.
+/// - `UNIQUE (aggregate_id, aggregate_type, version)` is the optimistic lock: a racing writer
+///   fails on it and gets [`StoreError::Concurrency`]; `event_id` is unique too
+///   ([`StoreError::DuplicateEventId`]).
+/// - **Appends are serialised** with a transaction-scoped advisory lock taken before the
+///   insert, so positions become visible in commit order: a reader paging by
+///   `position > last_seen` never skips an event that commits later with a lower position.
+///   The cost is one append at a time per store (they are short).
+/// - With `outbox` on, the same transaction writes one outbox row per event.
+#[derive(Debug, Clone)]
+pub struct PostgresEventStore {
+    pool: PgPool,
+    names: schema::Names,
+    outbox: bool,
+}
+
+impl PostgresEventStore {
+    /// Connects to `database_url` and creates (or upgrades) the schema.
+    ///
+    /// # Errors
+    /// [`SetupError::Config`] naming a bad option, [`SetupError::Connect`] when PostgreSQL
+    /// cannot be reached (within `acquire_timeout`), [`SetupError::Migrate`].
+    pub async fn connect(
+        database_url: &str,
+        config: PostgresStoreConfig,
+    ) -> Result<Self, SetupError> {
+        validate_identifier("schema", &config.schema)?;
+        validate_identifier("table", &config.table)?;
+        if config.max_connections == 0 {
+            return Err(SetupError::Config {
+                field: "max_connections",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.acquire_timeout)
+            .connect(database_url)
+            .await
+            .map_err(|source| SetupError::Connect {
+                url: redact(database_url),
+                source,
+            })?;
+        Self::with_pool(pool, config).await
+    }
+
+    /// Uses an existing pool and creates (or upgrades) the schema.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub async fn with_pool(pool: PgPool, config: PostgresStoreConfig) -> Result<Self, SetupError> {
+        validate_identifier("schema", &config.schema)?;
+        validate_identifier("table", &config.table)?;
+        let names = schema::Names::new(&config.schema, &config.table);
+        schema::migrate(&pool, &names)
+            .await
+            .map_err(SetupError::Migrate)?;
+        Ok(Self {
+            pool,
+            names,
+            outbox: config.outbox,
+        })
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// `schema.table` of the events.
+    pub fn events_table(&self) -> &str {
+        &self.names.events
+    }
+
+    /// `schema.table_outbox`.
+    pub fn outbox_table(&self) -> &str {
+        &self.names.outbox
+    }
+
+    pub(crate) fn names(&self) -> &schema::Names {
+        &self.names
+    }
+
+    async fn append_tx(
+        &self,
+        aggregate_id: Uuid,
+        aggregate_type: &str,
+        events: &[EventEnvelope],
+        expected: ExpectedVersion,
+    ) -> Result<AppendResult, StoreError> {
+        let first_version = check_batch(aggregate_id, aggregate_type, events)?;
+        // Encode everything before touching the database.
+        let mut payloads = Vec::with_capacity(events.len());
+        for event in events {
+            payloads.push(event.to_json_value()?);
+        }
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(self.names.lock_key)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        let actual = stream_version(&mut tx, &self.names, aggregate_id, aggregate_type).await?;
+        let conflict = || StoreError::Concurrency {
+            aggregate_id,
+            aggregate_type: aggregate_type.to_owned(),
+            expected,
+            actual,
+        };
+        if !expected.matches(actual) {
+            return Err(conflict());
+        }
+        let Some(first_version) = first_version else {
+            let position = current_position(&mut *tx, &self.names).await?;
+            return Ok(AppendResult {
+                new_version: actual,
+                last_position: position,
+            });
+        };
+        if first_version != actual + 1 {
+            return Err(conflict());
+        }
+        let mut ids = Vec::with_capacity(events.len());
+        let mut versions = Vec::with_capacity(events.len());
+        let mut types = Vec::with_capacity(events.len());
+        let mut tenants: Vec<Option<Uuid>> = Vec::with_capacity(events.len());
+        let mut actors: Vec<Option<String>> = Vec::with_capacity(events.len());
+        let mut occurred: Vec<DateTime<Utc>> = Vec::with_capacity(events.len());
+        for e in events {
+            let m = e.metadata();
+            ids.push(m.event_id);
+            versions.push(m.aggregate_version as i64);
+            types.push(m.event_type.clone());
+            tenants.push(m.tenant_id);
+            actors.push(m.actor_id.clone());
+            occurred.push(m.occurred_at);
+        }
+        let sql = format!(
+            "INSERT INTO {events} (event_id, aggregate_id, aggregate_type, version, event_type, \
+             tenant_id, actor_id, occurred_at, payload) \
+             SELECT e.id, $1, $2, e.version, e.event_type, e.tenant, e.actor, e.occurred, e.payload \
+             FROM UNNEST($3::uuid[], $4::bigint[], $5::text[], $6::uuid[], $7::text[], \
+                         $8::timestamptz[], $9::jsonb[]) \
+                  AS e(id, version, event_type, tenant, actor, occurred, payload) \
+             RETURNING position",
+            events = self.names.events
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(aggregate_id)
+            .bind(aggregate_type)
+            .bind(&ids)
+            .bind(&versions)
+            .bind(&types)
+            .bind(&tenants)
+            .bind(&actors)
+            .bind(&occurred)
+            .bind(&payloads)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| {
+                self.map_insert_error(e, aggregate_id, aggregate_type, expected, actual, &ids)
+            })?;
+        let positions: Vec<i64> = rows.iter().map(|r| r.get::<i64, _>(0)).collect();
+        if self.outbox {
+            let sql = format!(
+                "INSERT INTO {outbox} (position, event_id, aggregate_id) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::uuid[])",
+                outbox = self.names.outbox
+            );
+            let aggregates = vec![aggregate_id; ids.len()];
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&positions)
+                .bind(&ids)
+                .bind(&aggregates)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "NOTIFY {}",
+                self.names.channel
+            )))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(AppendResult {
+            new_version: actual + events.len() as u64,
+            last_position: positions.last().copied().unwrap_or(0) as u64,
+        })
+    }
+
+    fn map_insert_error(
+        &self,
+        e: sqlx::Error,
+        aggregate_id: Uuid,
+        aggregate_type: &str,
+        expected: ExpectedVersion,
+        actual: u64,
+        ids: &[Uuid],
+    ) -> StoreError {
+        if let sqlx::Error::Database(db) = &e {
+            if db.code().as_deref() == Some("23505") {
+                let constraint = db.constraint().unwrap_or_default();
+                if constraint.ends_with("_event_id_key") {
+                    // Which id? Report the first one of the batch that is stored already; the
+                    // message of PostgreSQL names it too.
+                    let detail = db.message().to_owned();
+                    let id = ids
+                        .iter()
+                        .find(|id| detail.contains(&id.to_string()))
+                        .copied()
+                        .unwrap_or(ids[0]);
+                    return StoreError::DuplicateEventId(id);
+                }
+                return StoreError::Concurrency {
+                    aggregate_id,
+                    aggregate_type: aggregate_type.to_owned(),
+                    expected,
+                    actual: actual + 1,
+                };
+            }
+        }
+        backend(e)
+    }
+
+    /// Reads all events after `options.after_position` page by page, handing each page to
+    /// `apply`: memory stays bounded by one page however large the store is.
+    ///
+    /// # Errors
+    /// Store errors, or the first error `apply` returns (wrapped as a backend error).
+    pub async fn for_each_page<F, Fut>(
+        &self,
+        mut options: ReadAllOptions,
+        mut apply: F,
+    ) -> Result<u64, StoreError>
+    where
+        F: FnMut(Vec<StoredEvent>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        let mut total = 0;
+        loop {
+            let page = self.read_page(&options).await?;
+            let Some(last) = page.last() else { break };
+            options.after_position = last.position;
+            total += page.len() as u64;
+            let full = page.len() == options.limit;
+            apply(page).await?;
+            if !full {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    async fn read_page(&self, options: &ReadAllOptions) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!(
+            "SELECT position, stored_at, payload FROM {events} \
+             WHERE position > $1 \
+               AND ($2::uuid IS NULL OR tenant_id = $2) \
+               AND ($3::text IS NULL OR aggregate_type = $3) \
+             ORDER BY position LIMIT $4",
+            events = self.names.events
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(options.after_position as i64)
+            .bind(options.tenant_id)
+            .bind(options.aggregate_type.as_deref())
+            .bind(options.limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(stored_event).collect()
+    }
+}
+
+pub(crate) fn backend(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
+    let position: i64 = row.try_get("position").map_err(backend)?;
+    let stored_at: DateTime<Utc> = row.try_get("stored_at").map_err(backend)?;
+    let payload: serde_json::Value = row.try_get("payload").map_err(backend)?;
+    Ok(StoredEvent {
+        position: position as u64,
+        stored_at,
+        event: EventEnvelope::from_json_value(payload)?,
+    })
+}
+
+async fn stream_version(
+    tx: &mut Transaction<'_, Postgres>,
+    names: &schema::Names,
+    aggregate_id: Uuid,
+    aggregate_type: &str,
+) -> Result<u64, StoreError> {
+    let sql = format!(
+        "SELECT COALESCE(MAX(version), 0) FROM {events} WHERE aggregate_id = $1 AND aggregate_type = $2",
+        events = names.events
+    );
+    let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(aggregate_id)
+        .bind(aggregate_type)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(backend)?;
+    Ok(v as u64)
+}
+
+async fn current_position<'e, E>(executor: E, names: &schema::Names) -> Result<u64, StoreError>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let sql = format!("SELECT COALESCE(MAX(position), 0) FROM {}", names.events);
+    let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(executor)
+        .await
+        .map_err(backend)?;
+    Ok(v as u64)
+}
+
+impl EventStore for PostgresEventStore {
+    fn append<'a>(
+        &'a self,
+        aggregate_id: Uuid,
+        aggregate_type: &'a str,
+        events: &'a [EventEnvelope],
+        expected: ExpectedVersion,
+    ) -> BoxFuture<'a, Result<AppendResult, StoreError>> {
+        Box::pin(self.append_tx(aggregate_id, aggregate_type, events, expected))
+    }
+
+    fn read_stream<'a>(
+        &'a self,
+        aggregate_id: Uuid,
+        aggregate_type: &'a str,
+        after_version: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT position, stored_at, payload FROM {events} \
+                 WHERE aggregate_id = $1 AND aggregate_type = $2 AND version > $3 ORDER BY version",
+                events = self.names.events
+            );
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(aggregate_id)
+                .bind(aggregate_type)
+                .bind(after_version as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
+            rows.iter().map(stored_event).collect()
+        })
+    }
+
+    fn read_all<'a>(
+        &'a self,
+        options: &'a ReadAllOptions,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        Box::pin(self.read_page(options))
+    }
+
+    fn stream_version<'a>(
+        &'a self,
+        aggregate_id: Uuid,
+        aggregate_type: &'a str,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT COALESCE(MAX(version), 0) FROM {events} WHERE aggregate_id = $1 AND aggregate_type = $2",
+                events = self.names.events
+            );
+            let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(aggregate_id)
+                .bind(aggregate_type)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(backend)?;
+            Ok(v as u64)
+        })
+    }
+
+    fn current_position(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(current_position(&self.pool, &self.names))
+    }
+}

@@ -1,0 +1,58 @@
+//! Shared helpers: a schema of its own per test (dropped when the test ends).
+#![allow(dead_code, unreachable_pub)]
+
+use eventsource_postgres::{PostgresEventStore, PostgresStoreConfig};
+
+/// The database the tests use; override with EVENTSOURCE_TEST_DATABASE_URL.
+pub fn database_url() -> String {
+    std::env::var("EVENTSOURCE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn unique_schema(tag: &str) -> String {
+    format!(
+        "es_test_{tag}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// Drops the schema when dropped (best effort, on its own runtime thread).
+pub struct DropSchema(pub String);
+
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        let schema = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&database_url()).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+                    )))
+                    .execute(&pool)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub async fn store(tag: &str, outbox: bool) -> (PostgresEventStore, DropSchema) {
+    let schema = unique_schema(tag);
+    let store = PostgresEventStore::connect(
+        &database_url(),
+        PostgresStoreConfig {
+            schema: schema.clone(),
+            outbox,
+            max_connections: 8,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("PostgreSQL must run on 127.0.0.1:5432 for these tests");
+    (store, DropSchema(schema))
+}

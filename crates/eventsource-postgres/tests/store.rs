@@ -1,0 +1,241 @@
+//! The PostgreSQL store against the real PostgreSQL: the shared contract suite, concurrency,
+//! a large store read back by paging, and bad input.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use eventsource_core::prelude::*;
+use eventsource_core::store::{ReadAllOptions, StoreError};
+use eventsource_core::testkit::orders::{OrderAggregate, OrderCreated};
+use eventsource_core::testkit::store_contract;
+use eventsource_core::{RepositoryError, domain_event};
+use eventsource_postgres::{PostgresEventStore, PostgresStoreConfig, SetupError};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The store passes the same contract suite as the in-memory store (each check in a fresh
+/// schema).
+#[tokio::test]
+async fn passes_the_store_contract() {
+    let guards = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = guards.clone();
+    store_contract::run_all(move || {
+        let g = g.clone();
+        async move {
+            let (s, guard) = store("contract", false).await;
+            g.lock().unwrap().push(guard);
+            s
+        }
+    })
+    .await;
+}
+
+/// Two tasks saving the same aggregate concurrently: exactly one succeeds, the other gets the
+/// concurrency error; twenty writers on different aggregates all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_saves() {
+    let (store, _guard) = store("concurrency", false).await;
+    let repo = AggregateRepository::<OrderAggregate>::new(Arc::new(store.clone()));
+    let id = Uuid::new_v4();
+    let mut order = repo.create_new(id);
+    order.create("c", 1.0).unwrap();
+    repo.save(&mut order).await.unwrap();
+    let mut a = repo.load(id).await.unwrap();
+    let mut b = repo.load(id).await.unwrap();
+    a.ship("A").unwrap();
+    b.ship("B").unwrap();
+    let (ra, rb) = tokio::join!(repo.save(&mut a), repo.save(&mut b));
+    let results = [ra, rb];
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    let loser = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert!(loser.is_concurrency_conflict(), "{loser}");
+    assert!(
+        matches!(
+            loser,
+            RepositoryError::Store(StoreError::Concurrency {
+                expected: ExpectedVersion::Exact(1),
+                actual: 2,
+                ..
+            })
+        ),
+        "{loser}"
+    );
+
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let repo = repo.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut o = repo.create_new(Uuid::new_v4());
+            o.create(&format!("cust-{i}"), i as f64).unwrap();
+            repo.save(&mut o).await?;
+            o.ship("T").unwrap();
+            repo.save(&mut o).await
+        }));
+    }
+    for t in tasks {
+        t.await
+            .unwrap()
+            .expect("writers on different aggregates all succeed");
+    }
+    assert_eq!(store.current_position().await.unwrap(), 2 + 40);
+}
+
+/// 100,000 events appended in batches, then read back in global order page by page: every
+/// event once, in order, one page in memory at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_thousand_events_paged_in_order() {
+    let (store, _guard) = store("large", false).await;
+    let aggregates = 100;
+    let per = 1000;
+    for a in 0..aggregates {
+        let id = Uuid::new_v4();
+        let events: Vec<EventEnvelope> = (1..=per)
+            .map(|v| {
+                Event::new(
+                    id,
+                    OrderCreated {
+                        customer_id: format!("c{a}"),
+                        total_amount: v as f64,
+                    },
+                )
+                .with_aggregate_version(v as u64)
+                .into_envelope()
+            })
+            .collect();
+        store
+            .append(id, "Order", &events, ExpectedVersion::NoStream)
+            .await
+            .unwrap();
+    }
+    let mut last = 0;
+    let mut largest_page = 0;
+    let total = store
+        .for_each_page(ReadAllOptions::from_start(2000), |page| {
+            largest_page = largest_page.max(page.len());
+            for e in &page {
+                assert!(e.position > last, "global order");
+                last = e.position;
+            }
+            async { Ok(()) }
+        })
+        .await
+        .unwrap();
+    assert_eq!(total, (aggregates * per) as u64);
+    assert_eq!(largest_page, 2000, "one page at a time");
+    assert_eq!(store.current_position().await.unwrap(), last);
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NotAnObject(u32);
+domain_event!(NotAnObject, "NotAnObject", aggregate = "Order");
+
+/// Bad input: an invalid table or schema name, an unreachable database, a payload that is not
+/// an object — each a clear error naming what is wrong, nothing written.
+#[tokio::test]
+async fn bad_input_is_a_clear_error() {
+    for (config, field) in [
+        (
+            PostgresStoreConfig {
+                table: "events; drop table x".into(),
+                ..Default::default()
+            },
+            "table",
+        ),
+        (
+            PostgresStoreConfig {
+                schema: "Public".into(),
+                ..Default::default()
+            },
+            "schema",
+        ),
+        (
+            PostgresStoreConfig {
+                table: "".into(),
+                ..Default::default()
+            },
+            "table",
+        ),
+    ] {
+        match PostgresEventStore::connect(&database_url(), config).await {
+            Err(SetupError::Config { field: f, reason }) => {
+                assert_eq!(f, field, "{reason}");
+            }
+            other => panic!("expected a config error for {field}, got {other:?}"),
+        }
+    }
+    let started = std::time::Instant::now();
+    let err = PostgresEventStore::connect(
+        "postgres://app:secret-pw@127.0.0.1:1/test",
+        PostgresStoreConfig {
+            acquire_timeout: std::time::Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SetupError::Connect { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("127.0.0.1:1") && !text.contains("secret-pw"),
+        "{text}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    let (store, _guard) = store("badinput", false).await;
+    let id = Uuid::new_v4();
+    let event = Event::new(id, NotAnObject(7)).into_envelope();
+    let err = store
+        .append(id, "Order", &[event], ExpectedVersion::NoStream)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Event(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("NotAnObject") && err.to_string().contains("JSON object"),
+        "{err}"
+    );
+    assert_eq!(
+        store.current_position().await.unwrap(),
+        0,
+        "nothing written"
+    );
+}
+
+/// Running the migrations again (a second store on the same schema) is harmless.
+#[tokio::test]
+async fn migrations_are_idempotent() {
+    let (store, guard) = store("migrate", true).await;
+    let id = Uuid::new_v4();
+    store
+        .append(
+            id,
+            "Order",
+            &[Event::new(
+                id,
+                OrderCreated {
+                    customer_id: "c".into(),
+                    total_amount: 1.0,
+                },
+            )
+            .into_envelope()],
+            ExpectedVersion::NoStream,
+        )
+        .await
+        .unwrap();
+    let again = PostgresEventStore::connect(
+        &database_url(),
+        PostgresStoreConfig {
+            schema: guard.0.clone(),
+            outbox: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.current_position().await.unwrap(), 1);
+}
