@@ -1,0 +1,286 @@
+//! The transactional outbox against the real PostgreSQL (and Redis for the relay process):
+//! order, retries with the error recorded, several relays, cleanup, and a relay killed with
+//! SIGKILL between commit and publish.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use eventsource_core::BoxFuture;
+use eventsource_core::bus::{BusError, EventPublisher};
+use eventsource_core::prelude::*;
+use eventsource_core::testkit::orders::OrderAggregate;
+use eventsource_postgres::{OutboxRelay, RelayConfig, RoundOutcome, outbox_stats};
+use uuid::Uuid;
+
+/// Records what it publishes; fails the first `fail_first` calls.
+#[derive(Default)]
+struct Recorder {
+    published: Mutex<Vec<Uuid>>,
+    calls: AtomicUsize,
+    fail_first: usize,
+}
+
+impl EventPublisher for Recorder {
+    fn publish<'a>(&'a self, events: &'a [EventEnvelope]) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            if call < self.fail_first {
+                return Err(BusError::Transport("broker unavailable (test)".into()));
+            }
+            self.published
+                .lock()
+                .unwrap()
+                .extend(events.iter().map(|e| e.event_id()));
+            Ok(())
+        })
+    }
+}
+
+async fn save_orders(store: &eventsource_postgres::PostgresEventStore, n: usize) -> Vec<Uuid> {
+    let repo = AggregateRepository::<OrderAggregate>::new(Arc::new(store.clone()));
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut order = repo.create_new(Uuid::new_v4());
+        order.create(&format!("cust-{i}"), i as f64).unwrap();
+        order.ship("T").unwrap();
+        ids.extend(order.uncommitted_events().iter().map(|e| e.event_id()));
+        repo.save(&mut order).await.unwrap();
+    }
+    ids
+}
+
+/// Appends write outbox rows in the same transaction; a relay round publishes them in append
+/// order to an in-memory bus and marks them published.
+#[tokio::test]
+async fn relay_publishes_in_order_and_marks_rows() {
+    let (store, _guard) = store("outbox_order", true).await;
+    let appended = save_orders(&store, 3).await;
+    assert_eq!(outbox_stats(&store).await.unwrap().pending, 6);
+    let bus = Arc::new(InMemoryEventBus::new());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    bus.subscribe_to_all_events(move |e: EventEnvelope| {
+        let s = s.clone();
+        async move { s.lock().unwrap().push(e.event_id()) }
+    });
+    let relay = OutboxRelay::new(store.clone(), bus.clone(), RelayConfig::default());
+    assert_eq!(relay.run_once().await.unwrap(), RoundOutcome::Published(6));
+    assert_eq!(relay.run_once().await.unwrap(), RoundOutcome::Idle);
+    assert_eq!(*seen.lock().unwrap(), appended);
+    let stats = relay.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.published, stats.failed), (0, 6, 0));
+}
+
+/// A failing publisher: the rows stay pending with the error and attempt recorded, are not
+/// retried before the backoff, then are published.
+#[tokio::test]
+async fn failed_publish_is_retried_with_backoff_and_error_recorded() {
+    let (store, _guard) = store("outbox_retry", true).await;
+    let appended = save_orders(&store, 2).await;
+    let recorder = Arc::new(Recorder {
+        fail_first: 1,
+        ..Default::default()
+    });
+    let relay = OutboxRelay::new(
+        store.clone(),
+        recorder.clone(),
+        RelayConfig {
+            retry_base: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    assert_eq!(relay.run_once().await.unwrap(), RoundOutcome::Failed);
+    let stats = relay.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.failed), (4, 4));
+    assert!(
+        relay
+            .last_error()
+            .await
+            .unwrap()
+            .unwrap()
+            .contains("broker unavailable")
+    );
+    assert_eq!(
+        relay.run_once().await.unwrap(),
+        RoundOutcome::Idle,
+        "not before the backoff"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(relay.run_once().await.unwrap(), RoundOutcome::Published(4));
+    assert_eq!(*recorder.published.lock().unwrap(), appended);
+    assert_eq!(relay.stats().await.unwrap().failed, 0);
+    assert_eq!(relay.last_error().await.unwrap(), None);
+}
+
+/// Two relays running while events are appended: every event is published exactly once, in
+/// append order; cleanup removes published rows past the retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_publish_each_row_once_in_order() {
+    let (store, _guard) = store("outbox_two", true).await;
+    let recorder = Arc::new(Recorder::default());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let relay = OutboxRelay::new(
+            store.clone(),
+            recorder.clone(),
+            RelayConfig {
+                batch_size: 7,
+                poll_interval: Duration::from_millis(50),
+                retention: Duration::ZERO,
+                ..Default::default()
+            },
+        );
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            relay.run_until(async move { stop.notified().await }).await
+        }));
+    }
+    let appended = save_orders(&store, 40).await;
+    for _ in 0..200 {
+        if recorder.published.lock().unwrap().len() >= appended.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    stop.notify_waiters();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let published = recorder.published.lock().unwrap().clone();
+    assert_eq!(published.len(), appended.len(), "each exactly once");
+    assert_eq!(
+        published.iter().collect::<HashSet<_>>().len(),
+        appended.len()
+    );
+    assert_eq!(published, appended, "in append order");
+    let relay = OutboxRelay::new(
+        store.clone(),
+        recorder.clone(),
+        RelayConfig {
+            retention: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    assert_eq!(relay.cleanup().await.unwrap(), appended.len() as u64);
+    assert_eq!(
+        relay.stats().await.unwrap(),
+        eventsource_postgres::OutboxStats::default()
+    );
+}
+
+fn redis_url() -> String {
+    std::env::var("EVENTSOURCE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn stream_event_ids(stream: &str) -> HashSet<String> {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .filter_map(|(_, fields)| {
+            fields
+                .into_iter()
+                .find(|(k, _)| k == "event_id")
+                .map(|(_, v)| v)
+        })
+        .collect()
+}
+
+fn relay_process(schema: &str, prefix: &str, failpoint: Option<&str>) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventsource-outbox-relay"));
+    cmd.env("DATABASE_URL", database_url())
+        .env("EVENTSOURCE_PG_SCHEMA", schema)
+        .env("EVENTSOURCE_REDIS_URL", redis_url())
+        .env("EVENTSOURCE_REDIS_STREAM_PREFIX", prefix)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(f) = failpoint {
+        cmd.env("EVENTSOURCE_FAILPOINT", f);
+    }
+    cmd.spawn().expect("relay binary starts")
+}
+
+/// A relay process killed with SIGKILL after the commit and before publishing: after a
+/// restart every committed event reaches the Redis stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_before_publishing_loses_nothing() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let (store, guard) = store("outbox_kill", true).await;
+    let prefix = format!(
+        "es-test:relay:{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    );
+    let stream = format!("{prefix}:stream");
+    let appended: HashSet<String> = save_orders(&store, 25)
+        .await
+        .iter()
+        .map(Uuid::to_string)
+        .collect();
+
+    let mut relay = relay_process(&guard.0, &prefix, Some("before_publish:30000"));
+    let mut lines = BufReader::new(relay.stdout.take().unwrap()).lines();
+    let reached = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.starts_with("failpoint before_publish") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        reached,
+        "the relay reached the point between commit and publish"
+    );
+    relay.start_kill().unwrap(); // SIGKILL
+    relay.wait().await.unwrap();
+    assert!(
+        stream_event_ids(&stream).await.is_empty(),
+        "nothing was published before the kill"
+    );
+    assert_eq!(outbox_stats(&store).await.unwrap().pending, 50);
+
+    let mut again = relay_process(&guard.0, &prefix, None);
+    let mut complete = false;
+    for _ in 0..200 {
+        if stream_event_ids(&stream).await == appended {
+            complete = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = again.id().unwrap().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(10), again.wait()).await;
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let published = stream_event_ids(&stream).await;
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        complete,
+        "published {} of {} committed events",
+        published.len(),
+        appended.len()
+    );
+    assert_eq!(outbox_stats(&store).await.unwrap().pending, 0);
+}
