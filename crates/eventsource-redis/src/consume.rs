@@ -140,22 +140,15 @@ impl RedisEventBus {
 
         while !self.stop_requested() {
             if !group_checked {
-                match self.commands().await {
-                    Ok(mut conn) => match self.ensure_group(&mut conn).await {
-                        Ok(_) => group_checked = true,
-                        Err(e) => {
-                            self.note_failure(&mut failing_since, &e);
-                            let delay = backoff.next_delay();
-                            if !self.pause(stop, delay).await {
-                                break;
-                            }
-                            continue;
-                        }
-                    },
+                let checked = match self.commands().await {
+                    Ok(mut conn) => self.ensure_group(&mut conn).await.map(drop),
+                    Err(e) => Err(e),
+                };
+                match checked {
+                    Ok(()) => group_checked = true,
                     Err(e) => {
                         self.note_failure(&mut failing_since, &e);
-                        let delay = backoff.next_delay();
-                        if !self.pause(stop, delay).await {
+                        if !self.pause(stop, backoff.next_delay()).await {
                             break;
                         }
                         continue;
@@ -167,8 +160,7 @@ impl RedisEventBus {
                     Ok(r) => reader = Some(r),
                     Err(e) => {
                         self.note_failure(&mut failing_since, &e);
-                        let delay = backoff.next_delay();
-                        if !self.pause(stop, delay).await {
+                        if !self.pause(stop, backoff.next_delay()).await {
                             break;
                         }
                         continue;
@@ -259,8 +251,7 @@ impl RedisEventBus {
                     bump(&self.inner.counters.reconnections, 1);
                     self.inner.connected.store(false, Ordering::Relaxed);
                     self.note_failure(&mut failing_since, &format!("XREADGROUP: {e}"));
-                    let delay = backoff.next_delay();
-                    if !self.pause(stop, delay).await {
+                    if !self.pause(stop, backoff.next_delay()).await {
                         break;
                     }
                 }
@@ -268,8 +259,7 @@ impl RedisEventBus {
                     // E.g. UNBLOCKED (stream deleted while blocking), OOM, MISCONF.
                     tracing::warn!(error = %e, stream = %self.inner.stream, "XREADGROUP failed");
                     group_checked = false;
-                    let delay = backoff.next_delay();
-                    if !self.pause(stop, delay).await {
+                    if !self.pause(stop, backoff.next_delay()).await {
                         break;
                     }
                 }

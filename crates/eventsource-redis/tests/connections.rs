@@ -3,13 +3,10 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use eventsource_core::prelude::*;
-use eventsource_core::testkit::orders::OrderCreated;
 use eventsource_redis::{RedisBusError, RedisEventBus, RedisEventBusConfig};
 
 async fn round_trip(url: String) -> RedisEventBus {
@@ -17,14 +14,7 @@ async fn round_trip(url: String) -> RedisEventBus {
         redis_url: url,
         ..config("conn", "g", "c")
     });
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    bus.subscribe(move |_: Event<OrderCreated>| {
-        let n = n2.clone();
-        async move {
-            n.fetch_add(1, Ordering::SeqCst);
-        }
-    });
+    let n = counting(&bus);
     bus.connect().await.unwrap();
     bus.publish_events(&(0..3).map(created).collect::<Vec<_>>())
         .await

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,14 +113,7 @@ async fn survives_a_redis_restart() {
         ..config("restart", "g", "c")
     };
     let consumer = bus(cfg.clone());
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    consumer.subscribe(move |_: Event<OrderCreated>| {
-        let n = n2.clone();
-        async move {
-            n.fetch_add(1, Ordering::SeqCst);
-        }
-    });
+    let n = counting(&consumer);
     consumer.connect().await.unwrap();
     let task = spawn_consumer(&consumer);
     let publisher = bus(RedisEventBusConfig {
@@ -186,14 +179,7 @@ async fn killing_the_reader_connection_does_not_affect_publishing() {
         reconnect_max_delay_ms: 200,
         ..config(&prefix, "g", &consumer_name)
     });
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    bus.subscribe(move |_: Event<OrderCreated>| {
-        let n = n2.clone();
-        async move {
-            n.fetch_add(1, Ordering::SeqCst);
-        }
-    });
+    let n = counting(&bus);
     bus.connect().await.unwrap();
     let task = spawn_consumer(&bus);
     bus.publish_events(&[created(1)]).await.unwrap();
@@ -249,14 +235,7 @@ async fn stream_deleted_or_group_destroyed_while_consuming() {
         reconnect_max_delay_ms: 200,
         ..config(&prefix, "g", "c")
     });
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    bus.subscribe(move |_: Event<OrderCreated>| {
-        let n = n2.clone();
-        async move {
-            n.fetch_add(1, Ordering::SeqCst);
-        }
-    });
+    let n = counting(&bus);
     bus.connect().await.unwrap();
     let task = spawn_consumer(&bus);
     bus.publish_events(&[created(1)]).await.unwrap();
@@ -333,14 +312,7 @@ async fn crash_loop_entry_is_dead_lettered_on_restart() {
     }
     assert_eq!(pending_entries(publisher.stream_name(), "g").await[0].1, 3);
     let restarted = bus(cfg);
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    restarted.subscribe(move |_: Event<OrderCreated>| {
-        let n = n2.clone();
-        async move {
-            n.fetch_add(1, Ordering::SeqCst);
-        }
-    });
+    let n = counting(&restarted);
     let task = spawn_consumer(&restarted);
     assert!(
         wait_until(Duration::from_secs(10), || async {

@@ -414,14 +414,7 @@ async fn two_groups_each_receive_every_event() {
     let mut pairs = Vec::new();
     for group in ["projections", "notifications"] {
         let bus = bus(config(&prefix, group, "c"));
-        let n = Arc::new(AtomicUsize::new(0));
-        let n2 = n.clone();
-        bus.subscribe(move |_: Event<OrderCreated>| {
-            let n = n2.clone();
-            async move {
-                n.fetch_add(1, Ordering::SeqCst);
-            }
-        });
+        let n = counting(&bus);
         bus.connect().await.unwrap();
         pairs.push((bus, n));
     }
@@ -494,14 +487,7 @@ async fn restart_drains_own_pending_entries_first() {
         .unwrap();
     assert_eq!(pending(first.stream_name(), "g").await, 2);
     let again = bus(config(&prefix, "g", "worker-1"));
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    again.subscribe(move |_: Event<OrderCreated>| {
-        let n = n2.clone();
-        async move {
-            n.fetch_add(1, Ordering::SeqCst);
-        }
-    });
+    let n = counting(&again);
     let task = spawn_consumer(&again);
     assert!(wait_until(WAIT, || async { n.load(Ordering::SeqCst) == 2 }).await);
     assert!(

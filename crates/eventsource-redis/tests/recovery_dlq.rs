@@ -33,18 +33,6 @@ async fn read_and_crash(stream: &str, group: &str, name: &str) {
         .unwrap();
 }
 
-fn counting(bus: &RedisEventBus) -> Arc<AtomicUsize> {
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    bus.subscribe(move |_: Event<OrderCreated>| {
-        let n = n2.clone();
-        async move {
-            n.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    n
-}
-
 /// Entries a crashed consumer left pending are claimed once idle, handled, and acked; entries
 /// not idle long enough are left alone.
 #[tokio::test]

@@ -112,6 +112,19 @@ where
     }
 }
 
+/// Subscribes a handler to `OrderCreated` that only counts; returns the counter.
+pub fn counting(bus: &RedisEventBus) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n2 = n.clone();
+    bus.subscribe(move |_: Event<OrderCreated>| {
+        let n = n2.clone();
+        async move {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    n
+}
+
 /// Starts `bus.start_consuming()` on a task.
 pub fn spawn_consumer(
     bus: &RedisEventBus,
