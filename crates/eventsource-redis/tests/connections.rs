@@ -73,3 +73,49 @@ async fn unix_socket() {
     let _server = OwnRedis::start(0, &dir, &["--unixsocket", socket.to_str().unwrap()]);
     round_trip(format!("unix://{}", socket.display())).await;
 }
+
+/// Redis out of memory with `noeviction`: publishing fails with a typed command error that
+/// says OOM (not retried blindly as a connection problem), and nothing is half-written.
+#[tokio::test]
+async fn out_of_memory_is_a_clear_publish_error() {
+    let port = free_port();
+    let server = OwnRedis::start(
+        port,
+        &temp_dir("oom"),
+        &["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"],
+    );
+    let bus = bus(RedisEventBusConfig {
+        redis_url: server.url(),
+        ..config("oom", "g", "c")
+    });
+    bus.connect().await.unwrap();
+    let mut published = 0u64;
+    let err = loop {
+        match bus
+            .publish_events(&(0..100).map(created).collect::<Vec<_>>())
+            .await
+        {
+            Ok(ids) => published += ids.len() as u64,
+            Err(e) => break e,
+        }
+        assert!(published < 1_000_000, "never ran out of memory");
+    };
+    assert!(
+        matches!(
+            err,
+            RedisBusError::Command {
+                command: "XADD",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("OOM"), "{err}");
+    assert!(!err.is_transient(), "an operator must act");
+    let info = bus.get_stream_info().await;
+    assert!(info.connected);
+    assert!(
+        info.stream.length >= published,
+        "what was acknowledged is there"
+    );
+}
