@@ -280,9 +280,12 @@ impl RedisEventBus {
     /// Every event is validated and encoded before anything is sent.
     ///
     /// # Errors
-    /// [`RedisBusError::InvalidEvent`] (nothing sent); [`RedisBusError::Command`] or
-    /// [`RedisBusError::Connect`] when Redis fails — then some events of the batch may have
-    /// been written; consumers dedupe by `event_id` if the caller republishes.
+    /// [`RedisBusError::InvalidEvent`] (nothing sent); [`RedisBusError::PartialPublish`]
+    /// when Redis refused some events of the batch (e.g. OOM) — it lists exactly which were
+    /// written and which not; [`RedisBusError::Command`] or [`RedisBusError::Connect`] when
+    /// Redis refused all of them or the connection failed — after a timeout or a dropped
+    /// connection some may have been written, so consumers dedupe by `event_id` if the
+    /// caller republishes.
     pub async fn publish_events(
         &self,
         events: &[EventEnvelope],
@@ -345,9 +348,31 @@ impl RedisEventBus {
                 for cmd in commands {
                     pipe.add_command(cmd);
                 }
-                pipe.query_async(&mut conn)
+                let results: Vec<redis::RedisResult<String>> = pipe
+                    .ignore_errors()
+                    .query_async(&mut conn)
                     .await
-                    .map_err(|e| self.command_error("XADD", e))?
+                    .map_err(|e| self.command_error("XADD", e))?;
+                let mut published = Vec::with_capacity(results.len());
+                let mut failed = Vec::new();
+                for (event, result) in events.iter().zip(results) {
+                    match result {
+                        Ok(id) => published.push((event.event_id(), id)),
+                        Err(e) => failed.push((event.event_id(), e)),
+                    }
+                }
+                bump(
+                    &self.inner.counters.events_published,
+                    published.len() as u64,
+                );
+                if !failed.is_empty() {
+                    if published.is_empty() {
+                        let (_, first) = failed.swap_remove(0);
+                        return Err(self.command_error("XADD", first));
+                    }
+                    return Err(RedisBusError::PartialPublish { published, failed });
+                }
+                return Ok(published.into_iter().map(|(_, id)| id).collect());
             };
             bump(&self.inner.counters.events_published, ids.len() as u64);
             Ok(ids)

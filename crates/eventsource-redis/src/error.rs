@@ -39,6 +39,21 @@ pub enum RedisBusError {
         #[source]
         source: eventsource_core::EventError,
     },
+    /// Part of a batch was written and part refused (e.g. Redis ran out of memory mid-batch).
+    /// The result of every event is exact: republish only `failed`.
+    #[error(
+        "{} of {} events published; event {} failed: {}",
+        published.len(),
+        published.len() + failed.len(),
+        failed.first().map(|f| f.0.to_string()).unwrap_or_default(),
+        failed.first().map(|f| f.1.to_string()).unwrap_or_default()
+    )]
+    PartialPublish {
+        /// Events written, with their stream ids, in batch order.
+        published: Vec<(uuid::Uuid, String)>,
+        /// Events refused, with Redis's error, in batch order.
+        failed: Vec<(uuid::Uuid, redis::RedisError)>,
+    },
     /// `start_consuming` was called while this bus is already consuming.
     #[error("this bus is already consuming; call stop_consuming first")]
     AlreadyConsuming,
@@ -59,6 +74,9 @@ impl RedisBusError {
         match self {
             Self::Connect { .. } => true,
             Self::Command { source, .. } => is_connection_error(source),
+            Self::PartialPublish { failed, .. } => {
+                failed.iter().all(|(_, e)| is_connection_error(e))
+            }
             _ => false,
         }
     }

@@ -90,12 +90,20 @@ async fn out_of_memory_is_a_clear_publish_error() {
     });
     bus.connect().await.unwrap();
     let mut published = 0u64;
+    let mut partial_seen = None;
     let err = loop {
         match bus
             .publish_events(&(0..100).map(created).collect::<Vec<_>>())
             .await
         {
             Ok(ids) => published += ids.len() as u64,
+            Err(RedisBusError::PartialPublish {
+                published: ok,
+                failed,
+            }) => {
+                published += ok.len() as u64;
+                partial_seen = Some((ok, failed));
+            }
             Err(e) => break e,
         }
         assert!(published < 1_000_000, "never ran out of memory");
@@ -114,8 +122,17 @@ async fn out_of_memory_is_a_clear_publish_error() {
     assert!(!err.is_transient(), "an operator must act");
     let info = bus.get_stream_info().await;
     assert!(info.connected);
-    assert!(
-        info.stream.length >= published,
-        "what was acknowledged is there"
+    assert_eq!(
+        info.stream.length, published,
+        "exactly what was reported published is there"
     );
+    if let Some((ok, failed)) = partial_seen {
+        // A batch cut by OOM reports each event exactly: the published ones are in the stream.
+        let entries = bus
+            .read_stream_range(&ok[0].1, &ok[ok.len() - 1].1, 1000)
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), ok.len());
+        assert!(failed.iter().all(|(_, e)| e.to_string().contains("OOM")));
+    }
 }
