@@ -2,7 +2,7 @@
 //!
 //! The event-sourcing model of eventsource-rs, with no network I/O: domain events and their
 //! metadata, the event registry, aggregates, the repository, and the two contracts every
-//! backend implements — [`EventStore`](store::EventStore) and [`EventBus`](bus::EventBus) —
+//! backend implements — [`EventStore`] and [`EventBus`] —
 //! with in-memory implementations of both.
 //!
 //! ## Layout
@@ -12,15 +12,15 @@
 //! - [`registry`]: wire name → decoder. Unknown names are a typed error, never a panic.
 //! - [`aggregate`]: state, version, uncommitted events, rehydration.
 //! - [`repository`]: load / save with optimistic concurrency, publish after save.
-//! - [`store`]: the event store contract and [`InMemoryEventStore`](store::InMemoryEventStore).
+//! - [`store`]: the event store contract and [`InMemoryEventStore`].
 //! - [`bus`]: the event bus contract, handlers, projections and
-//!   [`InMemoryEventBus`](bus::InMemoryEventBus).
+//!   [`InMemoryEventBus`].
 //!
 //! ## Guarantees
 //! - An event's wire form is one flat JSON object: the base fields in the order of
 //!   eventsource-py, then the event's own fields. It round-trips.
 //! - Appending to a stream with a stale expected version fails with
-//!   [`StoreError::Concurrency`](store::StoreError::Concurrency) naming both versions; of two
+//!   [`StoreError::Concurrency`] naming both versions; of two
 //!   concurrent saves of one aggregate exactly one wins.
 //! - A failing or panicking handler never stops the other handlers of an event; every failure
 //!   is reported with the handler's name and counted.
