@@ -397,3 +397,78 @@ async fn rust_dead_letter_listed_and_replayed_by_python() {
     stop(&healthy, task).await;
     assert_eq!(pending(healthy.stream_name(), "billing").await, 0);
 }
+
+/// A Python consumer and a Rust consumer in the same group share the work: every event is
+/// handled once, by one of them, and both get some.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_rust_consumers_share_one_group() {
+    let prefix = unique_prefix("mixed");
+    let _c = Cleanup(prefix.clone());
+    let bus = bus(config(&prefix, "mixed", "rust-1"));
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    bus.subscribe(move |e: Event<OrderCreated>| {
+        let g = g.clone();
+        async move { g.lock().unwrap().push(e.metadata.event_id.to_string()) }
+    });
+    bus.connect().await.unwrap();
+    let task = spawn_consumer(&bus);
+    let url = redis_url();
+    let py = python();
+    let script = scripts().join("py_consume.py");
+    let (p, u) = (prefix.clone(), url.clone());
+    let python_side = std::thread::spawn(move || {
+        Command::new(py)
+            .arg(script)
+            .args([
+                "--redis-url",
+                &u,
+                "--prefix",
+                &p,
+                "--group",
+                "mixed",
+                "--consumer",
+                "python-1",
+                "--expect",
+                "40",
+                "--timeout",
+                "6",
+            ])
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(2000)).await; // both consumers are waiting
+    let events: Vec<EventEnvelope> = (0..40).map(created).collect();
+    for e in &events {
+        bus.publish_events(std::slice::from_ref(e)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = python_side.join().unwrap();
+    stop(&bus, task).await;
+    let by_python: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["event_id"].as_str().map(str::to_owned))
+        .collect();
+    let by_rust = got.lock().unwrap().clone();
+    let all: std::collections::HashSet<String> =
+        events.iter().map(|e| e.event_id().to_string()).collect();
+    let mut union: Vec<String> = by_python.iter().chain(by_rust.iter()).cloned().collect();
+    union.sort();
+    let unique: std::collections::HashSet<String> = union.iter().cloned().collect();
+    assert_eq!(
+        union.len(),
+        40,
+        "python {} + rust {}: each event once",
+        by_python.len(),
+        by_rust.len()
+    );
+    assert_eq!(unique, all);
+    assert!(
+        !by_python.is_empty() && !by_rust.is_empty(),
+        "python {} rust {}",
+        by_python.len(),
+        by_rust.len()
+    );
+    assert_eq!(pending(bus.stream_name(), "mixed").await, 0);
+}
