@@ -11,6 +11,7 @@
 //!   dlq show ID          every field of one dead letter
 //!   dlq replay ID...     put dead letters back on the stream (for the group that failed them)
 //!   dlq replay --all     replay every dead letter
+//!   trim                 remove the entries every consumer group has acknowledged
 //! ```
 //!
 //! Options default to the `EVENTSOURCE_REDIS_*` environment variables (see
@@ -25,7 +26,7 @@ use eventsource_core::EventRegistry;
 use eventsource_redis::{RedisEventBus, RedisEventBusConfig};
 
 const USAGE: &str = "usage: eventsource [--url URL] [--prefix P] [--group G] [--json] \
-(info | health | pending [N] | dlq list [N] | dlq show ID | dlq replay (ID... | --all))";
+(info | health | pending [N] | dlq list [N] | dlq show ID | dlq replay (ID... | --all) | trim)";
 
 struct Args {
     json: bool,
@@ -238,6 +239,22 @@ async fn run(args: Args) -> Result<ExitCode, String> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        ["trim"] => {
+            let report = bus.trim_acknowledged().await.map_err(|e| e.to_string())?;
+            if args.json {
+                print_json(&report);
+            } else {
+                match &report.reason {
+                    Some(why) => println!("nothing trimmed: {why}"),
+                    None => println!(
+                        "removed {} entries before {} (acknowledged by every group)",
+                        report.removed,
+                        report.min_id.as_deref().unwrap_or("-")
+                    ),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         _ => Err(USAGE.to_owned()),
     }

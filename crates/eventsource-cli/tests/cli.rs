@@ -171,6 +171,12 @@ async fn operator_sees_and_replays_what_failed() {
         "the replay is back on the stream"
     );
 
+    let trimmed = json(&cli(&prefix, &["--json", "trim"]));
+    assert_eq!(
+        trimmed["removed"], 0,
+        "billing still holds the oldest entry pending: {trimmed}"
+    );
+
     let health = json(&cli(&prefix, &["--json", "health"]));
     assert_eq!(health["status"], "degraded", "nothing consumes in the CLI");
 }

@@ -52,6 +52,7 @@
 //! - [`info`]: statistics, stream info, health.
 //! - [`service`]: run until SIGTERM/SIGINT and shut down gracefully.
 //! - [`trace`]: W3C trace context carried in entry fields.
+//! - [`trim`]: trimming only what every group has acknowledged.
 //!
 //! ## Guarantees
 //! - **At-least-once per consumer group.** An entry is acknowledged only after every handler
@@ -77,9 +78,10 @@
 //!   lost it (`NOGROUP`), and counts both. Without Redis persistence, what Redis lost is lost.
 //!   A group is (re)created at id `0`, so a group destroyed on a stream that still has entries
 //!   reads them all again: duplicates rather than losses.
-//! - **Trimming.** This bus never trims the stream. Trimming with `MAXLEN` can drop entries a
-//!   lagging group has not read yet; entries trimmed while pending are acknowledged and
-//!   counted (`entries_deleted_while_pending`).
+//! - **Trimming.** This bus never trims by itself. [`RedisEventBus::trim_acknowledged`]
+//!   removes only what every consumer group has received and acknowledged. Trimming with
+//!   `MAXLEN` instead can drop entries a lagging group has not read yet; entries trimmed while
+//!   pending are acknowledged and counted (`entries_deleted_while_pending`).
 //! - **Dead letters are atomic.** Writing the dead letter and acknowledging the original
 //!   happen in one MULTI/EXEC, so a crash cannot leave an entry both pending and
 //!   dead-lettered, or in neither place.
@@ -97,6 +99,7 @@ mod reader;
 pub mod recovery;
 pub mod service;
 pub mod trace;
+pub mod trim;
 
 pub use bus::RedisEventBus;
 pub use config::{ConfigError, RedisEventBusConfig};
@@ -105,6 +108,7 @@ pub use error::RedisBusError;
 pub use info::{BusStats, GroupInfo, Health, PendingEntry, StreamDetails, StreamInfo};
 pub use recovery::{RecoveryOptions, RecoveryStats};
 pub use service::RedisEventBusService;
+pub use trim::TrimReport;
 
 /// The README's Rust examples, compiled as doc tests.
 #[cfg(doctest)]
