@@ -136,3 +136,61 @@ async fn out_of_memory_is_a_clear_publish_error() {
         assert!(failed.iter().all(|(_, e)| e.to_string().contains("OOM")));
     }
 }
+
+/// A Redis that stops answering (DEBUG SLEEP 2): a publish fails with a typed, transient
+/// timeout error within the socket timeout instead of hanging, health reports it, and both
+/// recover when Redis answers again.
+#[tokio::test]
+async fn unresponsive_redis_gives_typed_timeouts_then_recovers() {
+    let port = free_port();
+    let server = OwnRedis::start(
+        port,
+        &temp_dir("sleep"),
+        &["--enable-debug-command", "local"],
+    );
+    let bus = bus(RedisEventBusConfig {
+        redis_url: server.url(),
+        socket_timeout: 0.5,
+        block_ms: 100,
+        ..config("sleep", "g", "c")
+    });
+    bus.connect().await.unwrap();
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let sleeper = tokio::spawn(async move {
+        let _: redis::RedisResult<redis::Value> = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(2)
+            .query_async(&mut admin)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let err = bus.publish_events(&[created(1)]).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "bounded by the socket timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, RedisBusError::Command { .. }), "{err:?}");
+    assert!(err.is_transient(), "{err}");
+    assert_eq!(bus.health_check().await.status, "unhealthy");
+    sleeper.await.unwrap();
+    let mut recovered = false;
+    for _ in 0..50 {
+        if bus.publish_events(&[created(2)]).await.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "publishing works again");
+    assert_eq!(
+        bus.health_check().await.status,
+        "degraded",
+        "connected, not consuming"
+    );
+}

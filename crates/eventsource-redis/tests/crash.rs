@@ -331,3 +331,72 @@ async fn crash_loop_entry_is_dead_lettered_on_restart() {
     );
     assert_eq!(pending(restarted.stream_name(), "g").await, 0);
 }
+
+/// Redis killed with SIGKILL and restarted with its append-only file: streams, groups and
+/// pending lists come back, and a consumer restarted with its name handles everything — lost 0.
+#[tokio::test]
+async fn redis_kill_9_with_aof_loses_nothing() {
+    let port = free_port();
+    let dir = temp_dir("aof");
+    let aof = ["--appendonly", "yes", "--appendfsync", "always"];
+    let mut first = OwnRedis::start(port, &dir, &aof);
+    let cfg = RedisEventBusConfig {
+        redis_url: first.url(),
+        reconnect_max_delay_ms: 300,
+        socket_timeout: 1.0,
+        ..config("aof", "g", "worker-1")
+    };
+    let publisher = bus(cfg.clone());
+    publisher.connect().await.unwrap();
+    let events: Vec<EventEnvelope> = (0..50).map(created).collect();
+    publisher.publish_events(&events).await.unwrap();
+    // worker-1 read 20 and crashed before acking them.
+    let mut conn = redis::Client::open(first.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("worker-1")
+        .arg("COUNT")
+        .arg(20)
+        .arg("STREAMS")
+        .arg(publisher.stream_name())
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+
+    first.kill(); // SIGKILL
+    let second = OwnRedis::start(port, &dir, &aof);
+    let restarted = bus(cfg);
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let s = seen.clone();
+    restarted.subscribe(move |e: Event<OrderCreated>| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().insert(e.metadata.event_id.to_string());
+        }
+    });
+    let task = spawn_consumer(&restarted);
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            seen.lock().unwrap().len() == 50
+        })
+        .await,
+        "handled {}",
+        seen.lock().unwrap().len()
+    );
+    stop(&restarted, task).await;
+    let all: HashSet<String> = events.iter().map(|e| e.event_id().to_string()).collect();
+    assert_eq!(*seen.lock().unwrap(), all, "lost 0");
+    assert_eq!(
+        restarted.stats().group_recreations,
+        0,
+        "the group survived in the AOF"
+    );
+    drop(second);
+}
