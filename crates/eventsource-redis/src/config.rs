@@ -99,6 +99,11 @@ pub struct RedisEventBusConfig {
     /// How often the consumer runs pending recovery by itself, in milliseconds; 0 turns it
     /// off (then call `recover_pending_messages` yourself). Default 30000.
     pub recovery_interval_ms: u64,
+    /// Recovery also removes other consumers of the group that have nothing pending and have
+    /// been idle longer than this, in milliseconds, so restarts with generated names do not
+    /// grow the consumer list forever. A consumer holding pending entries is never removed (the
+    /// check and the removal are one atomic script). 0 = never. Default 86400000 (one day).
+    pub prune_idle_consumers_ms: u64,
     /// Messages one consumer handles at the same time. 1 (the default) handles a batch
     /// strictly in stream order, one entry after the other. N > 1 runs up to N entries of a
     /// batch concurrently while entries of the same aggregate (same `aggregate_id`) still run
@@ -131,6 +136,7 @@ impl Default for RedisEventBusConfig {
             enable_tracing: true,
             recovery_interval_ms: 30_000,
             handler_concurrency: 1,
+            prune_idle_consumers_ms: 86_400_000,
             reconnect_max_delay_ms: 5_000,
         }
     }
@@ -157,6 +163,7 @@ impl fmt::Debug for RedisEventBusConfig {
             .field("enable_tracing", &self.enable_tracing)
             .field("recovery_interval_ms", &self.recovery_interval_ms)
             .field("handler_concurrency", &self.handler_concurrency)
+            .field("prune_idle_consumers_ms", &self.prune_idle_consumers_ms)
             .field("reconnect_max_delay_ms", &self.reconnect_max_delay_ms)
             .finish()
     }
@@ -426,6 +433,9 @@ impl RedisEventBusConfig {
         }
         if let Some(v) = parse("recovery_interval_ms", get("recovery_interval_ms"))? {
             c.recovery_interval_ms = v;
+        }
+        if let Some(v) = parse("prune_idle_consumers_ms", get("prune_idle_consumers_ms"))? {
+            c.prune_idle_consumers_ms = v;
         }
         if let Some(v) = parse("handler_concurrency", get("handler_concurrency"))? {
             c.handler_concurrency = v;

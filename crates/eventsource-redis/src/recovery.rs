@@ -66,6 +66,11 @@ impl std::ops::Index<&str> for RecoveryStats {
     }
 }
 
+/// Deletes consumer ARGV[2] of group ARGV[1] only if it has nothing pending; -1 otherwise.
+const PRUNE_SCRIPT: &str = "local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) \
+     if #p == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end \
+     return -1";
+
 /// One row of `XPENDING ... IDLE`: id, owner, idle ms, deliveries.
 struct PendingRow {
     id: String,
@@ -144,6 +149,13 @@ impl RedisEventBus {
             }
             start = format!("({}", rows.last().expect("non-empty page").id);
         }
+        if cfg.prune_idle_consumers_ms > 0 {
+            match self.prune_idle_consumers(cfg.prune_idle_consumers_ms).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "removed idle consumers with nothing pending"),
+                Err(e) => tracing::warn!(error = %e, "pruning idle consumers failed"),
+            }
+        }
         if stats.claimed > 0 {
             tracing::info!(
                 checked = stats.checked,
@@ -155,6 +167,63 @@ impl RedisEventBus {
             );
         }
         Ok(stats)
+    }
+
+    /// Deletes other consumers of this group idle longer than `idle_ms` with nothing pending.
+    /// The pending check and `XGROUP DELCONSUMER` run in one Lua script, so a consumer that
+    /// received entries meanwhile is kept (deleting it would make its entries unclaimable).
+    /// Returns how many were removed.
+    ///
+    /// # Errors
+    /// [`RedisBusError`] when Redis fails.
+    pub async fn prune_idle_consumers(&self, idle_ms: u64) -> Result<u64, RedisBusError> {
+        let cfg = &self.inner.config;
+        let mut conn = self.commands().await?;
+        let reply: Result<Value, redis::RedisError> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.inner.stream)
+            .arg(&cfg.consumer_group)
+            .query_async(&mut conn)
+            .await;
+        let Ok(Value::Array(consumers)) = reply else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        for consumer in consumers {
+            let Value::Array(flat) = consumer else {
+                continue;
+            };
+            let get = |name: &str| {
+                flat.chunks(2)
+                    .find(|kv| matches!(kv.first(), Some(Value::BulkString(k)) if k.as_slice() == name.as_bytes()))
+                    .and_then(|kv| kv.get(1))
+            };
+            let name = match get("name") {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => continue,
+            };
+            let pending = matches!(get("pending"), Some(Value::Int(n)) if *n > 0);
+            let idle = match get("idle") {
+                Some(Value::Int(n)) => *n as u64,
+                _ => 0,
+            };
+            if name == self.inner.consumer_name || pending || idle < idle_ms {
+                continue;
+            }
+            let deleted: i64 = redis::cmd("EVAL")
+                .arg(PRUNE_SCRIPT)
+                .arg(1)
+                .arg(&self.inner.stream)
+                .arg(&cfg.consumer_group)
+                .arg(&name)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.command_error("EVAL (prune consumer)", e))?;
+            if deleted >= 0 {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     async fn recover_to_dlq(

@@ -404,3 +404,90 @@ fn bus_with_dlq_off(prefix: &str) -> RedisEventBus {
         ..config(prefix, "g2", "c")
     })
 }
+
+/// Many restarts with generated names: recovery prunes consumers that are idle and hold
+/// nothing, and never one that still holds pending entries.
+#[tokio::test]
+async fn idle_consumers_without_pending_entries_are_pruned() {
+    let prefix = unique_prefix("prune");
+    let _c = Cleanup(prefix.clone());
+    let bus = bus(RedisEventBusConfig {
+        prune_idle_consumers_ms: 200,
+        ..config(&prefix, "g", "current")
+    });
+    bus.connect().await.unwrap();
+    bus.publish_events(&(0..30).map(created).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let stream = bus.stream_name().to_owned();
+    let mut conn = raw().await;
+    // 30 "restarts": each generated name reads one entry; all but the last 3 acked it.
+    for i in 0..30 {
+        let name = format!("host-{i:08x}");
+        let reply: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg(&name)
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if i < 27 {
+            let id = match &reply {
+                redis::Value::Array(s) => match &s[0] {
+                    redis::Value::Array(p) => match &p[1] {
+                        redis::Value::Array(e) => match &e[0] {
+                            redis::Value::Array(x) => match &x[0] {
+                                redis::Value::BulkString(b) => {
+                                    String::from_utf8(b.clone()).unwrap()
+                                }
+                                _ => panic!(),
+                            },
+                            _ => panic!(),
+                        },
+                        _ => panic!(),
+                    },
+                    _ => panic!(),
+                },
+                _ => panic!("{reply:?}"),
+            };
+            let _: i64 = redis::cmd("XACK")
+                .arg(&stream)
+                .arg("g")
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = bus
+        .recover_pending_messages(RecoveryOptions {
+            min_idle_time_ms: Some(600_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stats.claimed, 0);
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&stream)
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        consumers.len(),
+        3,
+        "only the three holding pending entries remain"
+    );
+    assert_eq!(
+        pending(&stream, "g").await,
+        3,
+        "their entries are still claimable"
+    );
+}
