@@ -57,15 +57,6 @@ pub enum RedisBusError {
     /// `start_consuming` was called while this bus is already consuming.
     #[error("this bus is already consuming; call stop_consuming first")]
     AlreadyConsuming,
-    /// Redis answered something this bus does not understand (a bug or an incompatible
-    /// server).
-    #[error("unexpected reply to {command}: {detail}")]
-    UnexpectedReply {
-        /// The command.
-        command: &'static str,
-        /// What was odd.
-        detail: String,
-    },
 }
 
 impl RedisBusError {
