@@ -53,6 +53,9 @@ pub struct PostgresStoreConfig {
     pub max_connections: u32,
     /// How long to wait for a connection (from the pool, or a new one). Default 5 s.
     pub acquire_timeout: Duration,
+    /// How long an append waits for locks held by other transactions before failing with
+    /// [`StoreError::Timeout`] instead of hanging behind a stuck transaction. Default 5 s.
+    pub lock_timeout: Duration,
 }
 
 impl Default for PostgresStoreConfig {
@@ -63,6 +66,7 @@ impl Default for PostgresStoreConfig {
             outbox: false,
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -115,6 +119,7 @@ pub struct PostgresEventStore {
     pool: PgPool,
     names: schema::Names,
     outbox: bool,
+    lock_timeout_ms: u64,
 }
 
 impl PostgresEventStore {
@@ -162,6 +167,7 @@ impl PostgresEventStore {
             pool,
             names,
             outbox: config.outbox,
+            lock_timeout_ms: config.lock_timeout.as_millis().max(1) as u64,
         })
     }
 
@@ -184,6 +190,12 @@ impl PostgresEventStore {
         &self.names
     }
 
+    /// The advisory lock key that serialises this store's appends (for tests and operators
+    /// looking at `pg_locks`).
+    pub fn append_lock_key(&self) -> i64 {
+        self.names.lock_key
+    }
+
     async fn append_tx(
         &self,
         aggregate_id: Uuid,
@@ -198,6 +210,13 @@ impl PostgresEventStore {
             payloads.push(event.to_json_value()?);
         }
         let mut tx = self.pool.begin().await.map_err(backend)?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = {}",
+            self.lock_timeout_ms
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(self.names.lock_key)
             .execute(&mut *tx)
@@ -378,7 +397,16 @@ impl PostgresEventStore {
 }
 
 pub(crate) fn backend(e: sqlx::Error) -> StoreError {
-    StoreError::Backend(Box::new(e))
+    match &e {
+        // lock_not_available (lock_timeout), query_canceled (statement_timeout)
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("55P03" | "57014")) => {
+            StoreError::Timeout(db.message().to_owned())
+        }
+        sqlx::Error::PoolTimedOut => {
+            StoreError::Timeout("no database connection became free in time".into())
+        }
+        _ => StoreError::Backend(Box::new(e)),
+    }
 }
 
 pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {

@@ -239,3 +239,57 @@ async fn migrations_are_idempotent() {
     .unwrap();
     assert_eq!(again.current_position().await.unwrap(), 1);
 }
+
+/// A transaction stuck holding the append lock: an append fails with a typed timeout after
+/// `lock_timeout` instead of hanging, writes nothing, and works once the lock is gone.
+#[tokio::test]
+async fn stuck_lock_gives_a_typed_timeout() {
+    let (_, guard) = store("locktimeout", false).await;
+    let store = PostgresEventStore::connect(
+        &database_url(),
+        PostgresStoreConfig {
+            schema: guard.0.clone(),
+            lock_timeout: std::time::Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut blocker = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(store.append_lock_key())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    let event = Event::new(
+        id,
+        OrderCreated {
+            customer_id: "c".into(),
+            total_amount: 1.0,
+        },
+    )
+    .into_envelope();
+    let started = std::time::Instant::now();
+    let err = store
+        .append(
+            id,
+            "Order",
+            std::slice::from_ref(&event),
+            ExpectedVersion::NoStream,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Timeout(_)), "{err:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    blocker.rollback().await.unwrap();
+    assert_eq!(
+        store.stream_version(id, "Order").await.unwrap(),
+        0,
+        "nothing written"
+    );
+    store
+        .append(id, "Order", &[event], ExpectedVersion::NoStream)
+        .await
+        .expect("works once the lock is gone");
+}

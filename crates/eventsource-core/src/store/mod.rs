@@ -141,6 +141,11 @@ pub enum StoreError {
     /// An event's data failed to (de)serialise.
     #[error(transparent)]
     Event(#[from] EventError),
+    /// The operation waited too long (for a lock held by another transaction, or for a
+    /// connection). Nothing was written; retry later, and look for a stuck transaction if it
+    /// persists.
+    #[error("event store operation timed out: {0}")]
+    Timeout(String),
     /// The backend failed (connection, timeout, ...). Often transient: retry with backoff.
     #[error("event store backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
