@@ -66,7 +66,7 @@ async fn four_plus_one_consumers_lose_nothing() {
         counts.lock().unwrap().len(),
         2 * n
     );
-    let c = counts.lock().unwrap();
+    let c = counts.lock().unwrap().clone();
     let mut per_worker: HashMap<String, usize> = HashMap::new();
     let mut workers_seen: HashMap<Uuid, u32> = HashMap::new();
     let mut audit_seen: HashMap<Uuid, u32> = HashMap::new();
