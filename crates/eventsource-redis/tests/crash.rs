@@ -400,3 +400,95 @@ async fn redis_kill_9_with_aof_loses_nothing() {
     );
     drop(second);
 }
+
+/// Every connection to Redis killed every 300 ms for 3 s while events are published and
+/// consumed: the bus reconnects with backoff (no tight loop) and every event whose publish
+/// was acknowledged is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_repeatedly_under_load() {
+    let port = free_port();
+    let server = OwnRedis::start(port, &temp_dir("killall"), &[]);
+    let cfg = RedisEventBusConfig {
+        redis_url: server.url(),
+        reconnect_max_delay_ms: 200,
+        socket_timeout: 1.0,
+        pending_idle_ms: 500,
+        recovery_interval_ms: 200,
+        ..config("killall", "g", "c1")
+    };
+    let consumer = bus(cfg.clone());
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let s = seen.clone();
+    consumer.subscribe(move |e: Event<OrderCreated>| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().insert(e.metadata.event_id.to_string());
+        }
+    });
+    consumer.connect().await.unwrap();
+    let task = spawn_consumer(&consumer);
+    let publisher = bus(RedisEventBusConfig {
+        consumer_name: Some("p".into()),
+        ..cfg
+    });
+    let url = server.url();
+    let killer = tokio::spawn(async move {
+        let client = redis::Client::open(url).unwrap();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("normal")
+                    .arg("SKIPME")
+                    .arg("yes")
+                    .query_async(&mut c)
+                    .await;
+            }
+        }
+    });
+    let mut acknowledged = HashSet::new();
+    let mut failures = 0;
+    let started = std::time::Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_millis(3200) {
+        let e = created(i);
+        i += 1;
+        match publisher.publish_events(std::slice::from_ref(&e)).await {
+            Ok(_) => {
+                acknowledged.insert(e.event_id().to_string());
+            }
+            Err(_) => failures += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    killer.await.unwrap();
+    let complete = wait_until(Duration::from_secs(20), || async {
+        acknowledged.is_subset(&seen.lock().unwrap())
+    })
+    .await;
+    stop(&consumer, task).await;
+    let missing = acknowledged.difference(&seen.lock().unwrap()).count();
+    assert!(
+        complete,
+        "lost {missing} of {} acknowledged events",
+        acknowledged.len()
+    );
+    let stats = consumer.stats();
+    assert!(
+        stats.reconnections >= 3,
+        "the consumer was disconnected and reconnected: {stats:?}"
+    );
+    assert!(
+        stats.reconnections < 100,
+        "no tight reconnect loop: {}",
+        stats.reconnections
+    );
+    assert!(
+        acknowledged.len() > 100,
+        "publishing kept going ({} ok, {failures} failed)",
+        acknowledged.len()
+    );
+    drop(server);
+}
