@@ -492,3 +492,97 @@ async fn connections_killed_repeatedly_under_load() {
     );
     drop(server);
 }
+
+/// A consumer process frozen (SIGSTOP) longer than the idle time while it holds a batch: a
+/// surviving consumer recovers and handles its entries; when the zombie resumes (SIGCONT) it
+/// finishes its batch (duplicates) and its late acks are counted as not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_consumer_is_survived_and_its_late_acks_are_counted() {
+    let prefix = unique_prefix("zombie");
+    let _c = Cleanup(prefix.clone());
+    let publisher = bus(config(&prefix, "workers", "publisher"));
+    publisher.connect().await.unwrap();
+    let events: Vec<EventEnvelope> = (0..100).map(created).collect();
+    let all: HashSet<String> = events.iter().map(|e| e.event_id().to_string()).collect();
+    publisher.publish_events(&events).await.unwrap();
+
+    let zombie = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventsource-worker"))
+        .env("EVENTSOURCE_REDIS_URL", redis_url())
+        .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
+        .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")
+        .env("EVENTSOURCE_REDIS_CONSUMER_NAME", "zombie")
+        .env("EVENTSOURCE_REDIS_BATCH_SIZE", "50")
+        .env("EVENTSOURCE_REDIS_BLOCK_MS", "100")
+        .env("EVENTSOURCE_REDIS_RECOVERY_INTERVAL_MS", "0")
+        .env("WORKER_SLEEP_MS", "20")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            handled_by_process(&prefix).await.len() >= 5
+        })
+        .await
+    );
+    let pid = zombie.id().unwrap().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(signal("-STOP"));
+
+    let survivor = bus(RedisEventBusConfig {
+        pending_idle_ms: 300,
+        recovery_interval_ms: 100,
+        ..config(&prefix, "workers", "survivor")
+    });
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let s = seen.clone();
+    survivor.subscribe(move |e: Event<OrderCreated>| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().insert(e.metadata.event_id.to_string());
+        }
+    });
+    let task = spawn_consumer(&survivor);
+    let by_zombie_before = handled_by_process(&prefix).await;
+    let covered = wait_until(Duration::from_secs(30), || async {
+        seen.lock().unwrap().union(&by_zombie_before).count() == all.len()
+    })
+    .await;
+    assert!(
+        covered,
+        "the survivor handled what the frozen consumer held"
+    );
+    assert!(signal("-CONT"));
+    // Let the zombie finish its batch, then stop it and read its counters.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(signal("-TERM"));
+    let out = tokio::time::timeout(Duration::from_secs(20), zombie.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    stop(&survivor, task).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stats: serde_json::Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("stats").is_some())
+        .unwrap_or_else(|| panic!("no stats in: {stdout}"))["stats"]
+        .clone();
+    let duplicates = seen
+        .lock()
+        .unwrap()
+        .intersection(&handled_by_process(&prefix).await)
+        .count();
+    assert!(duplicates > 0, "the zombie re-did some work after resuming");
+    assert!(
+        stats["acks_not_applied"].as_u64().unwrap() > 0,
+        "its late acks were counted: {stats}"
+    );
+    assert_eq!(pending(survivor.stream_name(), "workers").await, 0);
+}

@@ -48,7 +48,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         bus.consumer_name(),
         bus.stream_name()
     );
-    RedisEventBusService::new(bus).run_until_signal().await?;
+    RedisEventBusService::new(bus.clone())
+        .run_until_signal()
+        .await?;
     println!("worker stopped");
+    println!("{}", serde_json::json!({ "stats": bus.stats() }));
     Ok(())
 }
