@@ -35,6 +35,7 @@ pub(crate) struct Counters {
     pub(crate) group_recreations: AtomicU64,
     pub(crate) recovery_runs: AtomicU64,
     pub(crate) acks_not_applied: AtomicU64,
+    pub(crate) consumer_name_in_use: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64, n: u64) {

@@ -102,9 +102,54 @@ impl RedisEventBus {
         }
         let _reset = Reset(self);
         self.inner.stop.send_replace(false);
+        self.check_name_in_use().await;
         let mut stop = self.inner.stop.subscribe();
         self.consume_loop(&mut stop).await;
         Ok(())
+    }
+
+    /// Warns (and counts `consumer_name_in_use`) when another process seems to be consuming
+    /// under this consumer's name right now: it read from the group within the last block
+    /// period. Two processes sharing a name share one pending list, so each may re-run the
+    /// other's entries. Best effort: a restart right after a crash can look the same.
+    async fn check_name_in_use(&self) {
+        let cfg = &self.inner.config;
+        let Ok(mut conn) = self.commands().await else {
+            return;
+        };
+        let Ok(Value::Array(consumers)) = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.inner.stream)
+            .arg(&cfg.consumer_group)
+            .query_async::<Value>(&mut conn)
+            .await
+        else {
+            return;
+        };
+        for consumer in consumers {
+            let Value::Array(flat) = consumer else {
+                continue;
+            };
+            let field = |name: &str| {
+                flat.chunks(2)
+                    .find(|kv| matches!(kv.first(), Some(Value::BulkString(k)) if k.as_slice() == name.as_bytes()))
+                    .and_then(|kv| kv.get(1))
+            };
+            let ours = matches!(field("name"), Some(Value::BulkString(n)) if n.as_slice() == self.inner.consumer_name.as_bytes());
+            let idle = match field("idle") {
+                Some(Value::Int(ms)) => *ms as u64,
+                _ => u64::MAX,
+            };
+            if ours && idle < cfg.block_ms {
+                bump(&self.inner.counters.consumer_name_in_use, 1);
+                tracing::warn!(
+                    consumer = %self.inner.consumer_name,
+                    group = %cfg.consumer_group,
+                    idle_ms = idle,
+                    "another process may be consuming under this consumer name; give each process its own name"
+                );
+            }
+        }
     }
 
     /// Asks the consume loop to stop after its in-flight batch. Returns at once; the

@@ -49,6 +49,8 @@ pub struct BusStats {
     /// Acks Redis did not apply: the entry was claimed by another consumer meanwhile, or the
     /// group was lost. The handling may be duplicated elsewhere.
     pub acks_not_applied: u64,
+    /// Starts at which another process seemed to consume under the same consumer name.
+    pub consumer_name_in_use: u64,
 }
 
 impl BusStats {
@@ -194,6 +196,7 @@ impl RedisEventBus {
             group_recreations: get(&c.group_recreations),
             recovery_runs: get(&c.recovery_runs),
             acks_not_applied: get(&c.acks_not_applied),
+            consumer_name_in_use: get(&c.consumer_name_in_use),
         }
     }
 

@@ -583,3 +583,48 @@ async fn frozen_consumer_is_survived_and_its_late_acks_are_counted() {
     );
     assert_eq!(pending(survivor.stream_name(), "workers").await, 0);
 }
+
+/// Two processes started with the same consumer name: the second one notices that the name
+/// is in use (warning + counter); both still consume without losing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_consumer_name_twice_is_detected() {
+    let prefix = unique_prefix("samename");
+    let _c = Cleanup(prefix.clone());
+    let first = bus(RedisEventBusConfig {
+        block_ms: 2000,
+        ..config(&prefix, "g", "twin")
+    });
+    let n1 = counting(&first);
+    first.connect().await.unwrap();
+    let t1 = spawn_consumer(&first);
+    tokio::time::sleep(Duration::from_millis(300)).await; // `twin` is now blocking in XREADGROUP
+    let second = bus(RedisEventBusConfig {
+        block_ms: 2000,
+        ..config(&prefix, "g", "twin")
+    });
+    let n2 = counting(&second);
+    let t2 = spawn_consumer(&second);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            second.stats().consumer_name_in_use == 1
+        })
+        .await
+    );
+    first
+        .publish_events(&(0..20).map(created).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            n1.load(Ordering::SeqCst) + n2.load(Ordering::SeqCst) >= 20
+        })
+        .await
+    );
+    stop(&first, t1).await;
+    stop(&second, t2).await;
+    assert_eq!(
+        first.stats().consumer_name_in_use,
+        0,
+        "the first had the name to itself"
+    );
+}
