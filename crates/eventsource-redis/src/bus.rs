@@ -36,6 +36,53 @@ pub(crate) struct Counters {
     pub(crate) recovery_runs: AtomicU64,
     pub(crate) acks_not_applied: AtomicU64,
     pub(crate) consumer_name_in_use: AtomicU64,
+    pub(crate) duplicates_skipped: AtomicU64,
+}
+
+/// The ids of the last `capacity` events this consumer handled successfully.
+#[derive(Debug, Default)]
+pub(crate) struct Dedupe {
+    capacity: usize,
+    state: std::sync::Mutex<(
+        std::collections::HashSet<uuid::Uuid>,
+        std::collections::VecDeque<uuid::Uuid>,
+    )>,
+}
+
+impl Dedupe {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            state: std::sync::Mutex::new(Default::default()),
+        }
+    }
+
+    /// Whether this event id was handled successfully recently (always false when off).
+    pub(crate) fn seen(&self, id: uuid::Uuid) -> bool {
+        self.capacity > 0
+            && self
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .contains(&id)
+    }
+
+    pub(crate) fn remember(&self, id: uuid::Uuid) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (set, order) = &mut *guard;
+        if set.insert(id) {
+            order.push_back(id);
+            if order.len() > self.capacity {
+                if let Some(old) = order.pop_front() {
+                    set.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 pub(crate) fn bump(counter: &AtomicU64, n: u64) {
@@ -60,6 +107,8 @@ pub(crate) struct Inner {
     pub(crate) consuming: AtomicBool,
     /// `true` asks the consume loop to stop after its in-flight batch.
     pub(crate) stop: tokio::sync::watch::Sender<bool>,
+    /// Recently handled event ids (`dedupe_window`).
+    pub(crate) dedupe: Dedupe,
     /// The acknowledgement of the last handled batch, sent while the next one is handled.
     pub(crate) ack_in_flight: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -118,6 +167,7 @@ impl RedisEventBus {
                 consuming: AtomicBool::new(false),
                 stop,
                 ack_in_flight: tokio::sync::Mutex::new(None),
+                dedupe: Dedupe::new(config.dedupe_window),
                 config,
             }),
         })

@@ -104,6 +104,12 @@ pub struct RedisEventBusConfig {
     /// grow the consumer list forever. A consumer holding pending entries is never removed (the
     /// check and the removal are one atomic script). 0 = never. Default 86400000 (one day).
     pub prune_idle_consumers_ms: u64,
+    /// Remember the ids of the last N events this consumer handled successfully and skip an
+    /// entry carrying one of them again (acked, counted as `duplicates_skipped`): duplicates
+    /// from a republish after an indeterminate publish, or a redelivery whose ack was lost.
+    /// Only within this consumer process; handlers should still be idempotent. 0 = off
+    /// (the default).
+    pub dedupe_window: usize,
     /// Messages one consumer handles at the same time. 1 (the default) handles a batch
     /// strictly in stream order, one entry after the other. N > 1 runs up to N entries of a
     /// batch concurrently while entries of the same aggregate (same `aggregate_id`) still run
@@ -136,6 +142,7 @@ impl Default for RedisEventBusConfig {
             enable_tracing: true,
             recovery_interval_ms: 30_000,
             handler_concurrency: 1,
+            dedupe_window: 0,
             prune_idle_consumers_ms: 86_400_000,
             reconnect_max_delay_ms: 5_000,
         }
@@ -163,6 +170,7 @@ impl fmt::Debug for RedisEventBusConfig {
             .field("enable_tracing", &self.enable_tracing)
             .field("recovery_interval_ms", &self.recovery_interval_ms)
             .field("handler_concurrency", &self.handler_concurrency)
+            .field("dedupe_window", &self.dedupe_window)
             .field("prune_idle_consumers_ms", &self.prune_idle_consumers_ms)
             .field("reconnect_max_delay_ms", &self.reconnect_max_delay_ms)
             .finish()
@@ -293,6 +301,15 @@ impl RedisEventBusConfig {
             return Err(ConfigError::new(
                 "handler_concurrency",
                 format!("{} must be between 1 and 1024", self.handler_concurrency),
+            ));
+        }
+        if self.dedupe_window > 10_000_000 {
+            return Err(ConfigError::new(
+                "dedupe_window",
+                format!(
+                    "{} is above the limit of 10000000 remembered ids",
+                    self.dedupe_window
+                ),
             ));
         }
         if self.reconnect_max_delay_ms < 100 {
@@ -436,6 +453,9 @@ impl RedisEventBusConfig {
         }
         if let Some(v) = parse("prune_idle_consumers_ms", get("prune_idle_consumers_ms"))? {
             c.prune_idle_consumers_ms = v;
+        }
+        if let Some(v) = parse("dedupe_window", get("dedupe_window"))? {
+            c.dedupe_window = v;
         }
         if let Some(v) = parse("handler_concurrency", get("handler_concurrency"))? {
             c.handler_concurrency = v;

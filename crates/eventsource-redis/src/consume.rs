@@ -603,6 +603,11 @@ impl RedisEventBus {
             bump(&c.events_skipped_no_subscriber, 1);
             return Outcome::Skipped("no subscriber in this bus");
         }
+        if self.inner.dedupe.seen(event.event_id()) {
+            bump(&c.duplicates_skipped, 1);
+            tracing::debug!(message_id = %entry.id, event_id = %event.event_id(), "event already handled by this consumer; skipped");
+            return Outcome::Skipped("duplicate event id");
+        }
         bump(&c.events_consumed, 1);
         if !self.inner.config.enable_tracing {
             let report = self.inner.subscribers.dispatch_with(&event, false).await;
@@ -644,6 +649,7 @@ impl RedisEventBus {
         let c = &self.inner.counters;
         if report.is_success() {
             bump(&c.events_processed_success, 1);
+            self.inner.dedupe.remember(event.event_id());
             Outcome::Handled
         } else {
             bump(&c.events_processed_failed, 1);

@@ -51,6 +51,9 @@ pub struct BusStats {
     pub acks_not_applied: u64,
     /// Starts at which another process seemed to consume under the same consumer name.
     pub consumer_name_in_use: u64,
+    /// Entries skipped because this consumer had already handled their event id
+    /// (`dedupe_window`).
+    pub duplicates_skipped: u64,
 }
 
 impl BusStats {
@@ -197,6 +200,7 @@ impl RedisEventBus {
             recovery_runs: get(&c.recovery_runs),
             acks_not_applied: get(&c.acks_not_applied),
             consumer_name_in_use: get(&c.consumer_name_in_use),
+            duplicates_skipped: get(&c.duplicates_skipped),
         }
     }
 

@@ -194,3 +194,77 @@ async fn unresponsive_redis_gives_typed_timeouts_then_recovers() {
         "connected, not consuming"
     );
 }
+
+/// Writes paused (CLIENT PAUSE WRITE): a publish times out and is indeterminate — Redis runs
+/// the queued XADD once the pause ends. The caller's retry then duplicates the event; a
+/// consumer with `dedupe_window` handles it once and counts the duplicate, one without handles
+/// it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_writes_make_publish_indeterminate_and_dedupe_absorbs_the_retry() {
+    let port = free_port();
+    let server = OwnRedis::start(port, &temp_dir("pause"), &[]);
+    let base = RedisEventBusConfig {
+        redis_url: server.url(),
+        socket_timeout: 0.5,
+        block_ms: 100,
+        ..config("pause", "deduped", "c")
+    };
+    let publisher = bus(RedisEventBusConfig {
+        consumer_name: Some("p".into()),
+        ..base.clone()
+    });
+    publisher.connect().await.unwrap();
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let event = created(1);
+    let err = publisher
+        .publish_events(std::slice::from_ref(&event))
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "a timeout: {err}");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let info = publisher.get_stream_info().await;
+    assert_eq!(
+        info.stream.length, 1,
+        "the timed-out XADD ran after the pause: indeterminate, not failed"
+    );
+    publisher
+        .publish_events(std::slice::from_ref(&event))
+        .await
+        .expect("the caller retries");
+
+    let deduped = bus(RedisEventBusConfig {
+        dedupe_window: 1000,
+        ..base.clone()
+    });
+    let plain = bus(RedisEventBusConfig {
+        consumer_group: "plain".into(),
+        ..base
+    });
+    let (n1, n2) = (counting(&deduped), counting(&plain));
+    let (t1, t2) = (spawn_consumer(&deduped), spawn_consumer(&plain));
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            deduped.stats().duplicates_skipped == 1 && n2.load(Ordering::SeqCst) == 2
+        })
+        .await
+    );
+    stop(&deduped, t1).await;
+    stop(&plain, t2).await;
+    assert_eq!(n1.load(Ordering::SeqCst), 1, "handled once with dedupe");
+    assert_eq!(
+        deduped.get_stream_info().await.pending_messages,
+        0,
+        "the duplicate was acked"
+    );
+}
