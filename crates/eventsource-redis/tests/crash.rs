@@ -6,12 +6,10 @@ mod common;
 use std::collections::HashSet;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use eventsource_core::prelude::*;
-use eventsource_core::testkit::orders::OrderCreated;
 use eventsource_redis::RedisEventBusConfig;
 
 async fn handled_by_process(prefix: &str) -> HashSet<String> {
@@ -69,14 +67,7 @@ async fn consumer_killed_mid_batch_loses_nothing() {
         recovery_interval_ms: 100,
         ..config(&prefix, "workers", "survivor")
     });
-    let seen = Arc::new(Mutex::new(HashSet::new()));
-    let s = seen.clone();
-    survivor.subscribe(move |e: Event<OrderCreated>| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().insert(e.metadata.event_id.to_string());
-        }
-    });
+    let seen = collecting_ids(&survivor);
     let task = spawn_consumer(&survivor);
     let complete = wait_until(Duration::from_secs(30), || async {
         let union: HashSet<String> = seen.lock().unwrap().union(&by_victim).cloned().collect();
@@ -373,14 +364,7 @@ async fn redis_kill_9_with_aof_loses_nothing() {
     first.kill(); // SIGKILL
     let second = OwnRedis::start(port, &dir, &aof);
     let restarted = bus(cfg);
-    let seen = Arc::new(Mutex::new(HashSet::new()));
-    let s = seen.clone();
-    restarted.subscribe(move |e: Event<OrderCreated>| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().insert(e.metadata.event_id.to_string());
-        }
-    });
+    let seen = collecting_ids(&restarted);
     let task = spawn_consumer(&restarted);
     assert!(
         wait_until(Duration::from_secs(15), || async {
@@ -417,14 +401,7 @@ async fn connections_killed_repeatedly_under_load() {
         ..config("killall", "g", "c1")
     };
     let consumer = bus(cfg.clone());
-    let seen = Arc::new(Mutex::new(HashSet::new()));
-    let s = seen.clone();
-    consumer.subscribe(move |e: Event<OrderCreated>| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().insert(e.metadata.event_id.to_string());
-        }
-    });
+    let seen = collecting_ids(&consumer);
     consumer.connect().await.unwrap();
     let task = spawn_consumer(&consumer);
     let publisher = bus(RedisEventBusConfig {
@@ -540,14 +517,7 @@ async fn frozen_consumer_is_survived_and_its_late_acks_are_counted() {
         recovery_interval_ms: 100,
         ..config(&prefix, "workers", "survivor")
     });
-    let seen = Arc::new(Mutex::new(HashSet::new()));
-    let s = seen.clone();
-    survivor.subscribe(move |e: Event<OrderCreated>| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().insert(e.metadata.event_id.to_string());
-        }
-    });
+    let seen = collecting_ids(&survivor);
     let task = spawn_consumer(&survivor);
     let by_zombie_before = handled_by_process(&prefix).await;
     let covered = wait_until(Duration::from_secs(30), || async {

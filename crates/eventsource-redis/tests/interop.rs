@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::*;
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::OrderCreated;
-use eventsource_redis::{RecoveryOptions, RedisEventBusConfig};
+use eventsource_redis::RedisEventBusConfig;
 use serde_json::Value;
 
 fn scripts() -> PathBuf {
@@ -332,13 +332,7 @@ async fn rust_dead_letter_listed_and_replayed_by_python() {
     );
     stop(&failing, task).await;
     age_pending(failing.stream_name(), "billing", 120_000).await;
-    let stats = failing
-        .recover_pending_messages(RecoveryOptions {
-            min_idle_time_ms: Some(1000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stats = recover_aged(&failing).await;
     assert_eq!(stats.dlq, 1);
 
     let url = redis_url();

@@ -96,13 +96,7 @@ async fn failed_retry_is_counted_honestly() {
     bus.publish_events(&[created(1)]).await.unwrap();
     read_and_crash(bus.stream_name(), "g", "crashed").await;
     age_pending(bus.stream_name(), "g", 120_000).await;
-    let stats = bus
-        .recover_pending_messages(RecoveryOptions {
-            min_idle_time_ms: Some(1000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stats = recover_aged(&bus).await;
     assert_eq!(
         (
             stats.checked,
@@ -132,13 +126,7 @@ async fn recovery_pages_through_all_pending_entries() {
     bus.publish_events(&events).await.unwrap();
     read_and_crash(bus.stream_name(), "g", "crashed").await;
     age_pending(bus.stream_name(), "g", 120_000).await;
-    let stats = bus
-        .recover_pending_messages(RecoveryOptions {
-            min_idle_time_ms: Some(1000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stats = recover_aged(&bus).await;
     assert_eq!((stats.checked, stats.reprocessed), (250, 250));
     assert_eq!(handled.load(Ordering::SeqCst), 250);
     assert_eq!(pending(bus.stream_name(), "g").await, 0);
@@ -305,13 +293,7 @@ async fn replay_goes_to_the_failing_group_only() {
         .await
     );
     age_pending(failing.stream_name(), "failing", 120_000).await;
-    let stats = failing
-        .recover_pending_messages(RecoveryOptions {
-            min_idle_time_ms: Some(1000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stats = recover_aged(&failing).await;
     assert_eq!(stats.dlq, 1);
     broken.store(false, Ordering::SeqCst);
     let letter = failing.get_dlq_messages(1).await.unwrap().remove(0);
@@ -355,13 +337,7 @@ async fn dead_letter_without_recorded_reason_and_with_dlq_disabled() {
     bus.publish_events(&[created(1)]).await.unwrap();
     read_and_crash(bus.stream_name(), "g", "crashed").await;
     age_pending(bus.stream_name(), "g", 120_000).await;
-    let stats = bus
-        .recover_pending_messages(RecoveryOptions {
-            min_idle_time_ms: Some(1000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stats = recover_aged(&bus).await;
     assert_eq!(stats.dlq, 1);
     let letter = bus.get_dlq_messages(1).await.unwrap().remove(0);
     assert!(
@@ -377,13 +353,7 @@ async fn dead_letter_without_recorded_reason_and_with_dlq_disabled() {
     off.publish_events(&[created(2)]).await.unwrap();
     read_and_crash(off.stream_name(), "g2", "crashed").await;
     age_pending(off.stream_name(), "g2", 120_000).await;
-    let stats = off
-        .recover_pending_messages(RecoveryOptions {
-            min_idle_time_ms: Some(1000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stats = recover_aged(&off).await;
     assert_eq!(
         stats.dlq, 2,
         "both entries of the stream were pending for g2"

@@ -125,6 +125,31 @@ pub fn counting(bus: &RedisEventBus) -> std::sync::Arc<std::sync::atomic::Atomic
     n
 }
 
+/// Subscribes a handler to `OrderCreated` that records event ids; returns the set.
+pub fn collecting_ids(
+    bus: &RedisEventBus,
+) -> std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let s = seen.clone();
+    bus.subscribe(move |e: Event<OrderCreated>| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().insert(e.metadata.event_id.to_string());
+        }
+    });
+    seen
+}
+
+/// Runs recovery for entries idle at least 1 s (tests age them with [`age_pending`]).
+pub async fn recover_aged(bus: &RedisEventBus) -> eventsource_redis::RecoveryStats {
+    bus.recover_pending_messages(eventsource_redis::RecoveryOptions {
+        min_idle_time_ms: Some(1000),
+        ..Default::default()
+    })
+    .await
+    .expect("recovery runs")
+}
+
 /// Starts `bus.start_consuming()` on a task.
 pub fn spawn_consumer(
     bus: &RedisEventBus,
