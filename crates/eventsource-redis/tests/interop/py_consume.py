@@ -23,16 +23,7 @@ import sys
 
 from eventsource import DomainEvent, EventRegistry, RedisEventBus, RedisEventBusConfig
 
-
-class OrderCreated(DomainEvent):
-    aggregate_type: str = "Order"
-    customer_id: str
-    total_amount: float
-
-
-class OrderShipped(DomainEvent):
-    aggregate_type: str = "Order"
-    tracking_number: str
+from order_events import OrderCreated, OrderShipped
 
 
 async def main() -> int:
