@@ -189,7 +189,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                 Some(l) if args.json => print_json(&l),
                 Some(l) => {
                     println!("dlq id  {}", l.message_id);
-                    for (k, v) in &l.data {
+                    for (k, v) in &l.fields_lossy() {
                         println!("{k:<20} {v}");
                     }
                 }

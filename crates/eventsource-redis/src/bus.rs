@@ -8,11 +8,12 @@ use eventsource_core::bus::{BusError, EventBus, EventPublisher, Subscribers};
 use eventsource_core::{BoxFuture, EventEnvelope, EventRegistry};
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::codec;
 use crate::config::{RedisEventBusConfig, redact_url};
-use crate::error::RedisBusError;
+use crate::error::{Problem, RedisBusError};
 use crate::trace::TraceContext;
 
 /// Counters of one bus instance (atomics; read with [`RedisEventBus::stats`]).
@@ -37,6 +38,11 @@ pub(crate) struct Counters {
     pub(crate) acks_not_applied: AtomicU64,
     pub(crate) consumer_name_in_use: AtomicU64,
     pub(crate) duplicates_skipped: AtomicU64,
+    pub(crate) events_dispatched: AtomicU64,
+    pub(crate) events_rejected: AtomicU64,
+    pub(crate) entries_taken_over: AtomicU64,
+    pub(crate) entries_released: AtomicU64,
+    pub(crate) dead_letters_skipped_acked: AtomicU64,
 }
 
 /// The ids of the last `capacity` events this consumer handled successfully.
@@ -89,6 +95,110 @@ pub(crate) fn bump(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// The consume loop's lifecycle state.
+#[derive(Debug)]
+pub(crate) struct Control {
+    /// Cancelled by `stop_consuming`: stops the running loop, or the next one to start.
+    pub(crate) stop: std::sync::Mutex<CancellationToken>,
+    /// Cancelled when a shutdown gives up waiting: running handlers are abandoned.
+    pub(crate) abort: std::sync::Mutex<CancellationToken>,
+    /// Whether a consume loop runs.
+    pub(crate) running: tokio::sync::watch::Sender<bool>,
+    /// Why consuming is paused, if it is.
+    pub(crate) paused: std::sync::Mutex<Option<String>>,
+    pub(crate) resumed: tokio::sync::Notify,
+    /// Entries rejected by this version of their type since the last one that decoded.
+    pub(crate) rejected_streak: AtomicU64,
+    /// What keeps the consumer from working right now, if anything.
+    pub(crate) problem: std::sync::Mutex<Option<Problem>>,
+    /// Entries given back unhandled while stopping (for the shutdown report).
+    pub(crate) left_pending: std::sync::Mutex<Vec<String>>,
+}
+
+impl Control {
+    fn new() -> Self {
+        Self {
+            stop: std::sync::Mutex::new(CancellationToken::new()),
+            abort: std::sync::Mutex::new(CancellationToken::new()),
+            running: tokio::sync::watch::channel(false).0,
+            paused: std::sync::Mutex::new(None),
+            resumed: tokio::sync::Notify::new(),
+            rejected_streak: AtomicU64::new(0),
+            problem: std::sync::Mutex::new(None),
+            left_pending: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The bus-level stop token (the current or next run's).
+    pub(crate) fn stop_token(&self) -> CancellationToken {
+        lock(&self.stop).clone()
+    }
+}
+
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    pub(crate) fn is_paused(&self) -> bool {
+        lock(&self.control.paused).is_some()
+    }
+
+    pub(crate) fn pause(&self, reason: String) {
+        tracing::error!(%reason, "consumer paused");
+        *lock(&self.control.paused) = Some(reason);
+    }
+
+    /// An entry decoded: the run of rejected entries is over.
+    pub(crate) fn note_decoded(&self) {
+        if self.control.rejected_streak.load(Ordering::Relaxed) != 0 {
+            self.control.rejected_streak.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// An entry was rejected by this version of its type; pauses after
+    /// `pause_after_rejections` in a row.
+    pub(crate) fn note_rejection(&self, event_type: &str, reason: &str) {
+        let streak = self.control.rejected_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let limit = u64::from(self.config.pause_after_rejections);
+        if limit > 0 && streak >= limit && !self.is_paused() {
+            self.pause(format!(
+                "{streak} entries in a row rejected by this version of their event type (last: \
+                 `{event_type}`: {reason}). Entries are left pending, not dead-lettered: deploy a \
+                 version that can decode them (or roll back), then resume or restart this consumer"
+            ));
+        }
+    }
+
+    /// Records a problem; logs it at warn when it is new, at debug while it lasts.
+    pub(crate) fn set_problem(&self, problem: &Problem) {
+        let mut current = lock(&self.control.problem);
+        let new = current
+            .as_ref()
+            .is_none_or(|p| p.message != problem.message);
+        if new {
+            if problem.transient {
+                tracing::warn!(problem = %problem.message, "Redis unavailable; consumer retrying with backoff");
+            } else {
+                tracing::error!(problem = %problem.message, "consumer cannot work until this is fixed; retrying at the longest backoff");
+            }
+            *current = Some(problem.clone());
+        } else {
+            tracing::debug!(problem = %problem.message, "still failing");
+        }
+    }
+
+    /// Clears the problem; returns whether there was one.
+    pub(crate) fn clear_problem(&self) -> bool {
+        let mut current = lock(&self.control.problem);
+        if current.is_none() {
+            return false;
+        }
+        *current = None;
+        true
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) config: RedisEventBusConfig,
     pub(crate) consumer_name: String,
@@ -104,9 +214,10 @@ pub(crate) struct Inner {
     /// A copy of the connection for the hot path (no async lock per command).
     pub(crate) commands_ready: std::sync::RwLock<Option<ConnectionManager>>,
     pub(crate) connected: AtomicBool,
-    pub(crate) consuming: AtomicBool,
-    /// `true` asks the consume loop to stop after its in-flight batch.
-    pub(crate) stop: tokio::sync::watch::Sender<bool>,
+    /// Stop, abort, pause and the current problem of the consume loop.
+    pub(crate) control: Control,
+    /// Entries delivered to this consumer and not yet acknowledged, kept renewed.
+    pub(crate) lease: crate::lease::Lease,
     /// Recently handled event ids (`dedupe_window`).
     pub(crate) dedupe: Dedupe,
     /// The acknowledgement of the last handled batch, sent while the next one is handled.
@@ -151,7 +262,6 @@ impl RedisEventBus {
             }
         })?;
         let consumer_name = config.effective_consumer_name();
-        let (stop, _) = tokio::sync::watch::channel(false);
         Ok(Self {
             inner: Arc::new(Inner {
                 stream: config.stream_name(),
@@ -164,8 +274,8 @@ impl RedisEventBus {
                 commands: tokio::sync::Mutex::new(None),
                 commands_ready: std::sync::RwLock::new(None),
                 connected: AtomicBool::new(false),
-                consuming: AtomicBool::new(false),
-                stop,
+                control: Control::new(),
+                lease: crate::lease::Lease::default(),
                 ack_in_flight: tokio::sync::Mutex::new(None),
                 dedupe: Dedupe::new(config.dedupe_window),
                 config,
@@ -205,7 +315,7 @@ impl RedisEventBus {
 
     /// Whether `start_consuming` is running.
     pub fn is_consuming(&self) -> bool {
-        self.inner.consuming.load(Ordering::Relaxed)
+        *self.inner.control.running.borrow()
     }
 
     /// Connects (PING) and creates the consumer group with MKSTREAM if it does not exist
@@ -238,6 +348,26 @@ impl RedisEventBus {
 
     pub(crate) fn connect_error(&self, source: redis::RedisError) -> RedisBusError {
         self.inner.connected.store(false, Ordering::Relaxed);
+        if crate::error::is_auth_error(&source) {
+            return RedisBusError::Authentication {
+                url: redact_url(&self.inner.config.redis_url),
+                source,
+            };
+        }
+        if crate::error::is_permission_error(&source) {
+            return RedisBusError::NoPermission {
+                command: crate::error::denied_command(&source)
+                    .unwrap_or_else(|| "a setup command".to_owned()),
+                user: self
+                    .inner
+                    .client
+                    .get_connection_info()
+                    .redis_settings()
+                    .username()
+                    .map(str::to_owned),
+                source,
+            };
+        }
         RedisBusError::Connect {
             url: redact_url(&self.inner.config.redis_url),
             source,
@@ -319,11 +449,10 @@ impl RedisEventBus {
                 self.inner.connected.store(true, Ordering::Relaxed);
                 Ok(false)
             }
-            Err(e) if crate::error::is_connection_error(&e) => Err(self.connect_error(e)),
-            Err(e) => Err(RedisBusError::Command {
-                command: "XGROUP CREATE",
-                source: e,
-            }),
+            Err(e) if crate::error::is_connection_error(&e) || crate::error::is_auth_error(&e) => {
+                Err(self.connect_error(e))
+            }
+            Err(e) => Err(self.command_error("XGROUP CREATE", e)),
         }
     }
 
@@ -437,8 +566,25 @@ impl RedisEventBus {
         command: &'static str,
         source: redis::RedisError,
     ) -> RedisBusError {
+        if crate::error::is_auth_error(&source) {
+            return self.connect_error(source);
+        }
         if crate::error::is_connection_error(&source) {
             self.inner.connected.store(false, Ordering::Relaxed);
+        }
+        if crate::error::is_permission_error(&source) {
+            return RedisBusError::NoPermission {
+                command: crate::error::denied_command(&source)
+                    .unwrap_or_else(|| command.to_owned()),
+                user: self
+                    .inner
+                    .client
+                    .get_connection_info()
+                    .redis_settings()
+                    .username()
+                    .map(str::to_owned),
+                source,
+            };
         }
         RedisBusError::Command { command, source }
     }

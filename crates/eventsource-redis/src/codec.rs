@@ -1,8 +1,17 @@
-//! Stream entry ⇄ event, in the exact format eventsource-py writes (shared/spec/wire-format.md).
+//! Stream entry ⇄ event, in the exact format eventsource-py writes (`docs/wire-format.md`).
 //!
 //! An entry's fields, in order: `event_id, event_type, aggregate_id, aggregate_type,
 //! tenant_id, occurred_at, payload`, then optionally W3C `traceparent` / `tracestate`.
 //! Only `event_type` and `payload` are authoritative on read; other flat fields are ignored.
+//!
+//! Entries are read as **bytes**: a field that is not valid UTF-8 reaches the decoder
+//! unchanged, and where the bus must read text (the payload, `event_type`) invalid UTF-8 makes
+//! the entry malformed — dead-lettered with the reason, its original bytes kept, so a replay
+//! writes back exactly what was there.
+//!
+//! A dead letter is the original entry's fields (minus the fields below from an earlier dead
+//! lettering), then `original_message_id, retry_count, dlq_timestamp, error, consumer_group`.
+//! The bus writes it inside Redis (a Lua script copies the entry), so the bytes are exact.
 
 use eventsource_core::{EventEnvelope, EventError, EventRegistry, RegistryError};
 use redis::Value;
@@ -22,22 +31,56 @@ pub const DLQ_FIELDS: [&str; 5] = [
 /// consumers ignore the field and handle it.
 pub const REPLAY_GROUP_FIELD: &str = "replay_group";
 
-/// One stream entry: its id and its fields in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One stream entry: its id and its fields in order, as the bytes Redis holds.
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct StreamEntry {
     /// The entry id, e.g. `1700000000000-0`.
     pub id: String,
     /// Field/value pairs in stream order.
-    pub fields: Vec<(String, String)>,
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for StreamEntry {
+    /// Fields as text (invalid UTF-8 shown as U+FFFD).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamEntry")
+            .field("id", &self.id)
+            .field("fields", &self.fields_lossy())
+            .finish()
+    }
 }
 
 impl StreamEntry {
-    /// The value of a field (the first one of that name).
-    pub fn get(&self, name: &str) -> Option<&str> {
+    /// The raw value of a field (the first one of that name).
+    pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {
         self.fields
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The value of a field as text; `None` when it is absent or not valid UTF-8.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.get_bytes(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The fields as text, invalid UTF-8 replaced by U+FFFD (for display only).
+    pub fn fields_lossy(&self) -> Vec<(String, String)> {
+        self.fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Bytes held by the fields (what [`max_entry_bytes`](crate::RedisEventBusConfig) caps).
+    pub fn size(&self) -> usize {
+        self.fields.iter().map(|(k, v)| k.len() + v.len()).sum()
     }
 }
 
@@ -74,9 +117,20 @@ pub fn encode_fields(
 /// Why an entry could not become an event.
 #[derive(Debug)]
 pub enum DecodeFailure {
-    /// The entry can never be decoded (no payload, invalid JSON, bad base field, data that
-    /// does not fit the registered type). Retrying cannot help: dead-letter it.
+    /// Nobody can decode the entry: no payload, bytes that are not UTF-8 where text is
+    /// required, invalid JSON, a missing or invalid base field. Retrying cannot help:
+    /// dead-letter it.
     Malformed(String),
+    /// The envelope is valid and its type is registered, but this version of the Rust type
+    /// rejects the event's own fields (a new required field, a changed type). Another
+    /// version of the service may decode it; see
+    /// [`RejectedPolicy`](crate::config::RejectedPolicy).
+    Rejected {
+        /// The wire name.
+        event_type: String,
+        /// The serde error, with the Rust type.
+        reason: String,
+    },
     /// The wire name is not registered. The event is still readable as JSON.
     Unregistered(Box<EventEnvelope>),
 }
@@ -89,11 +143,18 @@ pub fn decode_entry(
     entry: &StreamEntry,
     registry: &EventRegistry,
 ) -> Result<EventEnvelope, DecodeFailure> {
-    let Some(payload) = entry.get("payload") else {
+    let Some(payload) = entry.get_bytes("payload") else {
         return Err(DecodeFailure::Malformed(
             "entry has no `payload` field".into(),
         ));
     };
+    let payload = std::str::from_utf8(payload).map_err(|e| {
+        DecodeFailure::Malformed(format!(
+            "payload is not valid UTF-8 (invalid byte at offset {}); the original bytes are kept \
+             in the dead letter",
+            e.valid_up_to()
+        ))
+    })?;
     let event = match registry.decode(payload) {
         Ok(event) => event,
         Err(RegistryError::UnknownEventType(_)) => {
@@ -101,6 +162,15 @@ pub fn decode_entry(
                 .map_err(|e| DecodeFailure::Malformed(format!("payload: {}", error_chain(&e))))?;
             check_flat_type(entry, &envelope)?;
             return Err(DecodeFailure::Unregistered(Box::new(envelope)));
+        }
+        Err(RegistryError::Event(e @ EventError::Payload { .. })) => {
+            let EventError::Payload { event_type, .. } = &e else {
+                unreachable!("matched above")
+            };
+            return Err(DecodeFailure::Rejected {
+                event_type: event_type.clone(),
+                reason: error_chain(&e),
+            });
         }
         Err(e) => {
             return Err(DecodeFailure::Malformed(format!(
@@ -114,11 +184,14 @@ pub fn decode_entry(
 }
 
 fn check_flat_type(entry: &StreamEntry, event: &EventEnvelope) -> Result<(), DecodeFailure> {
-    match entry.get("event_type") {
-        Some(flat) if flat != event.event_type() => Err(DecodeFailure::Malformed(format!(
-            "event_type field {flat:?} disagrees with payload event_type {:?}",
-            event.event_type()
-        ))),
+    match entry.get_bytes("event_type") {
+        Some(flat) if flat != event.event_type().as_bytes() => {
+            Err(DecodeFailure::Malformed(format!(
+                "event_type field {:?} disagrees with payload event_type {:?}",
+                String::from_utf8_lossy(flat),
+                event.event_type()
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -138,144 +211,84 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The fields of a dead letter: the original fields (minus DLQ fields of an earlier dead
-/// lettering), then `original_message_id, retry_count, dlq_timestamp, error, consumer_group`.
-pub fn dead_letter_fields(
-    entry: &StreamEntry,
-    retry_count: u64,
-    error: &str,
-    consumer_group: &str,
-) -> Vec<(String, String)> {
-    let mut fields: Vec<(String, String)> = entry
-        .fields
-        .iter()
-        .filter(|(k, _)| !DLQ_FIELDS.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    fields.push(("original_message_id".into(), entry.id.clone()));
-    fields.push(("retry_count".into(), retry_count.to_string()));
-    fields.push((
-        "dlq_timestamp".into(),
-        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false),
-    ));
-    fields.push(("error".into(), error.to_owned()));
-    fields.push(("consumer_group".into(), consumer_group.to_owned()));
-    fields
-}
-
-fn into_text(v: Value) -> Option<String> {
+/// A reply value as bytes (bulk, simple or verbatim string; an integer as its digits).
+pub(crate) fn into_bytes(v: Value) -> Option<Vec<u8>> {
     match v {
-        Value::BulkString(b) => Some(
-            String::from_utf8(b)
-                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-        ),
-        Value::SimpleString(s) => Some(s),
-        Value::Int(i) => Some(i.to_string()),
-        Value::VerbatimString { text, .. } => Some(text),
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
         _ => None,
     }
 }
 
-/// As [`parse_entry`], taking the reply apart instead of copying it (the consumer's hot path).
-fn take_entry(v: Value) -> Option<(String, Option<Fields>)> {
-    let Value::Array(parts) = v else { return None };
-    let mut parts = parts.into_iter();
-    let id = into_text(parts.next()?)?;
-    let fields = match parts.next() {
-        Some(Value::Array(flat)) => {
+/// A reply value as text, if it is valid UTF-8.
+pub(crate) fn into_text(v: Value) -> Option<String> {
+    into_bytes(v).and_then(|b| String::from_utf8(b).ok())
+}
+
+/// Field/value pairs, from a flat array or a RESP3 map.
+fn take_fields(v: Value) -> Option<Fields> {
+    match v {
+        Value::Array(flat) => {
             let mut fields = Vec::with_capacity(flat.len() / 2);
             let mut flat = flat.into_iter();
             while let Some(k) = flat.next() {
-                let key = into_text(k).unwrap_or_default();
-                let value = flat.next().and_then(into_text).unwrap_or_default();
+                let key = into_bytes(k).unwrap_or_default();
+                let value = flat.next().and_then(into_bytes).unwrap_or_default();
                 fields.push((key, value));
             }
             Some(fields)
         }
-        Some(Value::Map(pairs)) => Some(
+        Value::Map(pairs) => Some(
             pairs
                 .into_iter()
                 .map(|(k, v)| {
                     (
-                        into_text(k).unwrap_or_default(),
-                        into_text(v).unwrap_or_default(),
+                        into_bytes(k).unwrap_or_default(),
+                        into_bytes(v).unwrap_or_default(),
                     )
                 })
                 .collect(),
         ),
-        _ => None,
-    };
-    Some((id, fields))
-}
-
-fn as_text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        Value::VerbatimString { text, .. } => Some(text.clone()),
         _ => None,
     }
 }
 
-/// Field/value pairs of an entry, in order.
-pub(crate) type Fields = Vec<(String, String)>;
+/// Field/value pairs of an entry, as bytes, in order.
+pub(crate) type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// One entry `[id, [f, v, ...]]`. `Ok(None)` fields mean the entry was deleted while pending.
-/// Non-UTF-8 fields are kept lossily so the entry can still be dead-lettered.
-pub(crate) fn parse_entry(v: &Value) -> Option<(String, Option<Fields>)> {
+/// One entry `[id, [f, v, ...]]`; `None` fields mean it was deleted while pending.
+pub(crate) fn take_entry(v: Value) -> Option<(String, Option<Fields>)> {
     let Value::Array(parts) = v else { return None };
-    let id = as_text(parts.first()?)?;
-    let fields = match parts.get(1) {
-        Some(Value::Array(flat)) => Some(
-            flat.chunks(2)
-                .map(|kv| {
-                    let text = |x: Option<&Value>| match x {
-                        Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                        Some(other) => as_text(other).unwrap_or_default(),
-                        None => String::new(),
-                    };
-                    (text(kv.first()), text(kv.get(1)))
-                })
-                .collect(),
-        ),
-        Some(Value::Map(pairs)) => Some(
-            pairs
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        as_text(k).unwrap_or_default(),
-                        as_text(v).unwrap_or_default(),
-                    )
-                })
-                .collect(),
-        ),
-        _ => None,
-    };
-    Some((id, fields))
+    let mut parts = parts.into_iter();
+    let id = into_text(parts.next()?)?;
+    Some((id, parts.next().and_then(take_fields)))
 }
 
-/// The entries of an XRANGE reply. Deleted entries are skipped.
-pub(crate) fn parse_range(v: &Value) -> Vec<StreamEntry> {
+/// The entries of an XRANGE / XCLAIM reply. Deleted entries are skipped.
+pub(crate) fn parse_range(v: Value) -> Vec<StreamEntry> {
     let Value::Array(items) = v else {
         return Vec::new();
     };
     items
-        .iter()
-        .filter_map(parse_entry)
+        .into_iter()
+        .filter_map(take_entry)
         .filter_map(|(id, fields)| fields.map(|fields| StreamEntry { id, fields }))
         .collect()
 }
 
-/// An entry read by XREADGROUP: present, or deleted while it was pending.
+/// An entry read by XREADGROUP: present, deleted while it was pending, or larger than the
+/// configured cap (its bytes were read and discarded).
 #[derive(Debug)]
 pub(crate) enum ReadEntry {
     Present(StreamEntry),
     Deleted(String),
+    Oversized { id: String, bytes: usize },
 }
 
 /// The entries of an XREADGROUP reply for one stream (Nil on timeout = no entries).
-pub(crate) fn parse_read_reply(v: Value) -> Vec<ReadEntry> {
+pub(crate) fn parse_read_reply(v: Value, max_entry_bytes: usize) -> Vec<ReadEntry> {
     let streams: Vec<Value> = match v {
         Value::Array(items) => items,
         Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect(),
@@ -292,7 +305,16 @@ pub(crate) fn parse_read_reply(v: Value) -> Vec<ReadEntry> {
             for raw in list {
                 match take_entry(raw) {
                     Some((id, Some(fields))) => {
-                        out.push(ReadEntry::Present(StreamEntry { id, fields }))
+                        let entry = StreamEntry { id, fields };
+                        let bytes = entry.size();
+                        if bytes > max_entry_bytes {
+                            out.push(ReadEntry::Oversized {
+                                id: entry.id,
+                                bytes,
+                            });
+                        } else {
+                            out.push(ReadEntry::Present(entry));
+                        }
                     }
                     Some((id, None)) => out.push(ReadEntry::Deleted(id)),
                     None => {}
@@ -307,24 +329,54 @@ pub(crate) fn parse_read_reply(v: Value) -> Vec<ReadEntry> {
 mod tests {
     use super::*;
 
+    fn bulk(b: &[u8]) -> Value {
+        Value::BulkString(b.to_vec())
+    }
+
     #[test]
-    fn redis_reply_parsing_handles_deleted_entries() {
+    fn redis_reply_parsing_handles_deleted_and_binary_entries() {
         let reply = Value::Array(vec![Value::Array(vec![
-            Value::BulkString(b"s".to_vec()),
+            bulk(b"s"),
             Value::Array(vec![
                 Value::Array(vec![
-                    Value::BulkString(b"1-0".to_vec()),
-                    Value::Array(vec![
-                        Value::BulkString(b"event_type".to_vec()),
-                        Value::BulkString(b"X".to_vec()),
-                    ]),
+                    bulk(b"1-0"),
+                    Value::Array(vec![bulk(b"event_type"), bulk(b"X\xff")]),
                 ]),
-                Value::Array(vec![Value::BulkString(b"2-0".to_vec()), Value::Nil]),
+                Value::Array(vec![bulk(b"2-0"), Value::Nil]),
+                Value::Array(vec![
+                    bulk(b"3-0"),
+                    Value::Array(vec![bulk(b"payload"), bulk(&[b'x'; 64])]),
+                ]),
             ]),
         ])]);
-        let entries = parse_read_reply(reply);
-        assert!(matches!(&entries[0], ReadEntry::Present(e) if e.get("event_type") == Some("X")));
+        let entries = parse_read_reply(reply, 32);
+        assert!(
+            matches!(&entries[0], ReadEntry::Present(e) if e.get_bytes("event_type") == Some(&b"X\xff"[..]) && e.get("event_type").is_none())
+        );
         assert!(matches!(&entries[1], ReadEntry::Deleted(id) if id == "2-0"));
-        assert!(parse_read_reply(Value::Nil).is_empty());
+        assert!(
+            matches!(&entries[2], ReadEntry::Oversized { id, bytes: 71 } if id == "3-0"),
+            "{:?}",
+            entries[2]
+        );
+        assert!(parse_read_reply(Value::Nil, 32).is_empty());
+    }
+
+    #[test]
+    fn invalid_utf8_payload_is_malformed_and_names_the_offset() {
+        let registry = EventRegistry::new();
+        let entry = StreamEntry {
+            id: "1-0".into(),
+            fields: vec![(b"payload".to_vec(), b"{\"a\":\"\xc3\x28\"}".to_vec())],
+        };
+        match decode_entry(&entry, &registry) {
+            Err(DecodeFailure::Malformed(reason)) => {
+                assert!(
+                    reason.contains("not valid UTF-8") && reason.contains("offset 6"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

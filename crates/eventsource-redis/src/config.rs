@@ -40,7 +40,7 @@ impl ConfigError {
 /// assert_eq!(config.stream_name(), "orders:stream");
 /// assert_eq!(config.dlq_stream_name(), "orders:stream_dlq");
 /// assert_eq!(config.retry_key("1-0"), "orders:retry:1-0");
-/// assert_eq!(config.error_key("1-0"), "orders:retry:1-0:error");
+/// assert_eq!(config.error_key("1-0"), "orders:retry:projections:1-0:error");
 /// ```
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -117,8 +117,51 @@ pub struct RedisEventBusConfig {
     /// done. Useful for I/O-bound handlers.
     pub handler_concurrency: usize,
     /// Longest wait between reconnection attempts, in milliseconds (backoff doubles from
-    /// 100 ms up to this, with jitter). Default 5000.
+    /// 100 ms up to this, with jitter). Problems an operator must fix (a missing ACL
+    /// permission, a wrong password) are retried at this interval. Default 5000.
     pub reconnect_max_delay_ms: u64,
+    /// Largest entry (sum of field and value bytes) the consumer reads into memory. A larger
+    /// entry is not held: it is dead-lettered (Redis copies it to the DLQ) with a reason
+    /// naming this limit. Default 16 MiB.
+    pub max_entry_bytes: usize,
+    /// What to do with an entry whose data this version of its registered Rust type rejects
+    /// (a new required field, a changed type: typically a bad deploy). Default
+    /// [`RejectedPolicy::Retry`].
+    pub on_rejected: RejectedPolicy,
+    /// With [`RejectedPolicy::Retry`]: after this many rejected entries in a row (none
+    /// decoding in between) the consumer pauses — it stops reading and recovering, reports
+    /// unhealthy with the reason, and leaves the entries pending — so a bad deploy does not
+    /// drain the stream into the DLQ and a rollback continues where it stopped. 0 = never
+    /// pause. Default 10.
+    pub pause_after_rejections: u32,
+}
+
+/// What a consumer does with an entry its version of the event type cannot decode.
+///
+/// "Malformed" entries (not JSON, no payload, invalid base fields) are dead-lettered at once
+/// whatever this says: no version can decode them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectedPolicy {
+    /// Treat it like a handler failure: it stays pending with the reason recorded, recovery
+    /// retries it, and it is dead-lettered after `1 + max_retries` attempts; and after
+    /// `pause_after_rejections` rejections in a row the consumer pauses. Protects the stream
+    /// from a bad deploy. The default.
+    #[default]
+    Retry,
+    /// Dead-letter it at once, like a malformed entry (the behaviour before 0.2).
+    DeadLetter,
+}
+
+impl std::str::FromStr for RejectedPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "retry" => Ok(Self::Retry),
+            "dead_letter" | "dlq" => Ok(Self::DeadLetter),
+            other => Err(format!("{other:?} is not one of retry, dead_letter")),
+        }
+    }
 }
 
 impl Default for RedisEventBusConfig {
@@ -145,6 +188,9 @@ impl Default for RedisEventBusConfig {
             dedupe_window: 0,
             prune_idle_consumers_ms: 86_400_000,
             reconnect_max_delay_ms: 5_000,
+            max_entry_bytes: 16 * 1024 * 1024,
+            on_rejected: RejectedPolicy::Retry,
+            pause_after_rejections: 10,
         }
     }
 }
@@ -173,6 +219,9 @@ impl fmt::Debug for RedisEventBusConfig {
             .field("dedupe_window", &self.dedupe_window)
             .field("prune_idle_consumers_ms", &self.prune_idle_consumers_ms)
             .field("reconnect_max_delay_ms", &self.reconnect_max_delay_ms)
+            .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("on_rejected", &self.on_rejected)
+            .field("pause_after_rejections", &self.pause_after_rejections)
             .finish()
     }
 }
@@ -318,6 +367,12 @@ impl RedisEventBusConfig {
                 "must be at least 100",
             ));
         }
+        if self.max_entry_bytes < 1024 {
+            return Err(ConfigError::new(
+                "max_entry_bytes",
+                format!("{} must be at least 1024", self.max_entry_bytes),
+            ));
+        }
         Ok(())
     }
 
@@ -339,11 +394,15 @@ impl RedisEventBusConfig {
         )
     }
 
-    /// Where this bus keeps the last failure reason of a pending entry:
-    /// `{retry key}:error`. Kept apart from the retry key itself, which eventsource-py reads as
-    /// an integer, so Python consumers in the same group are not disturbed.
+    /// Where this bus keeps the last failure reason of a pending entry for this consumer
+    /// group: `{stream_prefix}:{retry_key_prefix}:{consumer_group}:{message_id}:error`. Per
+    /// group, because every group handles (and may fail) the same entry; apart from the retry
+    /// key, which eventsource-py reads as an integer.
     pub fn error_key(&self, message_id: &str) -> String {
-        format!("{}:error", self.retry_key(message_id))
+        format!(
+            "{}:{}:{}:{}:error",
+            self.stream_prefix, self.retry_key_prefix, self.consumer_group, message_id
+        )
     }
 
     /// The consumer name in use: the configured one, or `{hostname}-{8 hex}`.
@@ -463,6 +522,15 @@ impl RedisEventBusConfig {
         if let Some(v) = parse("reconnect_max_delay_ms", get("reconnect_max_delay_ms"))? {
             c.reconnect_max_delay_ms = v;
         }
+        if let Some(v) = parse("max_entry_bytes", get("max_entry_bytes"))? {
+            c.max_entry_bytes = v;
+        }
+        if let Some(v) = parse("on_rejected", get("on_rejected"))? {
+            c.on_rejected = v;
+        }
+        if let Some(v) = parse("pause_after_rejections", get("pause_after_rejections"))? {
+            c.pause_after_rejections = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -476,6 +544,5 @@ pub fn default_consumer_name() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned());
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    format!("{host}-{}", &suffix[..8])
+    format!("{host}-{:08x}", fastrand::u32(..))
 }

@@ -4,27 +4,77 @@ use redis::Value;
 use serde::Serialize;
 
 use crate::bus::RedisEventBus;
-use crate::codec::{self, DLQ_FIELDS, REPLAY_GROUP_FIELD, StreamEntry};
+use crate::codec::{self, StreamEntry};
 use crate::error::RedisBusError;
+use crate::scripts;
 
 /// One dead letter: its id in the DLQ stream and its fields (the original entry's, then
 /// `original_message_id`, `retry_count`, `dlq_timestamp`, and from this bus `error` and
-/// `consumer_group`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// `consumer_group`), byte for byte as Redis holds them.
+#[derive(Clone, PartialEq, Eq)]
 pub struct DlqMessage {
     /// The id in the DLQ stream (what [`RedisEventBus::replay_dlq_message`] takes).
     pub message_id: String,
-    /// The fields, in order.
-    pub data: Vec<(String, String)>,
+    /// The fields, in order, as bytes.
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for DlqMessage {
+    /// Fields as text (invalid UTF-8 shown as U+FFFD).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DlqMessage")
+            .field("message_id", &self.message_id)
+            .field("data", &self.fields_lossy())
+            .finish()
+    }
+}
+
+impl Serialize for DlqMessage {
+    /// `{"message_id": ..., "data": [[field, value], ...]}`, bytes that are not UTF-8 shown
+    /// as U+FFFD.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("DlqMessage", 2)?;
+        st.serialize_field("message_id", &self.message_id)?;
+        st.serialize_field("data", &self.fields_lossy())?;
+        st.end()
+    }
 }
 
 impl DlqMessage {
-    /// A field's value (`msg.get("event_type")`, `msg.get("retry_count")`, ...).
+    fn from_entry(entry: StreamEntry) -> Self {
+        Self {
+            message_id: entry.id,
+            fields: entry.fields,
+        }
+    }
+
+    /// A field's value as text (`msg.get("event_type")`, `msg.get("retry_count")`, ...);
+    /// `None` when absent or not valid UTF-8.
     pub fn get(&self, field: &str) -> Option<&str> {
-        self.data
+        self.get_bytes(field)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// A field's raw value.
+    pub fn get_bytes(&self, field: &str) -> Option<&[u8]> {
+        self.fields
             .iter()
-            .find(|(k, _)| k == field)
-            .map(|(_, v)| v.as_str())
+            .find(|(k, _)| k.as_slice() == field.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The fields as text, invalid UTF-8 replaced by U+FFFD (for display).
+    pub fn fields_lossy(&self) -> Vec<(String, String)> {
+        self.fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect()
     }
 
     /// The wire name of the dead-lettered event.
@@ -53,6 +103,24 @@ impl DlqMessage {
     }
 }
 
+/// What [`RedisEventBus::replay_dlq_message_scoped`] did with one dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ReplayOutcome {
+    /// Put back on the main stream under this new id, and removed from the DLQ.
+    Replayed {
+        /// The new entry's id in the main stream.
+        new_id: String,
+    },
+    /// No dead letter has this id (already replayed or purged, perhaps by someone else).
+    Missing,
+    /// It belongs to another consumer group than the scope; left alone.
+    OtherGroup {
+        /// The group that dead-lettered it (empty for eventsource-py's dead letters).
+        group: String,
+    },
+}
+
 impl RedisEventBus {
     /// The oldest `count` dead letters.
     ///
@@ -75,17 +143,13 @@ impl RedisEventBus {
         let entries = self
             .range(&self.inner.dlq_stream, start, end, count)
             .await?;
-        Ok(entries
-            .into_iter()
-            .map(|e| DlqMessage {
-                message_id: e.id,
-                data: e.fields,
-            })
-            .collect())
+        Ok(entries.into_iter().map(DlqMessage::from_entry).collect())
     }
 
-    /// Puts a dead letter back on the main stream (a new id) and removes it from the DLQ, in
-    /// one transaction. Returns false when no dead letter has this id.
+    /// Puts a dead letter back on the main stream (a new id, the original bytes) and removes
+    /// it from the DLQ, in one script: of two operators replaying the same dead letter, one
+    /// republishes it and the other finds it gone. Returns false when no dead letter has this
+    /// id.
     ///
     /// Only the consumer group that dead-lettered it handles it again: the replayed entry
     /// carries `replay_group`, and this bus's consumers in other groups acknowledge and skip
@@ -96,35 +160,45 @@ impl RedisEventBus {
     /// # Errors
     /// [`RedisBusError`] when Redis fails; the dead letter is then still in the DLQ.
     pub async fn replay_dlq_message(&self, message_id: &str) -> Result<bool, RedisBusError> {
-        let Some(letter) = self
-            .range(&self.inner.dlq_stream, message_id, message_id, 1)
-            .await?
-            .into_iter()
-            .next()
-        else {
-            return Ok(false);
-        };
-        let group = letter.get("consumer_group").map(str::to_owned);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let cmd = pipe.cmd("XADD").arg(&self.inner.stream).arg("*");
-        for (k, v) in &letter.fields {
-            if DLQ_FIELDS.contains(&k.as_str()) || k == REPLAY_GROUP_FIELD {
-                continue;
-            }
-            cmd.arg(k).arg(v);
-        }
-        if let Some(group) = &group {
-            cmd.arg(REPLAY_GROUP_FIELD).arg(group);
-        }
-        pipe.cmd("XDEL").arg(&self.inner.dlq_stream).arg(message_id);
+        Ok(matches!(
+            self.replay_dlq_message_scoped(message_id, None).await?,
+            ReplayOutcome::Replayed { .. }
+        ))
+    }
+
+    /// As [`replay_dlq_message`](Self::replay_dlq_message), touching the dead letter only if
+    /// it belongs to `group` (when given).
+    ///
+    /// # Errors
+    /// [`RedisBusError`] when Redis fails.
+    pub async fn replay_dlq_message_scoped(
+        &self,
+        message_id: &str,
+        group: Option<&str>,
+    ) -> Result<ReplayOutcome, RedisBusError> {
         let mut conn = self.commands().await?;
-        let reply: Vec<Value> = pipe
-            .query_async(&mut conn)
+        let reply: Vec<Value> = scripts::REPLAY
+            .key(&self.inner.dlq_stream)
+            .key(&self.inner.stream)
+            .arg(message_id)
+            .arg(group.unwrap_or(""))
+            .invoke_async(&mut conn)
             .await
-            .map_err(|e| self.command_error("XADD (replay)", e))?;
-        tracing::info!(dlq_id = %message_id, new_id = ?reply.first(), group = ?group, "dead letter replayed");
-        Ok(true)
+            .map_err(|e| self.command_error("EVALSHA (replay)", e))?;
+        let mut parts = reply.into_iter();
+        let outcome = match parts.next() {
+            Some(Value::Int(2)) => ReplayOutcome::Replayed {
+                new_id: parts.next().and_then(codec::into_text).unwrap_or_default(),
+            },
+            Some(Value::Int(1)) => ReplayOutcome::OtherGroup {
+                group: parts.next().and_then(codec::into_text).unwrap_or_default(),
+            },
+            _ => ReplayOutcome::Missing,
+        };
+        if let ReplayOutcome::Replayed { new_id } = &outcome {
+            tracing::info!(dlq_id = %message_id, %new_id, "dead letter replayed");
+        }
+        Ok(outcome)
     }
 
     /// Entries of the main stream with ids in `[start, end]`, at most `count` — for replaying
@@ -175,6 +249,7 @@ impl RedisEventBus {
                     }
                     Err(codec::DecodeFailure::Unregistered(_)) => summary.skipped_unregistered += 1,
                     Err(codec::DecodeFailure::Malformed(_)) => summary.skipped_malformed += 1,
+                    Err(codec::DecodeFailure::Rejected { .. }) => summary.skipped_rejected += 1,
                 }
             }
             match entries.last() {
@@ -202,7 +277,7 @@ impl RedisEventBus {
             .query_async(&mut conn)
             .await
             .map_err(|e| self.command_error("XRANGE", e))?;
-        Ok(codec::parse_range(&reply))
+        Ok(codec::parse_range(reply))
     }
 }
 
@@ -215,6 +290,8 @@ pub struct HistorySummary {
     pub skipped_unregistered: u64,
     /// Entries that do not decode.
     pub skipped_malformed: u64,
+    /// Entries whose data this version of their registered type rejects.
+    pub skipped_rejected: u64,
 }
 
 /// Why a history replay stopped.

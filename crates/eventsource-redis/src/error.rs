@@ -1,4 +1,6 @@
-//! The error type of the Redis bus.
+//! The error type of the Redis bus, and how the consumer classifies what goes wrong.
+
+use redis::ErrorKind;
 
 use crate::config::ConfigError;
 
@@ -19,8 +21,37 @@ pub enum RedisBusError {
         #[source]
         source: redis::RedisError,
     },
+    /// Redis refused the credentials (wrong password, unknown or disabled user). Not
+    /// transient: fix the user and password in `redis_url`.
+    #[error(
+        "Redis at {url} refused the credentials: {source}; check the user name and password \
+         in redis_url (ACL users: `ACL LIST` on the server)"
+    )]
+    Authentication {
+        /// The URL, password redacted.
+        url: String,
+        /// The cause.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// The Redis user may not run a command (ACL `NOPERM`). Not transient: grant it.
+    #[error(
+        "the Redis user {} may not run `{command}`: {source}; grant it with `ACL SETUSER {} \
+         +{command}` (the README lists the rules for a publisher, a consumer and an operator)",
+        user.as_deref().unwrap_or("default"),
+        user.as_deref().unwrap_or("default")
+    )]
+    NoPermission {
+        /// The command (or subcommand, `xgroup|create`) that was refused.
+        command: String,
+        /// The Redis user, when the URL names one.
+        user: Option<String>,
+        /// The cause.
+        #[source]
+        source: redis::RedisError,
+    },
     /// A Redis command failed or timed out. Transient for timeouts and dropped connections;
-    /// for `OOM`, `MISCONF`, `NOPERM` an operator must act.
+    /// for `OOM` and `MISCONF` an operator must act.
     #[error("Redis {command} failed: {source}")]
     Command {
         /// The command, e.g. `XADD`.
@@ -28,6 +59,15 @@ pub enum RedisBusError {
         /// The cause.
         #[source]
         source: redis::RedisError,
+    },
+    /// Redis answered something this bus does not understand (a bug or an incompatible
+    /// server).
+    #[error("unexpected reply to {command}: {reply}")]
+    UnexpectedReply {
+        /// The command.
+        command: &'static str,
+        /// The reply, as debug text.
+        reply: String,
     },
     /// An event could not be published (invalid base field, data not an object). Nothing of
     /// the batch was sent.
@@ -54,16 +94,18 @@ pub enum RedisBusError {
         /// Events refused, with Redis's error, in batch order.
         failed: Vec<(uuid::Uuid, redis::RedisError)>,
     },
-    /// `start_consuming` was called while this bus is already consuming.
+    /// `start_consuming` was called while this bus is already consuming; the running
+    /// consumer is not affected.
     #[error("this bus is already consuming; call stop_consuming first")]
     AlreadyConsuming,
 }
 
 impl RedisBusError {
     /// Whether retrying later may succeed (connection loss, timeout, Redis loading).
+    /// Authentication and permission errors are not: an operator must act.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Connect { .. } => true,
+            Self::Connect { source, .. } => !is_auth_error(source),
             Self::Command { source, .. } => is_connection_error(source),
             Self::PartialPublish { failed, .. } => {
                 failed.iter().all(|(_, e)| is_connection_error(e))
@@ -73,8 +115,100 @@ impl RedisBusError {
     }
 }
 
+/// What keeps a consumer from working, as its health reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Problem {
+    /// Whether it may pass by itself (Redis down, a timeout) or needs an operator.
+    pub(crate) transient: bool,
+    /// What is wrong and, where known, what to do.
+    pub(crate) message: String,
+}
+
+impl Problem {
+    pub(crate) fn from_bus_error(e: &RedisBusError) -> Self {
+        Self {
+            transient: e.is_transient(),
+            message: crate::codec::error_chain(e),
+        }
+    }
+
+    pub(crate) fn from_read_error(what: &str, e: &crate::reader::ReadError) -> Self {
+        use crate::reader::ReadError;
+        match e {
+            ReadError::Server(text) | ReadError::NoGroup(text) => {
+                let (transient, message) = classify_server_text(what, text);
+                Self { transient, message }
+            }
+            ReadError::Connection(text) => Self {
+                transient: true,
+                message: format!("{what}: {text}"),
+            },
+            ReadError::Protocol(text) => Self {
+                transient: true,
+                message: format!("{what}: {text}"),
+            },
+        }
+    }
+}
+
+/// Classifies an error line from Redis: (transient, message with what to do).
+pub(crate) fn classify_server_text(what: &str, text: &str) -> (bool, String) {
+    if text.starts_with("NOPERM") {
+        let command = quoted_command(text).unwrap_or("the command");
+        (
+            false,
+            format!(
+                "{what}: {text}; the Redis user lacks a permission: grant it with `ACL SETUSER \
+                 <user> +{command}` (the README lists the rules for a consumer)"
+            ),
+        )
+    } else if text.starts_with("WRONGPASS")
+        || text.starts_with("NOAUTH")
+        || text.contains("invalid username-password")
+    {
+        (
+            false,
+            format!("{what}: {text}; check the user name and password in redis_url"),
+        )
+    } else if text.starts_with("OOM") || text.starts_with("MISCONF") {
+        (
+            false,
+            format!(
+                "{what}: {text}; Redis refuses writes until an operator frees memory or fixes persistence"
+            ),
+        )
+    } else {
+        (true, format!("{what}: {text}"))
+    }
+}
+
+/// The `'command'` a NOPERM message names.
+fn quoted_command(text: &str) -> Option<&str> {
+    let start = text.find('\'')? + 1;
+    let len = text[start..].find('\'')?;
+    Some(&text[start..start + len])
+}
+
+/// The command a NOPERM error names, e.g. `xgroup|create`.
+pub(crate) fn denied_command(e: &redis::RedisError) -> Option<String> {
+    quoted_command(&e.to_string()).map(str::to_owned)
+}
+
+/// Whether Redis refused the credentials.
+pub(crate) fn is_auth_error(e: &redis::RedisError) -> bool {
+    e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+}
+
+/// Whether the ACL refused a command.
+pub(crate) fn is_permission_error(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOPERM")
+}
+
 /// Whether a Redis error means the connection (not the command) is the problem.
 pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
+    if is_auth_error(e) || is_permission_error(e) {
+        return false;
+    }
     e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
@@ -85,5 +219,13 @@ pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
 
 /// Whether the error says the consumer group (or the stream) is gone.
 pub(crate) fn is_nogroup(e: &redis::RedisError) -> bool {
-    e.code() == Some("NOGROUP")
+    e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
+}
+
+/// As [`is_nogroup`], for a bus error.
+pub(crate) fn bus_error_is_nogroup(e: &RedisBusError) -> bool {
+    match e {
+        RedisBusError::Command { source, .. } => is_nogroup(source),
+        _ => false,
+    }
 }

@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use redis::Value;
+use redis::streams::{StreamInfoGroupsReply, StreamPendingCountReply};
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
@@ -15,7 +16,10 @@ use crate::error::RedisBusError;
 pub struct BusStats {
     /// Events written to the stream by this bus.
     pub events_published: u64,
-    /// Entries decoded and given to handlers (each delivery counts, retries included).
+    /// Entries handled and acknowledged: every handler succeeded (or the type is known and has
+    /// no handler here) and the acknowledgement reached Redis — eventsource-py's counter, so
+    /// waiting for `events_consumed >= events_published` waits for the handlers. See
+    /// `events_dispatched` for deliveries given to handlers.
     pub events_consumed: u64,
     /// Deliveries where every handler succeeded.
     pub events_processed_success: u64,
@@ -54,6 +58,18 @@ pub struct BusStats {
     /// Entries skipped because this consumer had already handled their event id
     /// (`dedupe_window`).
     pub duplicates_skipped: u64,
+    /// Deliveries given to handlers (each attempt counts, failed ones and retries included).
+    pub events_dispatched: u64,
+    /// Entries whose data this version of their registered type rejects (see
+    /// `on_rejected`); counted apart from malformed entries.
+    pub events_rejected: u64,
+    /// Entries delivered to this consumer that another consumer took (or acknowledged)
+    /// before they started here; not run here.
+    pub entries_taken_over: u64,
+    /// Entries given back to the group unhandled when consuming stopped or paused.
+    pub entries_released: u64,
+    /// Dead letters not written because the entry was acknowledged (handled) first.
+    pub dead_letters_skipped_acked: u64,
 }
 
 impl BusStats {
@@ -144,38 +160,6 @@ pub struct PendingEntry {
     pub deliveries: u64,
 }
 
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
-}
-
-/// A flat `[k, v, k, v]` array or a RESP3 map, as pairs.
-fn pairs(v: &Value) -> Vec<(String, &Value)> {
-    match v {
-        Value::Array(flat) => flat
-            .chunks(2)
-            .filter_map(|kv| Some((text(kv.first()?)?, kv.get(1)?)))
-            .collect(),
-        Value::Map(m) => m.iter().filter_map(|(k, v)| Some((text(k)?, v))).collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn int(v: Option<&Value>) -> Option<u64> {
-    match v? {
-        Value::Int(n) => u64::try_from(*n).ok(),
-        other => text(other)?.parse().ok(),
-    }
-}
-
-fn entry_id(v: Option<&Value>) -> Option<String> {
-    codec::parse_entry(v?).map(|(id, _)| id)
-}
-
 impl RedisEventBus {
     /// The counters.
     pub fn stats(&self) -> BusStats {
@@ -201,6 +185,11 @@ impl RedisEventBus {
             acks_not_applied: get(&c.acks_not_applied),
             consumer_name_in_use: get(&c.consumer_name_in_use),
             duplicates_skipped: get(&c.duplicates_skipped),
+            events_dispatched: get(&c.events_dispatched),
+            events_rejected: get(&c.events_rejected),
+            entries_taken_over: get(&c.entries_taken_over),
+            entries_released: get(&c.entries_released),
+            dead_letters_skipped_acked: get(&c.dead_letters_skipped_acked),
         }
     }
 
@@ -252,34 +241,40 @@ impl RedisEventBus {
             return Ok(info);
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("XINFO").arg("STREAM").arg(&self.inner.stream);
+        pipe.cmd("XLEN").arg(&self.inner.stream);
+        pipe.cmd("XRANGE")
+            .arg(&self.inner.stream)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        pipe.cmd("XREVRANGE")
+            .arg(&self.inner.stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
         pipe.cmd("XINFO").arg("GROUPS").arg(&self.inner.stream);
-        let (stream, groups): (Value, Value) = pipe
+        let (length, first, last, groups): (u64, Value, Value, StreamInfoGroupsReply) = pipe
             .query_async(&mut conn)
             .await
-            .map_err(|e| self.command_error("XINFO", e))?;
-        let fields = pairs(&stream);
-        let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
-        info.stream.length = int(field("length")).unwrap_or(0);
-        info.stream.first_entry_id = entry_id(field("first-entry"));
-        info.stream.last_entry_id = entry_id(field("last-entry"));
-        if let Value::Array(list) = &groups {
-            for g in list {
-                let gf = pairs(g);
-                let get = |name: &str| gf.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
-                let group = GroupInfo {
-                    name: get("name").and_then(text).unwrap_or_default(),
-                    consumers: int(get("consumers")).unwrap_or(0),
-                    pending: int(get("pending")).unwrap_or(0),
-                    last_delivered_id: get("last-delivered-id").and_then(text).unwrap_or_default(),
-                    lag: int(get("lag")),
-                };
-                if group.name == self.inner.config.consumer_group {
-                    info.pending_messages = group.pending;
-                }
-                info.active_consumers += group.consumers;
-                info.consumer_groups.push(group);
+            .map_err(|e| self.command_error("XINFO GROUPS", e))?;
+        info.stream.length = length;
+        info.stream.first_entry_id = codec::parse_range(first).pop().map(|e| e.id);
+        info.stream.last_entry_id = codec::parse_range(last).pop().map(|e| e.id);
+        for g in groups.groups {
+            let group = GroupInfo {
+                name: g.name,
+                consumers: g.consumers as u64,
+                pending: g.pending as u64,
+                last_delivered_id: g.last_delivered_id,
+                lag: g.lag.map(|n| n as u64),
+            };
+            if group.name == self.inner.config.consumer_group {
+                info.pending_messages = group.pending;
             }
+            info.active_consumers += group.consumers;
+            info.consumer_groups.push(group);
         }
         Ok(info)
     }
@@ -291,7 +286,7 @@ impl RedisEventBus {
     /// [`RedisBusError`] when Redis fails (a missing stream or group is an empty list).
     pub async fn pending_entries(&self, count: usize) -> Result<Vec<PendingEntry>, RedisBusError> {
         let mut conn = self.commands().await?;
-        let reply: Result<Value, redis::RedisError> = redis::cmd("XPENDING")
+        let reply: Result<StreamPendingCountReply, redis::RedisError> = redis::cmd("XPENDING")
             .arg(&self.inner.stream)
             .arg(&self.inner.config.consumer_group)
             .arg("-")
@@ -299,45 +294,50 @@ impl RedisEventBus {
             .arg(count)
             .query_async(&mut conn)
             .await;
-        let reply = match reply {
-            Ok(v) => v,
+        let rows = match reply {
+            Ok(reply) => reply.ids,
             Err(e) if crate::error::is_nogroup(&e) => return Ok(Vec::new()),
             Err(e) => return Err(self.command_error("XPENDING", e)),
         };
-        let Value::Array(rows) = reply else {
-            return Ok(Vec::new());
-        };
         Ok(rows
-            .iter()
-            .filter_map(|row| {
-                let Value::Array(cols) = row else { return None };
-                Some(PendingEntry {
-                    message_id: text(cols.first()?)?,
-                    consumer: text(cols.get(1)?)?,
-                    idle_ms: int(cols.get(2))?,
-                    deliveries: int(cols.get(3))?,
-                })
+            .into_iter()
+            .map(|row| PendingEntry {
+                message_id: row.id,
+                consumer: row.consumer,
+                idle_ms: row.last_delivered_ms as u64,
+                deliveries: row.times_delivered as u64,
             })
             .collect())
     }
 
     /// Health for liveness/readiness probes: `healthy` when Redis answers and the consumer
-    /// runs, `degraded` when Redis answers but nothing consumes, `unhealthy` otherwise.
+    /// runs without a problem, `degraded` when Redis answers but nothing consumes,
+    /// `unhealthy` when Redis cannot be reached, the consumer is paused (see
+    /// `pause_after_rejections`), or it is stuck on a problem an operator must fix (a missing
+    /// ACL permission, a wrong password) — `error` then says what and what to do.
     pub async fn health_check(&self) -> Health {
         let info = self.get_stream_info().await;
         let consuming = self.is_consuming();
+        let paused = self.paused_reason();
+        let problem = crate::bus::lock(&self.inner.control.problem).clone();
+        let stuck = problem.as_ref().is_some_and(|p| !p.transient);
         let status = match (info.connected, consuming) {
+            (false, _) => "unhealthy",
+            (true, true) if paused.is_some() || stuck => "unhealthy",
             (true, true) => "healthy",
             (true, false) => "degraded",
-            (false, _) => "unhealthy",
         };
+        let error = paused
+            .map(|reason| format!("consumer paused: {reason}"))
+            .or_else(|| consuming.then(|| problem.map(|p| p.message)).flatten())
+            .or(info.error);
         Health {
             status,
             connected: info.connected,
             consuming,
             pending_messages: info.pending_messages,
             dlq_messages: info.dlq_messages,
-            error: info.error,
+            error,
         }
     }
 }

@@ -44,10 +44,17 @@
 //!
 //! ## Layout
 //! - [`config`]: every option with the tutorial's names and defaults, validation, key names.
-//! - [`codec`]: stream entry ⇄ event (shared/spec/wire-format.md).
-//! - `bus`: connections, publishing (one pipelined round trip per batch), subscriptions.
-//! - `consume`: the read loop — own pending entries first, then new ones; dispatch; ack.
-//! - [`recovery`]: claiming idle pending entries, attempts, dead-lettering.
+//! - [`codec`]: stream entry (bytes) ⇄ event (`docs/wire-format.md`).
+//! - `bus`: connections, publishing (one pipelined round trip per batch), subscriptions,
+//!   counters, the consumer's lifecycle state.
+//! - `consume`: start / stop / shutdown / pause, and the read loop — own pending entries
+//!   first, then new ones with a bounded read-ahead, recovery one page per tick.
+//! - `handle`: what the loop and recovery share — run a batch of held entries, settle each
+//!   outcome, acknowledge, dead-letter.
+//! - `lease`: the entries a consumer holds, renewed so no one takes them while they wait, and
+//!   the attempt count (handler starts).
+//! - [`recovery`]: claiming idle pending entries, dead-lettering exhausted ones.
+//! - `scripts`: the Lua scripts that make check-then-act steps atomic.
 //! - [`dlq`]: list, inspect, replay dead letters; replay history into a projection.
 //! - [`info`]: statistics, stream info, health.
 //! - [`service`]: run until SIGTERM/SIGINT and shut down gracefully.
@@ -59,32 +66,59 @@
 //!   subscribed to its type (and every wildcard handler) succeeded. A handler error or panic
 //!   leaves it pending; a crash before the ack leaves it pending. Pending entries are
 //!   redelivered: to the same consumer when it restarts with the same name (it re-reads its
-//!   own pending entries first), or to any consumer of the group by recovery once they have
-//!   been idle `pending_idle_ms`. Handlers must therefore be idempotent (dedupe by
-//!   `event_id`). A handler slower than `pending_idle_ms` can be run twice.
+//!   own pending entries first, also after a reconnect), or to any consumer of the group by
+//!   recovery once they have been idle `pending_idle_ms`. Handlers must therefore be
+//!   idempotent (dedupe by `event_id`).
+//! - **No theft from a live consumer.** A consumer keeps the entries it holds (queued in its
+//!   batch or read-ahead, running, or awaiting their ack) renewed, so another consumer takes
+//!   an entry from a live one only when **one handler call takes longer than
+//!   `pending_idle_ms`** (then the entry comes back to the group, so a hung handler does not
+//!   keep it forever). A consumer skips queued entries another consumer took meanwhile
+//!   (counted as `entries_taken_over`) and never claims its own held entries in recovery.
 //! - **Fan-out and load balancing.** Every consumer group receives every event; inside a
-//!   group each entry is delivered to one consumer at a time.
-//! - **Order.** One consumer handles its entries one at a time in stream order; there is no
-//!   order across consumers, and a retried entry runs after later ones.
+//!   group each entry is delivered to one consumer at a time. With slow handlers (a batch
+//!   taking over 100 ms) a consumer does not read ahead, so it holds one batch, not two.
+//! - **Order.** One consumer handles its entries one at a time in stream order (or, with
+//!   `handler_concurrency`, each aggregate's in stream order); there is no order across
+//!   consumers, and a retried entry runs after later ones.
+//! - **Attempts are handler starts.** Redis's delivery count is kept equal to the number of
+//!   times a handler started on the entry, so a consumer killed repeatedly while holding a
+//!   batch dead-letters (after `1 + max_retries` starts) only the entry that was running, and
+//!   a dead letter's `retry_count` and reason are true. The one exception: a consumer killed
+//!   within 100 ms of receiving a batch leaves its unstarted entries counted as started once.
 //! - **Nothing is dropped silently.** Each entry is handled; or acknowledged and skipped for
 //!   a counted reason (its type has no subscriber in this bus; its type is not registered and
 //!   no wildcard handler exists; it is a replay meant for another group; it was deleted while
-//!   pending); or dead-lettered with the reason (it is malformed — retrying cannot help — or
-//!   its handlers failed `1 + max_retries` times). With `enable_dlq = false` the last case is
-//!   acknowledged, logged at error level and counted as dropped.
+//!   pending); or dead-lettered with the reason (it is malformed — not UTF-8 where text is
+//!   needed, not JSON, no payload, invalid base fields, larger than `max_entry_bytes` — or its
+//!   handlers failed `1 + max_retries` times). An entry whose data this version of its Rust
+//!   type rejects is counted apart (`events_rejected`) and by default retried like a handler
+//!   failure; after `pause_after_rejections` in a row the consumer pauses (see
+//!   [`RejectedPolicy`]). With `enable_dlq = false` exhausted entries
+//!   are acknowledged, logged at error level and counted as dropped.
+//! - **Bytes are kept.** Fields are read as bytes; a dead letter and its replay copy the
+//!   entry byte for byte inside Redis.
 //! - **Crash and restart.** A consumer killed mid-batch loses nothing: its unacknowledged
 //!   entries are pending and come back as above. A Redis restart (or a lost connection) is
-//!   survived: the consumer reconnects with jittered backoff, recreates its group when Redis
-//!   lost it (`NOGROUP`), and counts both. Without Redis persistence, what Redis lost is lost.
-//!   A group is (re)created at id `0`, so a group destroyed on a stream that still has entries
-//!   reads them all again: duplicates rather than losses.
+//!   survived: the consumer reconnects with jittered backoff on one read connection, recreates
+//!   its group when Redis lost it (`NOGROUP`), re-reads its own pending entries, and counts
+//!   it all. Without Redis persistence, what Redis lost is lost. A group is (re)created at id
+//!   `0`, so a group destroyed on a stream that still has entries reads them all again:
+//!   duplicates rather than losses. A wrong password or a missing ACL permission is not
+//!   retried quickly as if transient: the error names what to fix, and health reports it.
+//! - **Stopping.** A stop finishes and acknowledges the batch in hand; a stop requested
+//!   before consuming started is not lost; [`RedisEventBus::shutdown`] bounds the wait and
+//!   reports what it left pending.
 //! - **Trimming.** This bus never trims by itself. [`RedisEventBus::trim_acknowledged`]
 //!   removes only what every consumer group has received and acknowledged. Trimming with
 //!   `MAXLEN` instead can drop entries a lagging group has not read yet; entries trimmed while
-//!   pending are acknowledged and counted (`entries_deleted_while_pending`).
-//! - **Dead letters are atomic.** Writing the dead letter and acknowledging the original
-//!   happen in one MULTI/EXEC, so a crash cannot leave an entry both pending and
-//!   dead-lettered, or in neither place.
+//!   pending are counted (`entries_deleted_while_pending`) on every path.
+//! - **Dead letters are atomic and exact.** Writing the dead letter and acknowledging the
+//!   original happen in one script that writes the dead letter only if the acknowledgement
+//!   applies: an entry its owner handled meanwhile is never also dead-lettered. Replaying a
+//!   dead letter republishes it at most once, however many operators replay it at once.
+//! - **Counters follow eventsource-py.** `events_consumed` rises when an entry's handlers
+//!   succeeded and its acknowledgement reached Redis; `events_dispatched` counts deliveries.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -94,16 +128,20 @@ pub mod config;
 mod consume;
 pub mod dlq;
 mod error;
+mod handle;
 pub mod info;
+mod lease;
 mod reader;
 pub mod recovery;
+mod scripts;
 pub mod service;
 pub mod trace;
 pub mod trim;
 
 pub use bus::RedisEventBus;
-pub use config::{ConfigError, RedisEventBusConfig};
-pub use dlq::{DlqMessage, HistoryError, HistorySummary};
+pub use config::{ConfigError, RedisEventBusConfig, RejectedPolicy};
+pub use consume::ShutdownReport;
+pub use dlq::{DlqMessage, HistoryError, HistorySummary, ReplayOutcome};
 pub use error::RedisBusError;
 pub use info::{BusStats, GroupInfo, Health, PendingEntry, StreamDetails, StreamInfo};
 pub use recovery::{RecoveryOptions, RecoveryStats};

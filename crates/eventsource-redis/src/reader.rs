@@ -1,19 +1,28 @@
 //! The blocking-read connection of a consumer.
 //!
 //! On plain TCP it is a small RESP2 client of our own that does one thing: send
-//! `XREADGROUP` and parse the reply straight into entries. Parsing the reply was the largest
-//! single cost of consuming with the general-purpose client (its parser combinators spent
-//! about 3 µs per entry here), and a consumer reads nothing else on this connection. For TLS
-//! and Unix sockets the bus uses a redis-rs connection instead.
+//! `XREADGROUP` and parse the reply straight into entries (field values as bytes, no UTF-8
+//! check, no intermediate value tree). For TLS and Unix sockets the bus uses a redis-rs
+//! connection instead. The benchmark measures both at the default configuration
+//! (`docs/performance.md`); setting `EVENTSOURCE_REDIS_READER=redis-rs` selects redis-rs on
+//! TCP too.
+//!
+//! The parser trusts nothing it reads: a length below -1 is a protocol error (only `-1` means
+//! null), a bulk string longer than Redis's own 512 MB limit is refused, header counts never
+//! size an allocation beyond what arrives, and an entry larger than `max_entry_bytes` is read
+//! and discarded (the consumer dead-letters it inside Redis without holding it).
 
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{ConnectionAddr, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::codec::{self, ReadEntry, StreamEntry};
+
+/// Redis's own upper bound on a bulk string (`proto-max-bulk-len`).
+const MAX_BULK: i64 = 512 * 1024 * 1024;
 
 /// Why a read failed, classified for the consume loop.
 #[derive(Debug)]
@@ -22,7 +31,9 @@ pub(crate) enum ReadError {
     NoGroup(String),
     /// The connection is broken or timed out: reconnect with backoff.
     Connection(String),
-    /// Redis refused the command otherwise (UNBLOCKED, OOM, NOPERM, ...).
+    /// The reply broke the protocol: the connection cannot be trusted; reconnect.
+    Protocol(String),
+    /// Redis refused the command otherwise (UNBLOCKED, OOM, NOPERM, WRONGPASS, ...).
     Server(String),
 }
 
@@ -30,6 +41,7 @@ impl std::fmt::Display for ReadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NoGroup(m) | Self::Connection(m) | Self::Server(m) => f.write_str(m),
+            Self::Protocol(m) => write!(f, "RESP protocol error: {m}"),
         }
     }
 }
@@ -55,8 +67,8 @@ impl From<std::io::Error> for ReadError {
 /// A consumer's read connection.
 pub(crate) enum Reader {
     /// Our own RESP2 reader on a TCP connection.
-    Tcp(TcpReader),
-    /// A redis-rs connection (TLS, Unix socket).
+    Tcp(RespReader<TcpStream>),
+    /// A redis-rs connection (TLS, Unix socket, or chosen for comparison).
     Multiplexed(MultiplexedConnection),
 }
 
@@ -69,6 +81,7 @@ pub(crate) struct ReadRequest {
     pub(crate) block_ms: Option<u64>,
     pub(crate) stream: String,
     pub(crate) id: String,
+    pub(crate) max_entry_bytes: usize,
 }
 
 impl ReadRequest {
@@ -92,6 +105,10 @@ impl ReadRequest {
     }
 }
 
+fn use_redis_rs() -> bool {
+    std::env::var("EVENTSOURCE_REDIS_READER").is_ok_and(|v| v == "redis-rs")
+}
+
 impl Reader {
     /// Opens the read connection for `client`: our TCP reader for `redis://`, redis-rs for
     /// the rest. `name` is set with CLIENT SETNAME.
@@ -102,23 +119,27 @@ impl Reader {
         name: &str,
     ) -> Result<Self, ReadError> {
         let info = client.get_connection_info();
-        if let ConnectionAddr::Tcp(host, port) = info.addr() {
+        if let (ConnectionAddr::Tcp(host, port), false) = (info.addr(), use_redis_rs()) {
             let settings = info.redis_settings();
-            let reader = tokio::time::timeout(
-                connect_timeout,
-                TcpReader::connect(
-                    host,
-                    *port,
-                    settings.username(),
-                    settings.password(),
-                    settings.db(),
-                    name,
-                ),
-            )
-            .await
-            .map_err(|_| {
-                ReadError::Connection(format!("connecting to {host}:{port} timed out"))
-            })??;
+            let connect = async {
+                let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                stream.set_nodelay(true)?;
+                let mut reader = RespReader::new(stream);
+                reader
+                    .setup(
+                        settings.username(),
+                        settings.password(),
+                        settings.db(),
+                        name,
+                    )
+                    .await?;
+                Ok::<_, ReadError>(reader)
+            };
+            let reader = tokio::time::timeout(connect_timeout, connect)
+                .await
+                .map_err(|_| {
+                    ReadError::Connection(format!("connecting to {host}:{port} timed out"))
+                })??;
             return Ok(Self::Tcp(reader));
         }
         let config = redis::AsyncConnectionConfig::new()
@@ -166,7 +187,7 @@ impl Reader {
                 match cmd.query_async::<Value>(&mut conn).await {
                     Ok(reply) => (
                         Some(Self::Multiplexed(conn)),
-                        Ok(codec::parse_read_reply(reply)),
+                        Ok(codec::parse_read_reply(reply, request.max_entry_bytes)),
                     ),
                     Err(e) => {
                         let e = ReadError::from(e);
@@ -179,41 +200,41 @@ impl Reader {
     }
 }
 
-/// A TCP connection speaking just enough RESP2 for XREADGROUP.
-pub(crate) struct TcpReader {
-    stream: BufReader<TcpStream>,
+/// A connection speaking just enough RESP2 for XREADGROUP, over any byte stream.
+pub(crate) struct RespReader<S> {
+    stream: BufReader<S>,
     line: Vec<u8>,
     out: Vec<u8>,
 }
 
-impl TcpReader {
-    async fn connect(
-        host: &str,
-        port: u16,
+impl<S: AsyncRead + AsyncWrite + Unpin> RespReader<S> {
+    pub(crate) fn new(stream: S) -> Self {
+        Self {
+            stream: BufReader::with_capacity(64 * 1024, stream),
+            line: Vec::with_capacity(64),
+            out: Vec::with_capacity(256),
+        }
+    }
+
+    async fn setup(
+        &mut self,
         username: Option<&str>,
         password: Option<&str>,
         db: i64,
         name: &str,
-    ) -> Result<Self, ReadError> {
-        let stream = TcpStream::connect((host, port)).await?;
-        stream.set_nodelay(true)?;
-        let mut reader = Self {
-            stream: BufReader::with_capacity(64 * 1024, stream),
-            line: Vec::with_capacity(64),
-            out: Vec::with_capacity(256),
-        };
+    ) -> Result<(), ReadError> {
         if let Some(password) = password {
             match username {
-                Some(user) => reader.simple(&["AUTH", user, password]).await?,
-                None => reader.simple(&["AUTH", password]).await?,
+                Some(user) => self.simple(&["AUTH", user, password]).await?,
+                None => self.simple(&["AUTH", password]).await?,
             }
         }
         if db != 0 {
-            reader.simple(&["SELECT", &db.to_string()]).await?;
+            self.simple(&["SELECT", &db.to_string()]).await?;
         }
         // Best effort: a server refusing the name does not matter.
-        let _ = reader.simple(&["CLIENT", "SETNAME", name]).await;
-        Ok(reader)
+        let _ = self.simple(&["CLIENT", "SETNAME", name]).await;
+        Ok(())
     }
 
     async fn send(&mut self, args: &[&str]) -> Result<(), ReadError> {
@@ -235,107 +256,199 @@ impl TcpReader {
         self.send(args).await?;
         match self.header().await? {
             (b'+' | b':', _) => Ok(()),
+            (b'$', -1) => Ok(()),
             (b'$', n) => {
-                if n >= 0 {
-                    self.read_bulk(n as usize).await?;
-                }
+                self.skip_bulk(n).await?;
                 Ok(())
             }
             _ => Err(protocol("unexpected reply to a setup command")),
         }
     }
 
-    /// Reads one reply header line: its type byte and, for `$ * :`, its number. An error
-    /// reply (`-...`) becomes a `ReadError`. The line stays in `self.line`.
+    /// Reads one reply header line: its type byte and, for `$ * :`, its number (checked:
+    /// `-1` is the only negative allowed for `$` and `*`). An error reply (`-...`) becomes a
+    /// `ReadError`.
     async fn header(&mut self) -> Result<(u8, i64), ReadError> {
         self.line.clear();
-        let n = self.stream.read_until(b'\n', &mut self.line).await?;
+        let n = (&mut self.stream)
+            .take(64 * 1024)
+            .read_until(b'\n', &mut self.line)
+            .await?;
         if n == 0 {
             return Err(ReadError::Connection("connection closed by Redis".into()));
         }
         let len = self.line.len();
-        if len < 3 || self.line[len - 2] != b'\r' {
+        if len < 3 || self.line[len - 1] != b'\n' || self.line[len - 2] != b'\r' {
             return Err(protocol("line without CRLF"));
         }
         let kind = self.line[0];
         let body = &self.line[1..len - 2];
         match kind {
             b'-' => Err(server_error(body)),
-            b'$' | b'*' | b':' => Ok((kind, parse_len(body)?)),
+            b'$' | b'*' => {
+                let n = parse_int(body)?;
+                if n < -1 {
+                    return Err(protocol("negative length other than -1"));
+                }
+                if kind == b'$' && n > MAX_BULK {
+                    return Err(protocol("bulk string longer than 512 MB"));
+                }
+                Ok((kind, n))
+            }
+            b':' => Ok((kind, parse_int(body)?)),
             b'+' => Ok((kind, 0)),
             _ => Err(protocol("unknown reply type")),
         }
     }
 
-    async fn read_bulk(&mut self, n: usize) -> Result<Vec<u8>, ReadError> {
-        let mut data = vec![0u8; n + 2];
+    /// Reads a bulk body of `n` bytes (n >= 0) and its CRLF.
+    async fn read_bulk(&mut self, n: i64) -> Result<Vec<u8>, ReadError> {
+        let n = usize::try_from(n).map_err(|_| protocol("bad bulk length"))?;
+        let mut data = vec![0u8; n];
         self.stream.read_exact(&mut data).await?;
-        if &data[n..] != b"\r\n" {
-            return Err(protocol("bulk string without CRLF"));
-        }
-        data.truncate(n);
+        self.expect_crlf().await?;
         Ok(data)
     }
 
+    /// Reads and discards a bulk body of `n` bytes and its CRLF, without holding it.
+    async fn skip_bulk(&mut self, n: i64) -> Result<(), ReadError> {
+        let mut left = u64::try_from(n).map_err(|_| protocol("bad bulk length"))?;
+        while left > 0 {
+            let buf = self.stream.fill_buf().await?;
+            if buf.is_empty() {
+                return Err(ReadError::Connection("connection closed by Redis".into()));
+            }
+            let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            self.stream.consume(take);
+            left -= take as u64;
+        }
+        self.expect_crlf().await
+    }
+
+    async fn expect_crlf(&mut self) -> Result<(), ReadError> {
+        let mut crlf = [0u8; 2];
+        self.stream.read_exact(&mut crlf).await?;
+        if &crlf != b"\r\n" {
+            return Err(protocol("bulk string without CRLF"));
+        }
+        Ok(())
+    }
+
     /// `*N` header: Some(N), None for a null array.
-    async fn read_array_header(&mut self) -> Result<Option<usize>, ReadError> {
+    async fn array_header(&mut self) -> Result<Option<usize>, ReadError> {
         match self.header().await? {
-            (b'*', n) => Ok((n >= 0).then_some(n as usize)),
+            (b'*', -1) => Ok(None),
+            (b'*', n) => Ok(Some(
+                usize::try_from(n).map_err(|_| protocol("bad array length"))?,
+            )),
             _ => Err(protocol("expected an array")),
         }
     }
 
-    async fn read_string(&mut self) -> Result<String, ReadError> {
+    /// A bulk or simple string as bytes.
+    async fn bytes(&mut self) -> Result<Vec<u8>, ReadError> {
         match self.header().await? {
-            (b'$', n) if n < 0 => Ok(String::new()),
-            (b'$', n) => {
-                let bytes = self.read_bulk(n as usize).await?;
-                Ok(String::from_utf8(bytes)
-                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
-            }
+            (b'$', -1) => Err(protocol("null where a string was expected")),
+            (b'$', n) => self.read_bulk(n).await,
             (b'+', _) => {
                 let len = self.line.len();
-                Ok(String::from_utf8_lossy(&self.line[1..len - 2]).into_owned())
+                Ok(self.line[1..len - 2].to_vec())
             }
-            (b':', n) => Ok(n.to_string()),
             _ => Err(protocol("expected a string")),
         }
     }
 
-    async fn xreadgroup(&mut self, request: &ReadRequest) -> Result<Vec<ReadEntry>, ReadError> {
+    /// Reads one field string into `budget`; past the budget the bytes are skipped and
+    /// `None` returned.
+    async fn field(&mut self, budget: &mut usize) -> Result<Option<Vec<u8>>, ReadError> {
+        match self.header().await? {
+            (b'$', -1) => Err(protocol("null field")),
+            (b'$', n) => {
+                let len = usize::try_from(n).map_err(|_| protocol("bad bulk length"))?;
+                if len > *budget {
+                    *budget = 0;
+                    self.skip_bulk(n).await?;
+                    return Ok(None);
+                }
+                *budget -= len;
+                Ok(Some(self.read_bulk(n).await?))
+            }
+            (b'+', _) => {
+                let len = self.line.len();
+                let value = self.line[1..len - 2].to_vec();
+                if value.len() > *budget {
+                    *budget = 0;
+                    return Ok(None);
+                }
+                *budget -= value.len();
+                Ok(Some(value))
+            }
+            _ => Err(protocol("expected a string")),
+        }
+    }
+
+    pub(crate) async fn xreadgroup(
+        &mut self,
+        request: &ReadRequest,
+    ) -> Result<Vec<ReadEntry>, ReadError> {
         let args = request.args();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         self.send(&refs).await?;
-        let Some(streams) = self.read_array_header().await? else {
+        self.read_reply(request.max_entry_bytes).await
+    }
+
+    /// Parses one XREADGROUP reply.
+    pub(crate) async fn read_reply(
+        &mut self,
+        max_entry_bytes: usize,
+    ) -> Result<Vec<ReadEntry>, ReadError> {
+        let Some(streams) = self.array_header().await? else {
             return Ok(Vec::new()); // BLOCK timed out: null reply
         };
         let mut out = Vec::new();
         for _ in 0..streams {
-            if self.read_array_header().await? != Some(2) {
+            if self.array_header().await? != Some(2) {
                 return Err(protocol("stream reply is not [name, entries]"));
             }
-            let _name = self.read_string().await?;
-            let count = self.read_array_header().await?.unwrap_or(0);
-            out.reserve(count);
+            let _name = self.bytes().await?;
+            let count = self.array_header().await?.unwrap_or(0);
+            out.reserve(count.min(1024));
             for _ in 0..count {
-                if self.read_array_header().await? != Some(2) {
+                if self.array_header().await? != Some(2) {
                     return Err(protocol("entry is not [id, fields]"));
                 }
-                let id = self.read_string().await?;
-                match self.read_array_header().await? {
-                    None => out.push(ReadEntry::Deleted(id)),
-                    Some(n) => {
-                        let mut fields = Vec::with_capacity(n / 2);
-                        for _ in 0..n / 2 {
-                            let k = self.read_string().await?;
-                            let v = self.read_string().await?;
+                let id = String::from_utf8(self.bytes().await?)
+                    .map_err(|_| protocol("entry id is not text"))?;
+                let Some(n) = self.array_header().await? else {
+                    out.push(ReadEntry::Deleted(id));
+                    continue;
+                };
+                if n % 2 == 1 {
+                    return Err(protocol("odd number of field strings"));
+                }
+                let mut budget = max_entry_bytes;
+                let mut oversized = false;
+                let mut size = 0usize;
+                let mut fields = Vec::with_capacity((n / 2).min(64));
+                for _ in 0..n / 2 {
+                    let key = self.field(&mut budget).await?;
+                    let value = self.field(&mut budget).await?;
+                    match (key, value) {
+                        (Some(k), Some(v)) if !oversized => {
+                            size += k.len() + v.len();
                             fields.push((k, v));
                         }
-                        if n % 2 == 1 {
-                            let _ = self.read_string().await?;
-                        }
-                        out.push(ReadEntry::Present(StreamEntry { id, fields }));
+                        _ => oversized = true,
                     }
+                }
+                if oversized {
+                    // The exact size is unknown once skipped; report at least the cap.
+                    out.push(ReadEntry::Oversized {
+                        id,
+                        bytes: size.max(max_entry_bytes + 1),
+                    });
+                } else {
+                    out.push(ReadEntry::Present(StreamEntry { id, fields }));
                 }
             }
         }
@@ -343,7 +456,7 @@ impl TcpReader {
     }
 }
 
-fn parse_len(digits: &[u8]) -> Result<i64, ReadError> {
+fn parse_int(digits: &[u8]) -> Result<i64, ReadError> {
     std::str::from_utf8(digits)
         .ok()
         .and_then(|s| s.parse().ok())
@@ -351,7 +464,7 @@ fn parse_len(digits: &[u8]) -> Result<i64, ReadError> {
 }
 
 fn protocol(what: &str) -> ReadError {
-    ReadError::Connection(format!("RESP protocol error: {what}"))
+    ReadError::Protocol(what.to_owned())
 }
 
 fn server_error(line: &[u8]) -> ReadError {

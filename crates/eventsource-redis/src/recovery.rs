@@ -1,27 +1,39 @@
 //! Pending-message recovery: claim entries idle longer than a threshold, retry them, and
-//! dead-letter them when their retries are used up.
+//! dead-letter them when their attempts are used up.
 //!
-//! **What an attempt is.** Every delivery of an entry to this group's handlers is one attempt,
-//! and Redis counts deliveries for us (the pending entry's delivery count): the first read is
-//! attempt 1, each recovery claim (`XCLAIM` without `JUSTID`) and each re-read of one's own
-//! pending entries adds one. Recovery dead-letters an entry whose delivery count is already
-//! above `max_retries`, *before* running it again — so an entry that always fails is handled
-//! exactly `1 + max_retries` times and its dead letter says `retry_count = max_retries`, as in
-//! eventsource-py. Deciding to dead-letter claims the entry with `JUSTID` first (no extra
-//! delivery), so of several consumers recovering at once only one dead-letters it.
+//! **What an attempt is.** An attempt is a handler *start*, and Redis's delivery count holds
+//! it: the consumer keeps the count equal to the starts (see `lease`): a fresh read or a
+//! recovery claim counts one start, an entry that waits instead of starting is set back, an
+//! entry re-read by its own consumer after a restart counts nothing until its handler starts.
+//! Recovery dead-letters an entry whose handler started `1 + max_retries` times already,
+//! *before* running it again — so an entry that always fails runs exactly `1 + max_retries`
+//! times and its dead letter says `retry_count = max_retries`, as in eventsource-py. (One
+//! imprecision is left: a consumer killed within 100 ms
+//! of receiving a batch leaves its unstarted entries counted as started once.)
 //!
-//! The same limit holds for a consumer that restarts with its name and re-reads its own
-//! pending entries: an entry whose delivery count would exceed `1 + max_retries` is
-//! dead-lettered instead of run again, so an event that crashes the process cannot keep it in
-//! a crash loop.
+//! **Atomic.** Claiming and dead-lettering (each one Lua script) re-check, inside one script, that the entry
+//! is still idle (its owner did not renew or acknowledge it meanwhile): a live owner's entry
+//! is never taken, and an entry its owner acknowledged is never dead-lettered. Entries
+//! deleted or trimmed while pending are counted (`entries_deleted_while_pending`) on every
+//! path. A consumer's recovery never claims entries it holds itself.
+//!
+//! **Bounded.** Inside the consume loop recovery handles one page (`batch_size`) per tick,
+//! between reads of new entries, and checks for a stop between entries; while a walk finds
+//! full pages the next page follows at once, so a survivor of a crashed consumer holding
+//! 50,000 entries drains them page by page while new events keep flowing. An explicit
+//! [`RedisEventBus::recover_pending_messages`] walks the whole list.
 
 use redis::Value;
+use redis::streams::{StreamInfoConsumersReply, StreamPendingCountReply};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::bus::{RedisEventBus, bump};
 use crate::codec::{self, StreamEntry};
-use crate::consume::Outcome;
+use crate::config::RedisEventBusConfig;
 use crate::error::RedisBusError;
+use crate::handle::{DeadLetterMode, DeadLettered, Item, ItemBody};
+use crate::scripts;
 
 /// Arguments of [`RedisEventBus::recover_pending_messages`]; `None` takes the config's value.
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,8 +59,11 @@ pub struct RecoveryStats {
     pub reprocessed: u64,
     /// Entries moved to the dead-letter queue (or dropped, with the DLQ disabled).
     pub dlq: u64,
-    /// Claimed entries whose handlers failed again; they stay pending for the next run.
+    /// Claimed entries whose handlers failed again (or that this version rejects); they stay
+    /// pending for the next run.
     pub failed: u64,
+    /// Entries found deleted or trimmed from the stream while pending (acknowledged).
+    pub deleted: u64,
 }
 
 impl std::ops::Index<&str> for RecoveryStats {
@@ -61,50 +76,53 @@ impl std::ops::Index<&str> for RecoveryStats {
             "reprocessed" => &self.reprocessed,
             "dlq" => &self.dlq,
             "failed" => &self.failed,
+            "deleted" => &self.deleted,
             other => panic!("RecoveryStats has no field {other:?}"),
         }
     }
 }
 
-/// Deletes consumer ARGV[2] of group ARGV[1] only if it has nothing pending; -1 otherwise.
-const PRUNE_SCRIPT: &str = "local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) \
-     if #p == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end \
-     return -1";
-
-/// One row of `XPENDING ... IDLE`: id, owner, idle ms, deliveries.
-struct PendingRow {
-    id: String,
-    deliveries: u64,
+impl RecoveryStats {
+    pub(crate) fn log(&self) {
+        if self.claimed > 0 || self.dlq > 0 || self.deleted > 0 {
+            tracing::info!(
+                checked = self.checked,
+                claimed = self.claimed,
+                reprocessed = self.reprocessed,
+                dlq = self.dlq,
+                failed = self.failed,
+                deleted = self.deleted,
+                "pending recovery"
+            );
+        }
+    }
 }
 
-fn parse_pending(v: &Value) -> Vec<PendingRow> {
-    let Value::Array(rows) = v else {
-        return Vec::new();
-    };
-    rows.iter()
-        .filter_map(|row| {
-            let Value::Array(cols) = row else { return None };
-            let id = match cols.first()? {
-                Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
-                Value::SimpleString(s) => s.clone(),
-                _ => return None,
-            };
-            let deliveries = match cols.get(3)? {
-                Value::Int(n) => u64::try_from(*n).ok()?,
-                _ => return None,
-            };
-            Some(PendingRow { id, deliveries })
-        })
-        .collect()
+/// Recovery options with the config's defaults filled in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Resolved {
+    min_idle: u64,
+    max_retries: u32,
+    page: usize,
+}
+
+impl Resolved {
+    pub(crate) fn from_config(cfg: &RedisEventBusConfig, options: RecoveryOptions) -> Self {
+        Self {
+            min_idle: options.min_idle_time_ms.unwrap_or(cfg.pending_idle_ms),
+            max_retries: options.max_retries.unwrap_or(cfg.max_retries),
+            page: options.batch_size.unwrap_or(cfg.batch_size).max(1),
+        }
+    }
 }
 
 impl RedisEventBus {
     /// Claims this group's pending entries idle for at least `min_idle_time_ms`, retries
-    /// them, and dead-letters those whose retries are used up (see the module docs for the
-    /// exact attempt count). Walks the whole pending list page by page.
+    /// them, and dead-letters those whose attempts are used up (see the module docs for the
+    /// exact count). Walks the whole pending list page by page, then prunes idle consumers.
     ///
-    /// The consumer runs this by itself every `recovery_interval_ms`; call it yourself for an
-    /// immediate run or with other thresholds.
+    /// The consumer runs recovery by itself, one page at a time, every
+    /// `recovery_interval_ms`; call this for an immediate full run or with other thresholds.
     ///
     /// # Errors
     /// [`RedisBusError`] when Redis fails; entries not yet handled stay pending.
@@ -112,61 +130,184 @@ impl RedisEventBus {
         &self,
         options: RecoveryOptions,
     ) -> Result<RecoveryStats, RedisBusError> {
-        let cfg = &self.inner.config;
-        let min_idle = options.min_idle_time_ms.unwrap_or(cfg.pending_idle_ms);
-        let max_retries = u64::from(options.max_retries.unwrap_or(cfg.max_retries));
-        let page = options.batch_size.unwrap_or(cfg.batch_size).max(1);
+        let resolved = Resolved::from_config(&self.inner.config, options);
         bump(&self.inner.counters.recovery_runs, 1);
+        let never = CancellationToken::new();
         let mut stats = RecoveryStats::default();
-        let mut conn = self.commands().await?;
-        let mut start = "-".to_owned();
-        loop {
-            let reply: Value = redis::cmd("XPENDING")
-                .arg(&self.inner.stream)
-                .arg(&cfg.consumer_group)
-                .arg("IDLE")
-                .arg(min_idle)
-                .arg(&start)
-                .arg("+")
-                .arg(page)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.command_error("XPENDING", e))?;
-            let rows = parse_pending(&reply);
-            for row in &rows {
-                stats.checked += 1;
-                let retries_done = row.deliveries.saturating_sub(1);
-                if retries_done >= max_retries {
-                    self.recover_to_dlq(&mut conn, &row.id, min_idle, retries_done, &mut stats)
-                        .await?;
-                } else {
-                    self.recover_retry(&mut conn, &row.id, min_idle, &mut stats)
-                        .await?;
-                }
-            }
-            if rows.len() < page {
-                break;
-            }
-            start = format!("({}", rows.last().expect("non-empty page").id);
-        }
-        if cfg.prune_idle_consumers_ms > 0 {
-            match self.prune_idle_consumers(cfg.prune_idle_consumers_ms).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(removed = n, "removed idle consumers with nothing pending"),
-                Err(e) => tracing::warn!(error = %e, "pruning idle consumers failed"),
-            }
-        }
-        if stats.claimed > 0 {
-            tracing::info!(
-                checked = stats.checked,
-                claimed = stats.claimed,
-                reprocessed = stats.reprocessed,
-                dlq = stats.dlq,
-                failed = stats.failed,
-                "pending recovery"
-            );
-        }
+        let mut cursor = "-".to_owned();
+        while self
+            .recover_page(&resolved, &mut cursor, &mut stats, &never, &never)
+            .await?
+        {}
+        self.prune_quietly().await;
+        stats.log();
         Ok(stats)
+    }
+
+    /// One page of recovery from `cursor` (advanced). Returns whether the page was full (more
+    /// may follow).
+    pub(crate) async fn recover_page(
+        &self,
+        options: &Resolved,
+        cursor: &mut String,
+        stats: &mut RecoveryStats,
+        stop: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> Result<bool, RedisBusError> {
+        let cfg = &self.inner.config;
+        let mut conn = self.commands().await?;
+        let reply: Result<StreamPendingCountReply, redis::RedisError> = redis::cmd("XPENDING")
+            .arg(&self.inner.stream)
+            .arg(&cfg.consumer_group)
+            .arg("IDLE")
+            .arg(options.min_idle)
+            .arg(cursor.as_str())
+            .arg("+")
+            .arg(options.page)
+            .query_async(&mut conn)
+            .await;
+        let rows = match reply {
+            Ok(reply) => reply.ids,
+            Err(e) if crate::error::is_nogroup(&e) => return Ok(false),
+            Err(e) => return Err(self.command_error("XPENDING", e)),
+        };
+        let Some(last) = rows.last() else {
+            return Ok(false);
+        };
+        *cursor = format!("({}", last.id);
+        let full = rows.len() >= options.page;
+        let mut to_claim = Vec::new();
+        for row in &rows {
+            if stop.is_cancelled() {
+                return Ok(false);
+            }
+            stats.checked += 1;
+            if row.consumer == self.inner.consumer_name && self.inner.lease.holds(&row.id) {
+                continue; // Ours, and still being handled here.
+            }
+            let starts = u32::try_from(row.times_delivered).unwrap_or(u32::MAX);
+            if starts <= options.max_retries {
+                to_claim.push(row.id.clone());
+                continue;
+            }
+            let reason = format!(
+                "not acknowledged after {starts} handler starts, and no failure reason was \
+                 recorded: its consumer crashed or was killed while handling it, or a handler \
+                 ran longer than pending_idle_ms"
+            );
+            match self
+                .dead_letter(
+                    &row.id,
+                    DeadLetterMode::Idle(options.min_idle),
+                    starts.saturating_sub(1),
+                    &reason,
+                    true,
+                )
+                .await?
+            {
+                DeadLettered::Written(_) | DeadLettered::Dropped => {
+                    stats.claimed += 1;
+                    stats.dlq += 1;
+                }
+                DeadLettered::Deleted => stats.deleted += 1,
+                DeadLettered::AlreadyAcked | DeadLettered::Busy => {}
+            }
+        }
+        if to_claim.is_empty() || stop.is_cancelled() {
+            return Ok(full && !stop.is_cancelled());
+        }
+        let items = self.claim(&to_claim, options.min_idle, stats).await?;
+        if !items.is_empty() {
+            let report = self.process_items(items, stop, abort).await;
+            let recovered = report.handled + report.skipped;
+            stats.reprocessed += recovered;
+            stats.failed += report.failed + report.rejected;
+            stats.dlq += report.dead_lettered;
+            stats.deleted += report.deleted;
+            bump(&self.inner.counters.messages_recovered, recovered);
+        }
+        Ok(full && !stop.is_cancelled())
+    }
+
+    /// Claims idle entries (one delivery counted each) with [`CLAIM`](scripts::CLAIM).
+    async fn claim(
+        &self,
+        ids: &[String],
+        min_idle: u64,
+        stats: &mut RecoveryStats,
+    ) -> Result<Vec<Item>, RedisBusError> {
+        let cfg = &self.inner.config;
+        let mut conn = self.commands().await?;
+        let mut call = scripts::CLAIM.prepare_invoke();
+        call.key(&self.inner.stream)
+            .arg(&cfg.consumer_group)
+            .arg(&self.inner.consumer_name)
+            .arg(min_idle);
+        for id in ids {
+            call.arg(id);
+        }
+        let rows: Vec<Value> = call
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.command_error("EVALSHA (claim)", e))?;
+        let mut items = Vec::with_capacity(rows.len());
+        for row in rows {
+            let Value::Array(parts) = row else { continue };
+            let mut parts = parts.into_iter();
+            let Some(id) = parts.next().and_then(codec::into_text) else {
+                continue;
+            };
+            let deliveries = match parts.next() {
+                Some(Value::Int(n)) => n,
+                _ => 0,
+            };
+            if deliveries < 0 {
+                // Deleted or trimmed while pending; Redis dropped it from the pending list.
+                bump(&self.inner.counters.entries_deleted_while_pending, 1);
+                tracing::warn!(message_id = %id, "pending entry was deleted or trimmed; nothing to recover");
+                stats.deleted += 1;
+                continue;
+            }
+            let Some(fields) = parts.next() else {
+                continue; // Renewed or acknowledged by its owner meanwhile: not ours to take.
+            };
+            let Some((_, Some(fields))) = codec::take_entry(Value::Array(vec![
+                Value::BulkString(id.clone().into_bytes()),
+                fields,
+            ])) else {
+                continue;
+            };
+            stats.claimed += 1;
+            let entry = StreamEntry {
+                id: id.clone(),
+                fields,
+            };
+            let bytes = entry.size();
+            let body = if bytes > cfg.max_entry_bytes {
+                ItemBody::Oversized(bytes)
+            } else {
+                ItemBody::Present(entry)
+            };
+            items.push(Item {
+                id,
+                body,
+                starts: u32::try_from(deliveries - 1).unwrap_or(0),
+                marked: true,
+            });
+        }
+        Ok(items)
+    }
+
+    pub(crate) async fn prune_quietly(&self) {
+        let ms = self.inner.config.prune_idle_consumers_ms;
+        if ms == 0 {
+            return;
+        }
+        match self.prune_idle_consumers(ms).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed idle consumers with nothing pending"),
+            Err(e) => tracing::warn!(error = %e, "pruning idle consumers failed"),
+        }
     }
 
     /// Deletes other consumers of this group idle longer than `idle_ms` with nothing pending.
@@ -179,46 +320,30 @@ impl RedisEventBus {
     pub async fn prune_idle_consumers(&self, idle_ms: u64) -> Result<u64, RedisBusError> {
         let cfg = &self.inner.config;
         let mut conn = self.commands().await?;
-        let reply: Result<Value, redis::RedisError> = redis::cmd("XINFO")
+        let reply: Result<StreamInfoConsumersReply, redis::RedisError> = redis::cmd("XINFO")
             .arg("CONSUMERS")
             .arg(&self.inner.stream)
             .arg(&cfg.consumer_group)
             .query_async(&mut conn)
             .await;
-        let Ok(Value::Array(consumers)) = reply else {
-            return Ok(0);
+        let consumers = match reply {
+            Ok(reply) => reply.consumers,
+            Err(e) if crate::error::is_nogroup(&e) => return Ok(0),
+            Err(e) => return Err(self.command_error("XINFO CONSUMERS", e)),
         };
         let mut removed = 0;
         for consumer in consumers {
-            let Value::Array(flat) = consumer else {
-                continue;
-            };
-            let get = |name: &str| {
-                flat.chunks(2)
-                    .find(|kv| matches!(kv.first(), Some(Value::BulkString(k)) if k.as_slice() == name.as_bytes()))
-                    .and_then(|kv| kv.get(1))
-            };
-            let name = match get("name") {
-                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                _ => continue,
-            };
-            let pending = matches!(get("pending"), Some(Value::Int(n)) if *n > 0);
-            let idle = match get("idle") {
-                Some(Value::Int(n)) => *n as u64,
-                _ => 0,
-            };
-            if name == self.inner.consumer_name || pending || idle < idle_ms {
+            let idle = u64::try_from(consumer.idle).unwrap_or(u64::MAX);
+            if consumer.name == self.inner.consumer_name || consumer.pending > 0 || idle < idle_ms {
                 continue;
             }
-            let deleted: i64 = redis::cmd("EVAL")
-                .arg(PRUNE_SCRIPT)
-                .arg(1)
-                .arg(&self.inner.stream)
+            let deleted: i64 = scripts::PRUNE
+                .key(&self.inner.stream)
                 .arg(&cfg.consumer_group)
-                .arg(&name)
-                .query_async(&mut conn)
+                .arg(&consumer.name)
+                .invoke_async(&mut conn)
                 .await
-                .map_err(|e| self.command_error("EVAL (prune consumer)", e))?;
+                .map_err(|e| self.command_error("EVALSHA (prune consumer)", e))?;
             if deleted >= 0 {
                 removed += 1;
             }
@@ -226,114 +351,35 @@ impl RedisEventBus {
         Ok(removed)
     }
 
-    async fn recover_to_dlq(
-        &self,
-        conn: &mut redis::aio::ConnectionManager,
-        id: &str,
-        min_idle: u64,
-        retries_done: u64,
-        stats: &mut RecoveryStats,
-    ) -> Result<(), RedisBusError> {
+    /// Warns (and counts `consumer_name_in_use`) when another process seems to be consuming
+    /// under this consumer's name right now: it read from the group within the last block
+    /// period. Two processes sharing a name share one pending list, so each may re-run the
+    /// other's entries. Best effort: a restart right after a crash can look the same.
+    pub(crate) async fn check_name_in_use(&self) {
         let cfg = &self.inner.config;
-        // Claim without a delivery so only one recoverer dead-letters it.
-        let claimed: Value = redis::cmd("XCLAIM")
+        let Ok(mut conn) = self.commands().await else {
+            return;
+        };
+        let Ok(reply) = redis::cmd("XINFO")
+            .arg("CONSUMERS")
             .arg(&self.inner.stream)
             .arg(&cfg.consumer_group)
-            .arg(&self.inner.consumer_name)
-            .arg(min_idle)
-            .arg(id)
-            .arg("JUSTID")
-            .query_async(conn)
+            .query_async::<StreamInfoConsumersReply>(&mut conn)
             .await
-            .map_err(|e| self.command_error("XCLAIM", e))?;
-        if !matches!(&claimed, Value::Array(ids) if !ids.is_empty()) {
-            return Ok(()); // Another consumer took it first (or it was acked meanwhile).
-        }
-        stats.claimed += 1;
-        let range: Value = redis::cmd("XRANGE")
-            .arg(&self.inner.stream)
-            .arg(id)
-            .arg(id)
-            .query_async(conn)
-            .await
-            .map_err(|e| self.command_error("XRANGE", e))?;
-        let Some(entry) = codec::parse_range(&range).into_iter().next() else {
-            // Deleted or trimmed while pending: nothing to dead-letter.
-            bump(&self.inner.counters.entries_deleted_while_pending, 1);
-            self.ack_and_note(&[id.to_owned()], &[]).await?;
-            return Ok(());
+        else {
+            return;
         };
-        let last_error: Option<String> = redis::cmd("GET")
-            .arg(cfg.error_key(id))
-            .query_async(conn)
-            .await
-            .map_err(|e| self.command_error("GET", e))?;
-        let reason = last_error.unwrap_or_else(|| {
-            format!(
-                "not acknowledged after {} deliveries (no failure reason recorded: the consumer \
-                 may have crashed or been too slow)",
-                retries_done + 1
-            )
-        });
-        self.dead_letter(&entry, retries_done, &reason).await?;
-        stats.dlq += 1;
-        Ok(())
-    }
-
-    async fn recover_retry(
-        &self,
-        conn: &mut redis::aio::ConnectionManager,
-        id: &str,
-        min_idle: u64,
-        stats: &mut RecoveryStats,
-    ) -> Result<(), RedisBusError> {
-        let cfg = &self.inner.config;
-        let reply: Value = redis::cmd("XCLAIM")
-            .arg(&self.inner.stream)
-            .arg(&cfg.consumer_group)
-            .arg(&self.inner.consumer_name)
-            .arg(min_idle)
-            .arg(id)
-            .query_async(conn)
-            .await
-            .map_err(|e| self.command_error("XCLAIM", e))?;
-        let Some(entry) = codec::parse_range(&reply).into_iter().next() else {
-            // Lost the race, or the entry was deleted (Redis 7 drops it from the PEL then).
-            return Ok(());
-        };
-        stats.claimed += 1;
-        self.retry_claimed(&entry, stats).await
-    }
-
-    async fn retry_claimed(
-        &self,
-        entry: &StreamEntry,
-        stats: &mut RecoveryStats,
-    ) -> Result<(), RedisBusError> {
-        match self.process_entry(entry).await {
-            Outcome::Handled | Outcome::Skipped(_) => {
-                self.ack_and_note(std::slice::from_ref(&entry.id), &[])
-                    .await?;
-                let mut conn = self.commands().await?;
-                let _: Value = redis::cmd("DEL")
-                    .arg(self.inner.config.error_key(&entry.id))
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| self.command_error("DEL", e))?;
-                stats.reprocessed += 1;
-                bump(&self.inner.counters.messages_recovered, 1);
-            }
-            Outcome::Failed(reason) => {
-                self.ack_and_note(&[], &[(entry.id.clone(), reason)])
-                    .await?;
-                stats.failed += 1;
-            }
-            Outcome::Malformed(reason) => {
-                self.dead_letter(entry, 0, &format!("malformed: {reason}"))
-                    .await?;
-                stats.dlq += 1;
+        for consumer in reply.consumers {
+            let idle = u64::try_from(consumer.idle).unwrap_or(u64::MAX);
+            if consumer.name == self.inner.consumer_name && idle < cfg.block_ms {
+                bump(&self.inner.counters.consumer_name_in_use, 1);
+                tracing::warn!(
+                    consumer = %self.inner.consumer_name,
+                    group = %cfg.consumer_group,
+                    idle_ms = idle,
+                    "another process may be consuming under this consumer name; give each process its own name"
+                );
             }
         }
-        Ok(())
     }
 }

@@ -32,34 +32,32 @@ impl RedisEventBusService {
         &self.bus
     }
 
-    /// Runs until `shutdown` completes, then stops gracefully.
+    /// Runs until `shutdown` completes, then stops gracefully (running handlers finish and
+    /// are acknowledged; entries not started go back to the group). A `shutdown` that has
+    /// already completed stops it at once.
     ///
     /// # Errors
     /// [`RedisBusError::Connect`] when Redis cannot be reached at start;
-    /// [`RedisBusError::AlreadyConsuming`] if the bus is consuming elsewhere.
+    /// [`RedisBusError::AlreadyConsuming`] if the bus is consuming elsewhere — that consumer
+    /// keeps running and the bus stays connected.
     pub async fn run_until(&self, shutdown: impl Future<Output = ()>) -> Result<(), RedisBusError> {
+        if self.bus.is_consuming() {
+            return Err(RedisBusError::AlreadyConsuming);
+        }
         self.bus.connect().await?;
-        let consumer = self.bus.clone();
-        let mut task = tokio::spawn(async move { consumer.start_consuming().await });
-        let early = tokio::select! {
-            () = shutdown => None,
-            r = &mut task => Some(r),
-        };
-        let result = match early {
-            Some(r) => r,
-            None => {
-                tracing::info!("shutting down: finishing the in-flight batch");
-                self.bus.stop_consuming();
-                task.await
-            }
-        };
+        let result = self
+            .bus
+            .consume_until(async {
+                shutdown.await;
+                tracing::info!("shutting down: finishing the running handlers");
+            })
+            .await;
+        if matches!(result, Err(RedisBusError::AlreadyConsuming)) {
+            return result;
+        }
         self.bus.disconnect().await;
         tracing::info!("shutdown complete");
-        match result {
-            Ok(r) => r,
-            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-            Err(_) => Ok(()),
-        }
+        result
     }
 
     /// Runs until SIGTERM or SIGINT (Ctrl-C), then stops gracefully.

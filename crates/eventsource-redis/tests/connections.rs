@@ -32,7 +32,8 @@ async fn round_trip(url: String) -> RedisEventBus {
 }
 
 /// A password-protected Redis and an ACL user work for publish and consume; a wrong password
-/// is a clear connect error that does not show the password.
+/// is a clear authentication error, not transient (retrying cannot help), that does not show
+/// the password.
 #[tokio::test]
 async fn password_and_acl_user() {
     let port = free_port();
@@ -61,7 +62,15 @@ async fn password_and_acl_user() {
         ..config("conn", "g", "c")
     });
     let err = wrong.connect().await.unwrap_err();
-    assert!(matches!(err, RedisBusError::Connect { .. }), "{err:?}");
+    assert!(
+        matches!(err, RedisBusError::Authentication { .. }),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    assert!(
+        err.to_string().contains("check the user name and password"),
+        "{err}"
+    );
     assert!(!err.to_string().contains("nope-pw"), "{err}");
 }
 

@@ -344,7 +344,7 @@ async fn dead_letter_without_recorded_reason_and_with_dlq_disabled() {
         letter
             .error()
             .unwrap()
-            .contains("not acknowledged after 1 deliveries"),
+            .contains("not acknowledged after 1 handler starts"),
         "{letter:?}"
     );
 

@@ -1,0 +1,380 @@
+//! The read loop.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{RedisEventBus, bump};
+use crate::codec::ReadEntry;
+use crate::error::{Problem, RedisBusError};
+use crate::handle::{Item, ItemBody};
+use crate::lease::HeldBatch;
+use crate::reader::{ReadError, ReadRequest, Reader};
+use crate::recovery::Resolved;
+
+/// The next batch is read while the current one is handled only when the last batch took
+/// less than this: with slow handlers a consumer holds one batch, not two, so its group's
+/// other consumers get the rest.
+pub(crate) const READ_AHEAD_BELOW: Duration = Duration::from_millis(100);
+
+/// How often an idle consumer tells Redis it is alive.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// A finished read: the reader back (unless its connection broke), and what it read,
+/// already held so the renewer protects it from the moment it arrived.
+type ReadOutcome = (
+    Option<Reader>,
+    Result<(Vec<Item>, Option<Arc<HeldBatch>>), ReadError>,
+);
+
+/// Exponential backoff with jitter (50–100 ms, doubling, up to `max`), from backon.
+struct Backoff {
+    max: Duration,
+    delays: backon::ExponentialBackoff,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self {
+            max,
+            delays: Self::build(max),
+        }
+    }
+
+    fn build(max: Duration) -> backon::ExponentialBackoff {
+        // backon's jitter adds up to the delay itself: delays fall in [d, 2d), at most `max`.
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(max / 2)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    fn reset(&mut self) {
+        self.delays = Self::build(self.max);
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        self.delays.next().unwrap_or(self.max)
+    }
+}
+
+/// Where the recovery walk is and when it runs next.
+struct RecoveryTicker {
+    every: Option<Duration>,
+    next: Option<Instant>,
+    cursor: String,
+}
+
+impl RecoveryTicker {
+    fn due(&self) -> bool {
+        self.next.is_some_and(|at| Instant::now() >= at)
+    }
+}
+
+impl RedisEventBus {
+    pub(super) async fn run(&self, stop: CancellationToken, abort: CancellationToken) {
+        let cfg = &self.inner.config;
+        self.check_name_in_use().await;
+        let mut backoff = Backoff::new(Duration::from_millis(cfg.reconnect_max_delay_ms));
+        let read_timeout = Duration::from_millis(cfg.block_ms) + cfg.socket_timeout();
+        // One read connection for the consumer's life: `reader` is None only while the
+        // read-ahead holds it, or after its connection broke.
+        let mut reader: Option<Reader> = None;
+        let mut read_ahead: Option<tokio::task::JoinHandle<ReadOutcome>> = None;
+        let mut own_pending: Option<String> = Some("-".to_owned());
+        let mut recovery = RecoveryTicker {
+            every: (cfg.recovery_interval_ms > 0)
+                .then(|| Duration::from_millis(cfg.recovery_interval_ms)),
+            next: None,
+            cursor: "-".to_owned(),
+        };
+        let mut group_ok = false;
+        let mut last_batch = Duration::ZERO;
+        let mut last_heartbeat: Option<Instant> = None;
+        // Batches this consumer received are finished on a stop (never cancelled); only
+        // recovery pages stop between entries.
+        let finish = CancellationToken::new();
+
+        while !stop.is_cancelled() {
+            if self.inner.is_paused() {
+                super::wait_resumed(self, &stop).await;
+                continue;
+            }
+            if !group_ok {
+                let checked = self.ensure_group_now().await;
+                match checked {
+                    Ok(()) => group_ok = true,
+                    Err(e) => {
+                        let problem = Problem::from_bus_error(&e);
+                        if !self.wait_after(&problem, &mut backoff, &stop).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            // 1. This consumer's own pending entries (after a start or a reconnect).
+            if let Some(after) = &own_pending {
+                let mut read = self.read_own_pending(after).await;
+                if read.as_ref().is_err_and(RedisBusError::is_transient) {
+                    // The command connection reconnects after its first failure: try again.
+                    read = self.read_own_pending(after).await;
+                }
+                let (page, last) = match read {
+                    Ok(read) => read,
+                    Err(e) => {
+                        if crate::error::bus_error_is_nogroup(&e) {
+                            group_ok = false;
+                            own_pending = None;
+                            continue;
+                        }
+                        let problem = Problem::from_bus_error(&e);
+                        if !self.wait_after(&problem, &mut backoff, &stop).await {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                self.recovered_from_problem(&mut backoff);
+                match last {
+                    None => {
+                        own_pending = None;
+                        // Recovery's first tick follows the own pending entries at once.
+                        recovery.next = recovery.every.map(|_| Instant::now());
+                    }
+                    Some(last) => {
+                        own_pending = Some(format!("({last}"));
+                        self.process_items(page, &finish, &abort).await;
+                    }
+                }
+                continue;
+            }
+            // 2. One page of recovery when due (the next page at once while the walk goes on).
+            if recovery.due() {
+                let mut stats = crate::RecoveryStats::default();
+                let resolved = Resolved::from_config(cfg, Default::default());
+                let more = match self
+                    .recover_page(&resolved, &mut recovery.cursor, &mut stats, &stop, &abort)
+                    .await
+                {
+                    Ok(more) => more,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pending recovery failed; will retry");
+                        false
+                    }
+                };
+                bump(&self.inner.counters.recovery_runs, 1);
+                stats.log();
+                if !more {
+                    recovery.cursor = "-".to_owned();
+                    self.prune_quietly().await;
+                }
+                recovery.next = recovery.every.map(|every| {
+                    if more {
+                        Instant::now()
+                    } else {
+                        Instant::now() + every
+                    }
+                });
+            }
+            // 3. New entries (with a heartbeat: a blocking read that finds nothing does not
+            // refresh the consumer's idle time in Redis 7.0, so an idle consumer would look
+            // dead to `XINFO CONSUMERS` and the CLI's health).
+            if last_heartbeat.is_none_or(|at| at.elapsed() >= HEARTBEAT_EVERY) {
+                self.heartbeat().await;
+                last_heartbeat = Some(Instant::now());
+            }
+            let (back, read) = match read_ahead.take() {
+                Some(pending) => pending
+                    .await
+                    .unwrap_or_else(|join| (None, Err(ReadError::Connection(join.to_string())))),
+                None => {
+                    let r = match reader.take() {
+                        Some(r) => r,
+                        None => match self.blocking_reader().await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                let problem = Problem::from_read_error("connecting the reader", &e);
+                                if !self.wait_after(&problem, &mut backoff, &stop).await {
+                                    break;
+                                }
+                                continue;
+                            }
+                        },
+                    };
+                    self.read_new(r, read_timeout).await
+                }
+            };
+            reader = back;
+            match read {
+                Ok((items, held)) => {
+                    self.recovered_from_problem(&mut backoff);
+                    if items.is_empty() {
+                        continue;
+                    }
+                    if last_batch < READ_AHEAD_BELOW && !stop.is_cancelled() {
+                        if let Some(r) = reader.take() {
+                            let bus = self.clone();
+                            read_ahead =
+                                Some(tokio::spawn(
+                                    async move { bus.read_new(r, read_timeout).await },
+                                ));
+                        }
+                    }
+                    let started = Instant::now();
+                    self.process_held(items, held, &finish, &abort).await;
+                    last_batch = started.elapsed();
+                }
+                Err(ReadError::NoGroup(_)) => {
+                    tracing::warn!(
+                        stream = %self.inner.stream,
+                        group = %cfg.consumer_group,
+                        "consumer group missing (Redis restart, eviction or deletion); recreating it"
+                    );
+                    bump(&self.inner.counters.group_recreations, 1);
+                    group_ok = false;
+                }
+                Err(e @ (ReadError::Connection(_) | ReadError::Protocol(_))) => {
+                    reader = None;
+                    group_ok = false;
+                    // Entries Redis delivered in a reply we never saw are ours and pending:
+                    // read them first after reconnecting, instead of waiting for recovery.
+                    self.flush_acks().await;
+                    own_pending = Some("-".to_owned());
+                    bump(&self.inner.counters.reconnections, 1);
+                    self.inner.connected.store(false, Ordering::Relaxed);
+                    let problem = Problem::from_read_error("XREADGROUP", &e);
+                    if !self.wait_after(&problem, &mut backoff, &stop).await {
+                        break;
+                    }
+                }
+                Err(e @ ReadError::Server(_)) => {
+                    // E.g. UNBLOCKED (stream deleted while blocking), OOM, MISCONF, NOPERM.
+                    group_ok = false;
+                    let problem = Problem::from_read_error("XREADGROUP", &e);
+                    if !self.wait_after(&problem, &mut backoff, &stop).await {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(pending) = read_ahead.take() {
+            // Delivered to us while we were stopping: handle it rather than leave it pending.
+            if let Ok((_, Ok((items, held)))) = pending.await {
+                if !items.is_empty() {
+                    self.process_held(items, held, &finish, &abort).await;
+                }
+            }
+        }
+        self.flush_acks().await;
+        tracing::debug!(consumer = %self.inner.consumer_name, "consume loop stopped");
+    }
+
+    /// Makes sure the group exists; a dropped command connection (which reconnects on its
+    /// first failure) is tried a second time before backing off.
+    async fn ensure_group_now(&self) -> Result<(), RedisBusError> {
+        let mut result = Err(RedisBusError::AlreadyConsuming);
+        for _ in 0..2 {
+            result = match self.commands().await {
+                Ok(mut conn) => self.ensure_group(&mut conn).await.map(drop),
+                Err(e) => Err(e),
+            };
+            if !result.as_ref().is_err_and(RedisBusError::is_transient) {
+                break;
+            }
+        }
+        result
+    }
+
+    /// Creates this consumer in its group (if needed) and refreshes its idle time without
+    /// reading or counting anything: `XREADGROUP` of this consumer's pending entries after an
+    /// id no entry reaches returns nothing.
+    async fn heartbeat(&self) {
+        let Ok(mut conn) = self.commands().await else {
+            return;
+        };
+        let result: redis::RedisResult<redis::Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.inner.config.consumer_group)
+            .arg(&self.inner.consumer_name)
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(&self.inner.stream)
+            // Not the largest id itself: Redis reads that one like `>` (new entries).
+            .arg("18446744073709551615-18446744073709551614")
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "consumer heartbeat failed");
+        }
+    }
+
+    /// Reads new entries (`>`) and holds them at once.
+    async fn read_new(&self, reader: Reader, timeout: Duration) -> ReadOutcome {
+        let cfg = &self.inner.config;
+        let request = ReadRequest {
+            group: cfg.consumer_group.clone(),
+            consumer: self.inner.consumer_name.clone(),
+            count: cfg.batch_size,
+            block_ms: Some(cfg.block_ms),
+            stream: self.inner.stream.clone(),
+            id: ">".to_owned(),
+            max_entry_bytes: cfg.max_entry_bytes,
+        };
+        let (back, read) = reader.read(request, timeout).await;
+        let read = read.map(|entries| {
+            let items: Vec<Item> = entries.into_iter().map(fresh_item).collect();
+            let held = (!items.is_empty()).then(|| Arc::new(self.hold_items(&items)));
+            (items, held)
+        });
+        (back, read)
+    }
+
+    /// Logs and records a problem, then sleeps the backoff delay (the longest one for
+    /// problems an operator must fix). Returns false when a stop came first.
+    async fn wait_after(
+        &self,
+        problem: &Problem,
+        backoff: &mut Backoff,
+        stop: &CancellationToken,
+    ) -> bool {
+        self.inner.set_problem(problem);
+        let delay = if problem.transient {
+            backoff.next_delay()
+        } else {
+            Duration::from_millis(self.inner.config.reconnect_max_delay_ms)
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => !stop.is_cancelled(),
+            () = stop.cancelled() => false,
+        }
+    }
+
+    fn recovered_from_problem(&self, backoff: &mut Backoff) {
+        backoff.reset();
+        if self.inner.clear_problem() {
+            tracing::info!(stream = %self.inner.stream, "Redis reachable again; consuming");
+        }
+    }
+}
+
+/// A freshly read entry: no start yet, and its delivery counts as its start.
+fn fresh_item(entry: ReadEntry) -> Item {
+    let (id, body) = match entry {
+        ReadEntry::Present(e) => (e.id.clone(), ItemBody::Present(e)),
+        ReadEntry::Deleted(id) => (id, ItemBody::Deleted),
+        ReadEntry::Oversized { id, bytes } => (id, ItemBody::Oversized(bytes)),
+    };
+    Item {
+        id,
+        body,
+        starts: 0,
+        marked: true,
+    }
+}

@@ -1,0 +1,75 @@
+//! The batched acknowledgement: one XACK per batch, sent while the next batch is handled.
+
+use std::sync::Arc;
+
+use crate::bus::{RedisEventBus, bump};
+use crate::error::RedisBusError;
+use crate::lease::HeldBatch;
+
+/// What a batch leaves to acknowledge and to note.
+#[derive(Debug, Default)]
+pub(crate) struct Acks {
+    /// Entries to acknowledge.
+    pub(crate) ids: Vec<String>,
+    /// Of those, how many count as consumed (handled, or a known type without handlers).
+    pub(crate) consumed: u64,
+}
+
+impl RedisEventBus {
+    /// Sends `acks` in the background (at most one acknowledgement in flight per bus: the
+    /// previous one is awaited first) and forgets `held` once it is sent, so entries stay
+    /// renewed until their ack reaches Redis. Entries are acknowledged only after their
+    /// handlers finished, so at-least-once holds; an ack lost to a crash means a redelivery.
+    pub(crate) async fn send_acks(&self, acks: Acks, held: Arc<HeldBatch>) {
+        self.flush_acks().await;
+        if acks.ids.is_empty() {
+            return;
+        }
+        let bus = self.clone();
+        let task = tokio::spawn(async move {
+            match bus.ack(&acks.ids).await {
+                Ok(()) => bump(&bus.inner.counters.events_consumed, acks.consumed),
+                Err(e) => {
+                    // The entries stay pending and will be redelivered: at-least-once.
+                    tracing::warn!(error = %e, count = acks.ids.len(), "acknowledging a batch failed; entries will be redelivered");
+                }
+            }
+            drop(held);
+        });
+        *self.inner.ack_in_flight.lock().await = Some(task);
+    }
+
+    /// Waits for the last batch's acknowledgement to be sent.
+    pub(crate) async fn flush_acks(&self) {
+        let previous = self.inner.ack_in_flight.lock().await.take();
+        if let Some(previous) = previous {
+            let _ = previous.await;
+        }
+    }
+
+    /// One XACK for `acks`; counts the acknowledgements Redis did not apply. A failure
+    /// reason recorded by an earlier attempt of an entry now acknowledged simply expires.
+    pub(crate) async fn ack(&self, acks: &[String]) -> Result<(), RedisBusError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&self.inner.stream)
+            .arg(&self.inner.config.consumer_group)
+            .arg(acks);
+        let mut conn = self.commands().await?;
+        let applied: u64 = cmd
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.command_error("XACK", e))?;
+        {
+            let applied = applied.min(acks.len() as u64);
+            let missing = acks.len() as u64 - applied;
+            if missing > 0 {
+                // Another consumer claimed them meanwhile, or Redis lost the group.
+                bump(&self.inner.counters.acks_not_applied, missing);
+            }
+        }
+        Ok(())
+    }
+}
