@@ -333,10 +333,12 @@ impl RedisEventBus {
         Ok(())
     }
 
-    /// Asks the consumer to stop and drops the command connection. A later call to any
-    /// method reconnects.
+    /// Asks a running consumer to stop and drops the command connection. A later call to
+    /// any method reconnects (and a later `start_consuming` runs normally).
     pub async fn disconnect(&self) {
-        self.stop_consuming();
+        if self.is_consuming() {
+            self.stop_consuming();
+        }
         *self
             .inner
             .commands_ready
@@ -609,5 +611,9 @@ impl EventPublisher for RedisEventBus {
 impl EventBus for RedisEventBus {
     fn subscribers(&self) -> &Subscribers {
         &self.inner.subscribers
+    }
+
+    fn event_registry(&self) -> Option<&EventRegistry> {
+        Some(&self.inner.registry)
     }
 }

@@ -53,13 +53,28 @@ pub trait EventBus: EventPublisher {
     /// The bus's subscription table.
     fn subscribers(&self) -> &Subscribers;
 
-    /// Subscribes a handler to one event type `E`.
+    /// The registry a bus decodes incoming events through, if it has one. A typed
+    /// [`subscribe`](Self::subscribe) registers its event type there, so the bus decodes the
+    /// event once, classifies its decode errors like any registered type's, and hands every
+    /// handler a borrow.
+    fn event_registry(&self) -> Option<&crate::EventRegistry> {
+        None
+    }
+
+    /// Subscribes a handler to one event type `E` (and registers `E` in the bus's registry,
+    /// when it has one; a different type already registered under the same wire name is kept,
+    /// logged, and this handler decodes the event itself).
     fn subscribe<E, H>(&self, handler: H) -> SubscriptionId
     where
         Self: Sized,
         E: DomainEvent,
         H: Handler<Event<E>>,
     {
+        if let Some(registry) = self.event_registry() {
+            if let Err(e) = registry.register::<E>() {
+                tracing::warn!(error = %e, "typed subscription: its type is not the registered one");
+            }
+        }
         self.subscribers().subscribe::<E, H>(handler)
     }
 

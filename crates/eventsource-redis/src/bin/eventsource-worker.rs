@@ -1,7 +1,8 @@
 //! A consumer process for demos and fault tests: consumes `OrderCreated` / `OrderShipped`
 //! from the bus configured by `EVENTSOURCE_REDIS_*` variables, records each handled event id
-//! in the Redis set `{stream_prefix}:handled`, optionally sleeping per event
-//! (`WORKER_SLEEP_MS`), and shuts down gracefully on SIGTERM/SIGINT.
+//! in the Redis set `{stream_prefix}:handled` (and each handler start in the list
+//! `{stream_prefix}:started`), optionally sleeping per event (`WORKER_SLEEP_MS`), and shuts
+//! down gracefully on SIGTERM/SIGINT.
 //!
 //! ```text
 //! EVENTSOURCE_REDIS_STREAM_PREFIX=orders EVENTSOURCE_REDIS_CONSUMER_NAME=w1 \
@@ -27,13 +28,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     registry.register::<OrderCreated>()?;
     registry.register::<OrderShipped>()?;
     let handled_key = format!("{}:handled", config.stream_prefix);
+    let started_key = format!("{}:started", config.stream_prefix);
     let client = redis::Client::open(config.redis_url.as_str())?;
     let conn = client.get_multiplexed_async_connection().await?;
     let bus = RedisEventBus::new(config, registry)?;
     bus.subscribe_to_all_events(move |event: EventEnvelope| {
         let mut conn = conn.clone();
         let key = handled_key.clone();
+        let started = started_key.clone();
         async move {
+            redis::cmd("RPUSH")
+                .arg(&started)
+                .arg(event.event_id().to_string())
+                .query_async::<i64>(&mut conn)
+                .await?;
             tokio::time::sleep(sleep).await;
             redis::cmd("SADD")
                 .arg(&key)

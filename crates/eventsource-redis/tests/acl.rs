@@ -1,0 +1,156 @@
+//! Redis ACL users: the documented rules for a publisher and a consumer are enough for the
+//! whole flow, and a missing permission is a clear, non-transient error that names the
+//! command and the `ACL SETUSER` to run — never "Redis unavailable" retried forever.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use eventsource_core::prelude::*;
+use eventsource_core::testkit::orders::OrderCreated;
+use eventsource_redis::{RecoveryOptions, RedisBusError, RedisEventBusConfig};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The README's consumer rule (keys `~{prefix}:*`), word for word.
+const CONSUMER_RULE: &str = "+ping +client|setname +xgroup|create \
+     +xgroup|delconsumer +xreadgroup +xack +xclaim +xpending +xrange +xrevrange +xadd +xdel \
+     +xinfo|consumers +xinfo|groups +xlen +exists +get +set +del +evalsha +script|load";
+
+/// The README's publisher rule.
+const PUBLISHER_RULE: &str = "+ping +client|setname +xadd";
+
+async fn set_user(port: u16, user: &str, keys: &str, rule: &str) {
+    let mut admin = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER")
+        .arg(user)
+        .arg("reset")
+        .arg("on")
+        .arg(format!(">{user}-pw"))
+        .arg(keys)
+        .arg("-@all");
+    for part in rule.split_whitespace() {
+        cmd.arg(part);
+    }
+    let _: () = cmd.query_async(&mut admin).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_rules_run_the_whole_flow() {
+    let port = free_port();
+    let _server = OwnRedis::start(port, &temp_dir("acl"), &[]);
+    set_user(port, "orders-consumer", "~orders:*", CONSUMER_RULE).await;
+    set_user(port, "orders-publisher", "~orders:*", PUBLISHER_RULE).await;
+    let url = |user: &str| format!("redis://{user}:{user}-pw@127.0.0.1:{port}");
+
+    let publisher = bus(RedisEventBusConfig {
+        redis_url: url("orders-publisher"),
+        ..config("orders", "billing", "p")
+    });
+    let consumer = bus(RedisEventBusConfig {
+        redis_url: url("orders-consumer"),
+        max_retries: 0,
+        ..config("orders", "billing", "c1")
+    });
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    consumer.subscribe(move |e: Event<OrderCreated>| {
+        let h = h.clone();
+        async move {
+            if e.customer_id == "cust-0" && h.load(Ordering::SeqCst) < 100 {
+                return Err::<(), HandlerError>("first time fails".into());
+            }
+            h.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    consumer.connect().await.unwrap();
+    publisher
+        .publish_events(&(0..5).map(created).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let task = spawn_consumer(&consumer);
+    assert!(wait_until(WAIT, || async { handled.load(Ordering::SeqCst) == 4 }).await);
+    assert_eq!(consumer.health_check().await.status, "healthy");
+    // The failed entry: recovery dead-letters it (max_retries 0), replay brings it back.
+    let stats = consumer
+        .recover_pending_messages(RecoveryOptions {
+            min_idle_time_ms: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stats.dlq, 1, "{stats:?}");
+    handled.store(100, Ordering::SeqCst);
+    let letter = consumer.get_dlq_messages(1).await.unwrap().remove(0);
+    assert!(
+        consumer
+            .replay_dlq_message(&letter.message_id)
+            .await
+            .unwrap()
+    );
+    assert!(wait_until(WAIT, || async { handled.load(Ordering::SeqCst) == 101 }).await);
+    let info = consumer.get_stream_info().await;
+    assert!(info.connected, "{info:?}");
+    assert_eq!(info.dlq_messages, 0);
+    assert!(consumer.prune_idle_consumers(0).await.is_ok());
+    stop(&consumer, task).await;
+    assert_eq!(consumer.stats().reconnections, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_permission_names_the_command_and_the_grant() {
+    let port = free_port();
+    let _server = OwnRedis::start(port, &temp_dir("acl-missing"), &[]);
+    let without_create = CONSUMER_RULE.replace("+xgroup|create ", "");
+    set_user(port, "half", "~orders:*", &without_create).await;
+    let consumer = bus(RedisEventBusConfig {
+        redis_url: format!("redis://half:half-pw@127.0.0.1:{port}"),
+        reconnect_max_delay_ms: 200,
+        ..config("orders", "billing", "c1")
+    });
+    let err = consumer.connect().await.unwrap_err();
+    assert!(
+        matches!(&err, RedisBusError::NoPermission { command, user, .. }
+            if command == "xgroup|create" && user.as_deref() == Some("half")),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    assert!(
+        err.to_string().contains("ACL SETUSER half +xgroup|create"),
+        "{err}"
+    );
+    // Consuming anyway: the loop keeps trying (slowly) and health says why.
+    let task = spawn_consumer(&consumer);
+    assert!(
+        wait_until(WAIT, || async {
+            let health = consumer.health_check().await;
+            health.status == "unhealthy"
+                && health
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("xgroup|create") && e.contains("ACL SETUSER"))
+        })
+        .await,
+        "{:?}",
+        consumer.health_check().await
+    );
+    stop(&consumer, task).await;
+
+    // A key outside the user's pattern: the publish error names XADD, not a connection.
+    let stranger = bus(RedisEventBusConfig {
+        redis_url: format!("redis://half:half-pw@127.0.0.1:{port}"),
+        ..config("payments", "billing", "c1")
+    });
+    let err = stranger.publish_events(&[created(1)]).await.unwrap_err();
+    assert!(matches!(err, RedisBusError::NoPermission { .. }), "{err:?}");
+    assert!(!err.is_transient());
+}
