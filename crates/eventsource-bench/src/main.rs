@@ -1,5 +1,5 @@
-//! `eventsource-bench`: the workloads of `shared/bench/WORKLOADS.md`, each measured next to
-//! the raw limit of the same Redis in the same run.
+//! `eventsource-bench`: the workloads of `docs/workloads.md`, each measured next to the raw
+//! limit of the same Redis in the same run (`--help` lists them).
 //!
 //! ```text
 //! cargo run --release -p eventsource-bench -- --workload all [--n N] [--repeat R]
@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Workloads: `publish_single`, `publish_batch100`, `publish_concurrent16`, `consume_1`,
-//! `consume_2proc`, `consume_2proc_slow`, `latency_500`, `latency_5000`, `rss`, or `all`.
+//! `consume_2proc`, `consume_2proc_slow`, `slow_2consumers`, `latency_500`, `latency_5000`,
+//! `rss`, or `all`.
 //! Progress and tables go to standard error; the last line of standard output is one JSON
 //! object keyed by workload with medians and ranges (`events_per_sec`, `p50_ms`..`max_ms`,
 //! `peak_rss_mib`) and, where a raw limit applies, `limit_events_per_sec` and
@@ -34,17 +35,47 @@ use serde_json::{Value as Json, json};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const WORKLOADS: [&str; 9] = [
+const WORKLOADS: [&str; 10] = [
     "publish_single",
     "publish_batch100",
     "publish_concurrent16",
     "consume_1",
     "consume_2proc",
     "consume_2proc_slow",
+    "slow_2consumers",
     "latency_500",
     "latency_5000",
     "rss",
 ];
+
+const USAGE: &str = "usage: eventsource-bench --workload NAME|all [--workload NAME ...] [--n N] [--repeat R] [--redis-url URL]
+
+Every figure is measured next to the raw limit of the same Redis in the same run.
+
+workloads:
+  publish_single        one event per publish call (bus at the default configuration and
+                        with tracing off) vs one awaited XADD at a time
+  publish_batch100      100 events per call vs XADD pipelined 100 at a time
+  publish_concurrent16  16 tasks publishing one at a time vs one task
+  consume_1             one consumer process: default configuration, tracing off, and the
+                        redis-rs reader instead of ours, vs a raw XREADGROUP/XACK loop
+  consume_2proc         two consumer processes vs one
+  consume_2proc_slow    a 1 ms handler, handler_concurrency 16 and 1, two processes vs one
+  slow_2consumers       two consumers, a 150 ms handler, batch 10, pending_idle_ms 1000:
+                        handler runs per event and unapplied acks (duplicates)
+  latency_500           publish-to-handler latency at 500 events/s
+  latency_5000          the same at 5,000 events/s
+  rss                   peak memory of a consumer over 200,000 events
+  all                   every workload above
+
+options:
+  --n N          events per run (each workload has its own default)
+  --repeat R     runs per workload, medians reported (default 3)
+  --redis-url U  the Redis to measure (default redis://127.0.0.1:6379)
+  --help         this text
+
+Progress goes to standard error; the last line of standard output is one JSON object keyed
+by workload.";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -84,10 +115,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         }
     }
     if o.workloads.is_empty() {
-        return Err(
-            "usage: eventsource-bench --workload NAME|all [--n N] [--repeat R] [--redis-url URL]"
-                .into(),
-        );
+        return Err(USAGE.into());
     }
     o.repeat = o.repeat.max(1);
     Ok(o)
@@ -117,17 +145,67 @@ fn prefix(tag: &str) -> String {
     )
 }
 
+/// How a measured bus is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    /// `RedisEventBusConfig::default()` (tracing on, block 2 s, recovery every 30 s).
+    Default,
+    /// The defaults with `enable_tracing: false`.
+    NoTracing,
+    /// Tuned for quick runs where the configuration is not the point (latency, memory,
+    /// scaling): tracing off, block 100 ms, recovery off.
+    Quick,
+}
+
+impl Profile {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::NoTracing => "no-tracing",
+            Self::Quick => "quick",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, Error> {
+        match s {
+            "default" => Ok(Self::Default),
+            "no-tracing" => Ok(Self::NoTracing),
+            "quick" => Ok(Self::Quick),
+            other => Err(format!("unknown profile {other:?}").into()),
+        }
+    }
+}
+
 fn bus_config(url: &str, prefix: &str, group: &str, name: &str) -> RedisEventBusConfig {
-    RedisEventBusConfig {
+    profile_config(Profile::Quick, url, prefix, group, name)
+}
+
+fn profile_config(
+    profile: Profile,
+    url: &str,
+    prefix: &str,
+    group: &str,
+    name: &str,
+) -> RedisEventBusConfig {
+    let base = RedisEventBusConfig {
         redis_url: url.into(),
         stream_prefix: prefix.into(),
         consumer_group: group.into(),
         consumer_name: Some(name.into()),
-        batch_size: 100,
-        block_ms: 100,
-        enable_tracing: false,
-        recovery_interval_ms: 0,
         ..Default::default()
+    };
+    match profile {
+        Profile::Default => base,
+        Profile::NoTracing => RedisEventBusConfig {
+            enable_tracing: false,
+            ..base
+        },
+        Profile::Quick => RedisEventBusConfig {
+            block_ms: 100,
+            enable_tracing: false,
+            recovery_interval_ms: 0,
+            ..base
+        },
     }
 }
 
@@ -258,9 +336,13 @@ async fn bus_publish(
     events: &[EventEnvelope],
     chunk: usize,
     tasks: usize,
+    profile: Profile,
 ) -> Result<f64, Error> {
     let p = prefix("publish");
-    let bus = RedisEventBus::new(bus_config(url, &p, "bench", "publisher"), registry())?;
+    let bus = RedisEventBus::new(
+        profile_config(profile, url, &p, "bench", "publisher"),
+        registry(),
+    )?;
     bus.connect().await?;
     let per_task = events.len().div_ceil(tasks);
     let parts: Vec<Vec<EventEnvelope>> = events.chunks(per_task).map(<[_]>::to_vec).collect();
@@ -294,36 +376,49 @@ async fn publish_workload(o: &Options, name: &str) -> Result<Json, Error> {
         .iter()
         .map(|e| encode_fields(e, None))
         .collect::<Result<_, _>>()?;
-    let (mut bus, mut limit, mut single) = (vec![], vec![], vec![]);
+    let (mut bus, mut limit, mut single, mut untraced) = (vec![], vec![], vec![], vec![]);
+    let url = &o.redis_url;
     for run in 1..=o.repeat {
+        // Bus at the default configuration, and with tracing off.
+        let (chunk, tasks) = match name {
+            "publish_batch100" => (100, 1),
+            "publish_single" => (1, 1),
+            _ => (1, 16),
+        };
+        let mut measure_bus = async || -> Result<(), Error> {
+            bus.push(bus_publish(url, &events, chunk, tasks, Profile::Default).await?);
+            untraced.push(bus_publish(url, &events, chunk, tasks, Profile::NoTracing).await?);
+            Ok(())
+        };
         match name {
             // The raw limit and the bus alternate which goes first, so neither gains from
             // running second (warm caches) or loses to a noisy neighbour systematically.
             "publish_single" if run % 2 == 1 => {
-                limit.push(raw_single(&o.redis_url, &fields).await?);
-                bus.push(bus_publish(&o.redis_url, &events, 1, 1).await?);
+                limit.push(raw_single(url, &fields).await?);
+                measure_bus().await?;
             }
             "publish_single" => {
-                bus.push(bus_publish(&o.redis_url, &events, 1, 1).await?);
-                limit.push(raw_single(&o.redis_url, &fields).await?);
+                measure_bus().await?;
+                limit.push(raw_single(url, &fields).await?);
             }
             "publish_batch100" if run % 2 == 1 => {
-                limit.push(raw_pipelined(&o.redis_url, &fields).await?);
-                bus.push(bus_publish(&o.redis_url, &events, 100, 1).await?);
+                limit.push(raw_pipelined(url, &fields).await?);
+                measure_bus().await?;
             }
             "publish_batch100" => {
-                bus.push(bus_publish(&o.redis_url, &events, 100, 1).await?);
-                limit.push(raw_pipelined(&o.redis_url, &fields).await?);
+                measure_bus().await?;
+                limit.push(raw_pipelined(url, &fields).await?);
             }
             _ => {
-                limit.push(raw_single(&o.redis_url, &fields).await?);
-                single.push(bus_publish(&o.redis_url, &events, 1, 1).await?);
-                bus.push(bus_publish(&o.redis_url, &events, 1, 16).await?);
+                limit.push(raw_single(url, &fields).await?);
+                single.push(bus_publish(url, &events, 1, 1, Profile::Default).await?);
+                measure_bus().await?;
             }
         }
         eprintln!(
-            "  {name} run {run}: bus {:>9.0}/s   limit {:>9.0}/s{}",
+            "  {name} run {run}: bus {:>9.0}/s (tracing off {:>9.0}/s)   limit {:>9.0}/s{}",
             bus[run - 1],
+            untraced[run - 1],
             limit[run - 1],
             single
                 .get(run - 1)
@@ -333,6 +428,8 @@ async fn publish_workload(o: &Options, name: &str) -> Result<Json, Error> {
     }
     let mut out = throughput_json(&bus, Some(&limit));
     out["n"] = json!(n);
+    out["config"] = json!("RedisEventBusConfig::default() (tracing on)");
+    out["tracing_off"] = throughput_json(&untraced, Some(&limit));
     if !single.is_empty() {
         let s = stat(&single);
         out["single_events_per_sec"] = stat_json(s);
@@ -538,15 +635,82 @@ fn entry_ids(reply: &Value) -> Vec<String> {
     ids
 }
 
-/// Runs consumer children on a pre-filled stream and returns (events/s, peak RSS MiB of the
-/// largest child).
+/// How the consumer children of a run are configured.
+#[derive(Debug, Clone)]
+struct Spec {
+    profile: Profile,
+    /// Handler time per event.
+    sleep_ms: u64,
+    concurrency: usize,
+    batch_size: Option<usize>,
+    pending_idle_ms: Option<u64>,
+    recovery_interval_ms: Option<u64>,
+    /// Read with redis-rs instead of the bus's own RESP reader.
+    redis_rs_reader: bool,
+}
+
+impl Spec {
+    fn new(profile: Profile) -> Self {
+        Self {
+            profile,
+            sleep_ms: 0,
+            concurrency: 1,
+            batch_size: None,
+            pending_idle_ms: None,
+            recovery_interval_ms: None,
+            redis_rs_reader: false,
+        }
+    }
+
+    fn handler(mut self, sleep_ms: u64, concurrency: usize) -> Self {
+        self.sleep_ms = sleep_ms;
+        self.concurrency = concurrency;
+        self
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--profile".to_owned(),
+            self.profile.name().to_owned(),
+            "--sleep-ms".to_owned(),
+            self.sleep_ms.to_string(),
+            "--concurrency".to_owned(),
+            self.concurrency.to_string(),
+        ];
+        for (flag, value) in [
+            ("--batch-size", self.batch_size.map(|v| v as u64)),
+            ("--pending-idle-ms", self.pending_idle_ms),
+            ("--recovery-interval-ms", self.recovery_interval_ms),
+        ] {
+            if let Some(v) = value {
+                args.push(flag.to_owned());
+                args.push(v.to_string());
+            }
+        }
+        args
+    }
+}
+
+/// What one run of consumer children did.
+#[derive(Debug, Clone, Copy, Default)]
+struct RunReport {
+    events_per_sec: f64,
+    /// Peak RSS of the largest child, MiB.
+    rss_mib: f64,
+    /// Handler runs, summed over the children.
+    handled: u64,
+    acks_not_applied: u64,
+    recovered: u64,
+    taken_over: u64,
+}
+
+/// Runs consumer children on a pre-filled stream of `n` events.
 async fn consume_run(
     o: &Options,
     n: usize,
     processes: usize,
-    sleep_ms: u64,
-    concurrency: usize,
-) -> Result<(f64, f64), Error> {
+    spec: &Spec,
+) -> Result<RunReport, Error> {
     let mut conn = raw_conn(&o.redis_url).await?;
     let p = prefix("consume");
     let stream = format!("{p}:stream");
@@ -554,29 +718,26 @@ async fn consume_run(
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for i in 0..processes {
-        children.push(
-            tokio::process::Command::new(&exe)
-                .args([
-                    "--role",
-                    "consumer",
-                    "--redis-url",
-                    &o.redis_url,
-                    "--prefix",
-                    &p,
-                    "--group",
-                    "bench",
-                ])
-                .args(["--name", &format!("c{i}"), "--expect-total", &n.to_string()])
-                .args([
-                    "--sleep-ms",
-                    &sleep_ms.to_string(),
-                    "--concurrency",
-                    &concurrency.to_string(),
-                ])
-                .stdout(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()?,
-        );
+        let mut command = tokio::process::Command::new(&exe);
+        command
+            .args([
+                "--role",
+                "consumer",
+                "--redis-url",
+                &o.redis_url,
+                "--prefix",
+                &p,
+                "--group",
+                "bench",
+            ])
+            .args(["--name", &format!("c{i}"), "--expect-total", &n.to_string()])
+            .args(spec.args())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if spec.redis_rs_reader {
+            command.env("EVENTSOURCE_REDIS_READER", "redis-rs");
+        }
+        children.push(command.spawn()?);
     }
     let mut reports = Vec::new();
     for child in children {
@@ -589,10 +750,13 @@ async fn consume_run(
         }
         reports.push(report);
     }
-    let handled: u64 = reports
-        .iter()
-        .map(|r| r["handled"].as_u64().unwrap_or(0))
-        .sum();
+    let sum = |key: &str| {
+        reports
+            .iter()
+            .map(|r| r[key].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let handled = sum("handled");
     let pending: Value = redis::cmd("XPENDING")
         .arg(&stream)
         .arg("bench")
@@ -619,12 +783,19 @@ async fn consume_run(
         .filter_map(|r| r["last_us"].as_u64())
         .max()
         .unwrap_or(0);
-    let rss = reports
+    let rss_mib = reports
         .iter()
         .filter_map(|r| r["vmhwm_kib"].as_f64())
         .fold(0.0, f64::max)
         / 1024.0;
-    Ok((n as f64 / ((last - start).max(1) as f64 / 1e6), rss))
+    Ok(RunReport {
+        events_per_sec: n as f64 / ((last - start).max(1) as f64 / 1e6),
+        rss_mib,
+        handled,
+        acks_not_applied: sum("acks_not_applied"),
+        recovered: sum("messages_recovered"),
+        taken_over: sum("entries_taken_over"),
+    })
 }
 
 /// The hidden `--role consumer` mode: consume until the group has read `expect_total`
@@ -644,10 +815,20 @@ async fn consumer_role(args: &[String]) -> Result<Json, Error> {
     let expect: u64 = get("--expect-total")?.parse()?;
     let sleep_ms: u64 = get("--sleep-ms")?.parse()?;
     let concurrency: usize = get("--concurrency")?.parse()?;
-    let config = RedisEventBusConfig {
+    let profile = Profile::parse(&get("--profile")?)?;
+    let mut config = RedisEventBusConfig {
         handler_concurrency: concurrency,
-        ..bus_config(&url, &prefix, &group, &name)
+        ..profile_config(profile, &url, &prefix, &group, &name)
     };
+    if let Ok(v) = get("--batch-size") {
+        config.batch_size = v.parse()?;
+    }
+    if let Ok(v) = get("--pending-idle-ms") {
+        config.pending_idle_ms = v.parse()?;
+    }
+    if let Ok(v) = get("--recovery-interval-ms") {
+        config.recovery_interval_ms = v.parse()?;
+    }
     let bus = RedisEventBus::new(config, registry())?;
     let handled = Arc::new(AtomicU64::new(0));
     let last = Arc::new(AtomicU64::new(0));
@@ -694,6 +875,7 @@ async fn consumer_role(args: &[String]) -> Result<Json, Error> {
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .unwrap_or(0);
+    let stats = bus.stats();
     Ok(json!({
         "name": name,
         "handled": handled.load(Ordering::Relaxed),
@@ -701,6 +883,9 @@ async fn consumer_role(args: &[String]) -> Result<Json, Error> {
         "last_us": last.load(Ordering::Relaxed),
         "vmhwm_kib": vmhwm,
         "expect_total": expect,
+        "acks_not_applied": stats.acks_not_applied,
+        "messages_recovered": stats.messages_recovered,
+        "entries_taken_over": stats.entries_taken_over,
     }))
 }
 
@@ -709,19 +894,47 @@ async fn consume_workload(o: &Options, name: &str) -> Result<Json, Error> {
         "consume_1" => {
             let n = o.n.unwrap_or(20_000);
             let (mut bus, mut limit, mut client) = (vec![], vec![], vec![]);
+            let (mut untraced, mut rs_reader, mut rs_reader_untraced) = (vec![], vec![], vec![]);
+            let default = Spec::new(Profile::Default);
+            let no_tracing = Spec::new(Profile::NoTracing);
+            let with_redis_rs = |spec: &Spec| Spec {
+                redis_rs_reader: true,
+                ..spec.clone()
+            };
             for run in 1..=o.repeat {
                 limit.push(raw_consume_physical(&o.redis_url, n).await?);
                 client.push(raw_consume(&o.redis_url, n).await?);
-                bus.push(consume_run(o, n, 1, 0, 1).await?.0);
+                bus.push(consume_run(o, n, 1, &default).await?.events_per_sec);
+                untraced.push(consume_run(o, n, 1, &no_tracing).await?.events_per_sec);
+                rs_reader.push(
+                    consume_run(o, n, 1, &with_redis_rs(&default))
+                        .await?
+                        .events_per_sec,
+                );
+                rs_reader_untraced.push(
+                    consume_run(o, n, 1, &with_redis_rs(&no_tracing))
+                        .await?
+                        .events_per_sec,
+                );
                 eprintln!(
-                    "  consume_1 run {run}: bus {:>9.0}/s   raw loop {:>9.0}/s   same loop with redis-rs {:>9.0}/s",
+                    "  consume_1 run {run}: bus {:>9.0}/s (tracing off {:>9.0}/s; redis-rs reader {:>9.0}/s, tracing off {:>9.0}/s)   raw loop {:>9.0}/s   same loop with redis-rs {:>9.0}/s",
                     bus[run - 1],
+                    untraced[run - 1],
+                    rs_reader[run - 1],
+                    rs_reader_untraced[run - 1],
                     limit[run - 1],
                     client[run - 1]
                 );
             }
             let mut out = throughput_json(&bus, Some(&limit));
             out["n"] = json!(n);
+            out["config"] =
+                json!("RedisEventBusConfig::default() (tracing on, batch 100, own RESP reader)");
+            out["tracing_off"] = throughput_json(&untraced, Some(&limit));
+            out["redis_rs_reader"] = throughput_json(&rs_reader, Some(&limit));
+            out["redis_rs_reader_tracing_off"] = throughput_json(&rs_reader_untraced, Some(&limit));
+            out["own_reader_over_redis_rs_reader"] =
+                json!((stat(&bus).median / stat(&rs_reader).median * 1000.0).round() / 1000.0);
             out["limit_is"] = json!(
                 "XREADGROUP COUNT 100 + XACK of the previous batch in one round trip, one connection, a scanner that reads only the ids"
             );
@@ -734,8 +947,9 @@ async fn consume_workload(o: &Options, name: &str) -> Result<Json, Error> {
             let n = o.n.unwrap_or(20_000);
             let (mut one, mut two) = (vec![], vec![]);
             for run in 1..=o.repeat {
-                one.push(consume_run(o, n, 1, 0, 1).await?.0);
-                two.push(consume_run(o, n, 2, 0, 1).await?.0);
+                let quick = Spec::new(Profile::Quick);
+                one.push(consume_run(o, n, 1, &quick).await?.events_per_sec);
+                two.push(consume_run(o, n, 2, &quick).await?.events_per_sec);
                 eprintln!(
                     "  consume_2proc run {run}: two processes {:>9.0}/s   one {:>9.0}/s",
                     two[run - 1],
@@ -756,10 +970,12 @@ async fn consume_workload(o: &Options, name: &str) -> Result<Json, Error> {
             let n_seq = n.min(2_000);
             let (mut one_c, mut two_c, mut one_s, mut two_s) = (vec![], vec![], vec![], vec![]);
             for run in 1..=o.repeat {
-                one_c.push(consume_run(o, n, 1, 1, 16).await?.0);
-                two_c.push(consume_run(o, n, 2, 1, 16).await?.0);
-                one_s.push(consume_run(o, n_seq, 1, 1, 1).await?.0);
-                two_s.push(consume_run(o, n_seq, 2, 1, 1).await?.0);
+                let concurrent = Spec::new(Profile::Quick).handler(1, 16);
+                let sequential = Spec::new(Profile::Quick).handler(1, 1);
+                one_c.push(consume_run(o, n, 1, &concurrent).await?.events_per_sec);
+                two_c.push(consume_run(o, n, 2, &concurrent).await?.events_per_sec);
+                one_s.push(consume_run(o, n_seq, 1, &sequential).await?.events_per_sec);
+                two_s.push(consume_run(o, n_seq, 2, &sequential).await?.events_per_sec);
                 eprintln!(
                     "  consume_2proc_slow run {run}: concurrency 16: two {:>8.0}/s one {:>8.0}/s | sequential: two {:>6.0}/s one {:>6.0}/s",
                     two_c[run - 1],
@@ -786,12 +1002,54 @@ async fn consume_workload(o: &Options, name: &str) -> Result<Json, Error> {
     }
 }
 
+/// Two consumers in one group with a slow handler: how many times each event ran, and how
+/// many acks Redis did not apply (the entry had been taken by the other consumer). The
+/// configuration of the consumer-hardening issue: batch 10, `pending_idle_ms` 1000, recovery
+/// every 200 ms, a 150 ms handler (7× faster than the idle time).
+async fn slow_two_consumers_workload(o: &Options) -> Result<Json, Error> {
+    let n = o.n.unwrap_or(200);
+    let spec = Spec {
+        batch_size: Some(10),
+        pending_idle_ms: Some(1000),
+        recovery_interval_ms: Some(200),
+        ..Spec::new(Profile::Default).handler(150, 1)
+    };
+    let (mut runs_per_event, mut acks_lost, mut rates) = (vec![], vec![], vec![]);
+    let mut last = RunReport::default();
+    for run in 1..=o.repeat {
+        last = consume_run(o, n, 2, &spec).await?;
+        runs_per_event.push(last.handled as f64 / n as f64);
+        acks_lost.push(last.acks_not_applied as f64);
+        rates.push(last.events_per_sec);
+        eprintln!(
+            "  slow_2consumers run {run}: {} handler runs for {n} events ({:.2} per event), {} acks not applied, {} recovered, {} taken over, {:.1} events/s",
+            last.handled,
+            last.handled as f64 / n as f64,
+            last.acks_not_applied,
+            last.recovered,
+            last.taken_over,
+            last.events_per_sec
+        );
+    }
+    let s = stat(&runs_per_event);
+    Ok(json!({
+        "n": n,
+        "config": "two consumer processes, RedisEventBusConfig::default() with batch_size 10, pending_idle_ms 1000, recovery_interval_ms 200; handler sleeps 150 ms",
+        "handler_runs_per_event": {"median": s.median, "min": s.min, "max": s.max},
+        "duplicates_median": (s.median * n as f64 - n as f64).round(),
+        "acks_not_applied_median": stat(&acks_lost).median,
+        "messages_recovered_last_run": last.recovered,
+        "events_per_sec": stat_json(stat(&rates)),
+    }))
+}
+
 async fn rss_workload(o: &Options) -> Result<Json, Error> {
     let n = o.n.unwrap_or(200_000);
     let mut rss = vec![];
     let mut rate = vec![];
     for run in 1..=o.repeat {
-        let (r, m) = consume_run(o, n, 1, 0, 1).await?;
+        let report = consume_run(o, n, 1, &Spec::new(Profile::Quick)).await?;
+        let (r, m) = (report.events_per_sec, report.rss_mib);
         rate.push(r);
         rss.push(m);
         eprintln!(
@@ -913,6 +1171,10 @@ fn main() -> std::process::ExitCode {
         println!("{report}");
         return std::process::ExitCode::SUCCESS;
     }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return std::process::ExitCode::SUCCESS;
+    }
     let options = match parse_args(&args) {
         Ok(o) => o,
         Err(e) => {
@@ -939,6 +1201,7 @@ fn main() -> std::process::ExitCode {
                 "consume_1" | "consume_2proc" | "consume_2proc_slow" => {
                     consume_workload(&options, name).await
                 }
+                "slow_2consumers" => slow_two_consumers_workload(&options).await,
                 "latency_500" => latency_workload(&options, 500).await,
                 "latency_5000" => latency_workload(&options, 5000).await,
                 _ => rss_workload(&options).await,

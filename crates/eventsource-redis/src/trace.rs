@@ -25,21 +25,17 @@ tokio::task_local! {
     static CURRENT: TraceContext;
 }
 
+/// Random ids from fastrand's thread-local generator (W3C trace and span ids need to be
+/// unique, not secret): no system call per id, unlike a UUID v4 from the OS. An all-zero id
+/// is invalid in W3C trace context, so it is never returned.
 fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut out = [0u8; N];
-    let mut filled = 0;
-    while filled < N {
-        let bytes = uuid::Uuid::new_v4().into_bytes();
-        // Skip the version/variant nibbles' bytes (6 and 8) to keep full randomness.
-        for (i, b) in bytes.iter().enumerate() {
-            if i == 6 || i == 8 || filled == N {
-                continue;
-            }
-            out[filled] = *b;
-            filled += 1;
+    loop {
+        let mut out = [0u8; N];
+        fastrand::fill(&mut out);
+        if out.iter().any(|&b| b != 0) {
+            return out;
         }
     }
-    out
 }
 
 fn hex<const N: usize>(bytes: &[u8; N]) -> String {
