@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Workloads: `publish_single`, `publish_batch100`, `publish_concurrent16`, `consume_1`,
-//! `consume_2proc`, `consume_2proc_slow`, `slow_2consumers`, `latency_500`, `latency_5000`,
+//! `consume_2proc`, `consume_2proc_slow`, `consume_2proc_slowhandler_dup`, `latency_500`,
+//! `latency_5000`,
 //! `rss`, or `all`.
 //! Progress and tables go to standard error; the last line of standard output is one JSON
 //! object keyed by workload with medians and ranges (`events_per_sec`, `p50_ms`..`max_ms`,
@@ -42,7 +43,7 @@ const WORKLOADS: [&str; 10] = [
     "consume_1",
     "consume_2proc",
     "consume_2proc_slow",
-    "slow_2consumers",
+    "consume_2proc_slowhandler_dup",
     "latency_500",
     "latency_5000",
     "rss",
@@ -61,7 +62,8 @@ workloads:
                         redis-rs reader instead of ours, vs a raw XREADGROUP/XACK loop
   consume_2proc         two consumer processes vs one
   consume_2proc_slow    a 1 ms handler, handler_concurrency 16 and 1, two processes vs one
-  slow_2consumers       two consumers, a 150 ms handler, batch 10, pending_idle_ms 1000:
+  consume_2proc_slowhandler_dup
+                        two consumers, a 150 ms handler, batch 10, pending_idle_ms 1000:
                         handler runs per event and unapplied acks (duplicates)
   latency_500           publish-to-handler latency at 500 events/s
   latency_5000          the same at 5,000 events/s
@@ -369,7 +371,7 @@ async fn bus_publish(
     Ok(rate)
 }
 
-async fn publish_workload(o: &Options, name: &str) -> Result<Json, Error> {
+async fn publish_workload(o: &Options, name: &str) -> Result<Vec<(String, Json)>, Error> {
     let n = o.n.unwrap_or(20_000);
     let events: Vec<EventEnvelope> = (0..n).map(event).collect();
     let fields: Vec<Vec<(&'static str, String)>> = events
@@ -426,10 +428,13 @@ async fn publish_workload(o: &Options, name: &str) -> Result<Json, Error> {
                 .unwrap_or_default()
         );
     }
-    let mut out = throughput_json(&bus, Some(&limit));
+    // `name`: the workload's settings (tracing off); `name@default`: the library's defaults.
+    let mut out = throughput_json(&untraced, Some(&limit));
     out["n"] = json!(n);
-    out["config"] = json!("RedisEventBusConfig::default() (tracing on)");
-    out["tracing_off"] = throughput_json(&untraced, Some(&limit));
+    out["config"] = json!("enable_tracing: false");
+    let mut default = throughput_json(&bus, Some(&limit));
+    default["n"] = json!(n);
+    default["config"] = json!("RedisEventBusConfig::default() (tracing on)");
     if !single.is_empty() {
         let s = stat(&single);
         out["single_events_per_sec"] = stat_json(s);
@@ -440,7 +445,11 @@ async fn publish_workload(o: &Options, name: &str) -> Result<Json, Error> {
     } else {
         out["limit_is"] = json!("XADD pipelined 100 at a time on one connection");
     }
-    Ok(out)
+    default["limit_is"] = out["limit_is"].clone();
+    Ok(vec![
+        (name.to_owned(), out),
+        (format!("{name}@default"), default),
+    ])
 }
 
 // ---------------------------------------------------------------------------------------
@@ -889,14 +898,14 @@ async fn consumer_role(args: &[String]) -> Result<Json, Error> {
     }))
 }
 
-async fn consume_workload(o: &Options, name: &str) -> Result<Json, Error> {
+async fn consume_workload(o: &Options, name: &str) -> Result<Vec<(String, Json)>, Error> {
     match name {
         "consume_1" => {
             let n = o.n.unwrap_or(20_000);
             let (mut bus, mut limit, mut client) = (vec![], vec![], vec![]);
             let (mut untraced, mut rs_reader, mut rs_reader_untraced) = (vec![], vec![], vec![]);
             let default = Spec::new(Profile::Default);
-            let no_tracing = Spec::new(Profile::NoTracing);
+            let no_tracing = Spec::new(Profile::Quick);
             let with_redis_rs = |spec: &Spec| Spec {
                 redis_rs_reader: true,
                 ..spec.clone()
@@ -926,22 +935,32 @@ async fn consume_workload(o: &Options, name: &str) -> Result<Json, Error> {
                     client[run - 1]
                 );
             }
-            let mut out = throughput_json(&bus, Some(&limit));
+            let ratio =
+                |a: &[f64], b: &[f64]| (stat(a).median / stat(b).median * 1000.0).round() / 1000.0;
+            let mut out = throughput_json(&untraced, Some(&limit));
             out["n"] = json!(n);
-            out["config"] =
-                json!("RedisEventBusConfig::default() (tracing on, batch 100, own RESP reader)");
-            out["tracing_off"] = throughput_json(&untraced, Some(&limit));
-            out["redis_rs_reader"] = throughput_json(&rs_reader, Some(&limit));
-            out["redis_rs_reader_tracing_off"] = throughput_json(&rs_reader_untraced, Some(&limit));
-            out["own_reader_over_redis_rs_reader"] =
-                json!((stat(&bus).median / stat(&rs_reader).median * 1000.0).round() / 1000.0);
+            out["config"] = json!(
+                "batch_size 100, block_ms 100, enable_tracing false, recovery off; own RESP reader"
+            );
+            out["redis_rs_reader"] = throughput_json(&rs_reader_untraced, Some(&limit));
+            out["own_reader_over_redis_rs_reader"] = json!(ratio(&untraced, &rs_reader_untraced));
+            let mut default = throughput_json(&bus, Some(&limit));
+            default["n"] = json!(n);
+            default["config"] = json!(
+                "RedisEventBusConfig::default() (batch 100, block 2 s, tracing on, recovery every 30 s); own RESP reader"
+            );
+            default["redis_rs_reader"] = throughput_json(&rs_reader, Some(&limit));
+            default["own_reader_over_redis_rs_reader"] = json!(ratio(&bus, &rs_reader));
             out["limit_is"] = json!(
                 "XREADGROUP COUNT 100 + XACK of the previous batch in one round trip, one connection, a scanner that reads only the ids"
             );
             out["redis_rs_loop_events_per_sec"] = stat_json(stat(&client));
-            out["ratio_to_redis_rs_loop"] =
-                json!((stat(&bus).median / stat(&client).median * 1000.0).round() / 1000.0);
-            Ok(out)
+            out["ratio_to_redis_rs_loop"] = json!(ratio(&untraced, &client));
+            default["limit_is"] = out["limit_is"].clone();
+            Ok(vec![
+                ("consume_1".to_owned(), out),
+                ("consume_1@default".to_owned(), default),
+            ])
         }
         "consume_2proc" => {
             let n = o.n.unwrap_or(20_000);
@@ -961,7 +980,7 @@ async fn consume_workload(o: &Options, name: &str) -> Result<Json, Error> {
             out["one_consumer_events_per_sec"] = stat_json(stat(&one));
             out["ratio_to_one_consumer"] =
                 json!((stat(&two).median / stat(&one).median * 100.0).round() / 100.0);
-            Ok(out)
+            Ok(vec![(name.to_owned(), out)])
         }
         _ => {
             // consume_2proc_slow: the handler sleeps 1 ms. Without concurrency one consumer
@@ -997,7 +1016,7 @@ async fn consume_workload(o: &Options, name: &str) -> Result<Json, Error> {
             out["with_concurrency"] = with;
             out["with_concurrency"]["handler_concurrency"] = json!(16);
             out["without_concurrency"] = side(&two_s, &one_s, n_seq);
-            Ok(out)
+            Ok(vec![(name.to_owned(), out)])
         }
     }
 }
@@ -1022,7 +1041,7 @@ async fn slow_two_consumers_workload(o: &Options) -> Result<Json, Error> {
         acks_lost.push(last.acks_not_applied as f64);
         rates.push(last.events_per_sec);
         eprintln!(
-            "  slow_2consumers run {run}: {} handler runs for {n} events ({:.2} per event), {} acks not applied, {} recovered, {} taken over, {:.1} events/s",
+            "  consume_2proc_slowhandler_dup run {run}: {} handler runs for {n} events ({:.2} per event), {} acks not applied, {} recovered, {} taken over, {:.1} events/s",
             last.handled,
             last.handled as f64 / n as f64,
             last.acks_not_applied,
@@ -1144,6 +1163,11 @@ async fn latency_workload(o: &Options, rate: u64) -> Result<Json, Error> {
     )
 }
 
+/// A workload with one result, keyed by its name.
+fn one(name: &str, result: Result<Json, Error>) -> Result<Vec<(String, Json)>, Error> {
+    result.map(|value| vec![(name.to_owned(), value)])
+}
+
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--role") {
@@ -1201,18 +1225,22 @@ fn main() -> std::process::ExitCode {
                 "consume_1" | "consume_2proc" | "consume_2proc_slow" => {
                     consume_workload(&options, name).await
                 }
-                "slow_2consumers" => slow_two_consumers_workload(&options).await,
-                "latency_500" => latency_workload(&options, 500).await,
-                "latency_5000" => latency_workload(&options, 5000).await,
-                _ => rss_workload(&options).await,
+                "consume_2proc_slowhandler_dup" => {
+                    one(name, slow_two_consumers_workload(&options).await)
+                }
+                "latency_500" => one(name, latency_workload(&options, 500).await),
+                "latency_5000" => one(name, latency_workload(&options, 5000).await),
+                _ => one(name, rss_workload(&options).await),
             }
         });
-        let value = result.unwrap_or_else(|e| {
-            failed = true;
-            eprintln!("  {name} failed: {e}");
-            json!({"error": e.to_string()})
-        });
-        results.insert(name.clone(), value);
+        match result {
+            Ok(values) => results.extend(values),
+            Err(e) => {
+                failed = true;
+                eprintln!("  {name} failed: {e}");
+                results.insert(name.clone(), json!({"error": e.to_string()}));
+            }
+        }
     }
     println!("{}", serde_json::to_string(&results).expect("JSON"));
     if failed {

@@ -216,7 +216,7 @@ impl RedisEventBus {
         if to_claim.is_empty() || stop.is_cancelled() {
             return Ok(full && !stop.is_cancelled());
         }
-        let items = self.claim(&to_claim, options.min_idle, stats).await?;
+        let items = self.claim(&to_claim, options, stats).await?;
         if !items.is_empty() {
             let report = self.process_items(items, stop, abort).await;
             let recovered = report.handled + report.skipped;
@@ -233,9 +233,10 @@ impl RedisEventBus {
     async fn claim(
         &self,
         ids: &[String],
-        min_idle: u64,
+        options: &Resolved,
         stats: &mut RecoveryStats,
     ) -> Result<Vec<Item>, RedisBusError> {
+        let min_idle = options.min_idle;
         let cfg = &self.inner.config;
         let mut conn = self.commands().await?;
         let mut call = scripts::CLAIM.prepare_invoke();
@@ -293,6 +294,7 @@ impl RedisEventBus {
                 body,
                 starts: u32::try_from(deliveries - 1).unwrap_or(0),
                 marked: true,
+                max_retries: options.max_retries,
             });
         }
         Ok(items)

@@ -6,8 +6,6 @@
 //! consume, the entry's context becomes the parent of the process span and is installed for
 //! the handlers, so events they publish continue the same trace.
 
-use std::fmt;
-
 /// A W3C trace context: trace id, span id, flags, optional vendor state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {
@@ -39,10 +37,11 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 fn hex<const N: usize>(bytes: &[u8; N]) -> String {
-    use fmt::Write;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(N * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0x0f)] as char);
     }
     s
 }
@@ -122,12 +121,14 @@ impl TraceContext {
 
     /// The `traceparent` header value.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            self.flags
-        )
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        out.push_str(&hex(&self.trace_id));
+        out.push('-');
+        out.push_str(&hex(&self.span_id));
+        out.push('-');
+        out.push_str(&hex(&[self.flags]));
+        out
     }
 
     /// The trace id as 32 hex chars.

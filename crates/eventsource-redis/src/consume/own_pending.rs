@@ -83,6 +83,7 @@ impl RedisEventBus {
                 // moments of receiving it).
                 starts: deliveries,
                 marked: false,
+                max_retries: cfg.max_retries,
             });
         }
         Ok((items, last))

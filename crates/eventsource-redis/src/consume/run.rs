@@ -329,7 +329,10 @@ impl RedisEventBus {
         };
         let (back, read) = reader.read(request, timeout).await;
         let read = read.map(|entries| {
-            let items: Vec<Item> = entries.into_iter().map(fresh_item).collect();
+            let items: Vec<Item> = entries
+                .into_iter()
+                .map(|e| fresh_item(e, cfg.max_retries))
+                .collect();
             let held = (!items.is_empty()).then(|| Arc::new(self.hold_items(&items)));
             (items, held)
         });
@@ -365,7 +368,7 @@ impl RedisEventBus {
 }
 
 /// A freshly read entry: no start yet, and its delivery counts as its start.
-fn fresh_item(entry: ReadEntry) -> Item {
+fn fresh_item(entry: ReadEntry, max_retries: u32) -> Item {
     let (id, body) = match entry {
         ReadEntry::Present(e) => (e.id.clone(), ItemBody::Present(e)),
         ReadEntry::Deleted(id) => (id, ItemBody::Deleted),
@@ -376,5 +379,6 @@ fn fresh_item(entry: ReadEntry) -> Item {
         body,
         starts: 0,
         marked: true,
+        max_retries,
     }
 }

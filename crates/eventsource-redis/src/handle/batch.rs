@@ -33,6 +33,9 @@ pub(crate) struct Item {
     /// Whether the delivery already counted a start in Redis (a fresh read or a recovery
     /// claim), so the start needs no round trip when it follows at once.
     pub(crate) marked: bool,
+    /// Retries allowed before it is dead-lettered instead of run (`max_retries`, or the
+    /// recovery call's own value).
+    pub(crate) max_retries: u32,
 }
 
 /// What a batch did; `released` lists the entries given back unstarted (stop or pause).
@@ -157,7 +160,7 @@ impl RedisEventBus {
             }
             ItemBody::Present(entry) => entry,
         };
-        if item.starts > cfg.max_retries {
+        if item.starts > item.max_retries {
             return (
                 Outcome::Exhausted {
                     starts: item.starts,
