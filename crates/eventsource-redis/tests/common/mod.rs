@@ -261,8 +261,9 @@ impl OwnRedis {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed");
-        for _ in 0..200 {
-            let up = if port == 0 {
+        let mut up = false;
+        for _ in 0..1000 {
+            up = if port == 0 {
                 std::fs::read_dir(dir)
                     .map(|d| {
                         d.flatten()
@@ -277,6 +278,10 @@ impl OwnRedis {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        assert!(
+            up,
+            "redis-server on port {port} did not come up within 20 s"
+        );
         Self {
             child,
             port,
@@ -301,13 +306,19 @@ impl Drop for OwnRedis {
     }
 }
 
-/// A free loopback port.
+/// A free loopback port for a server of the test's own. Ports come from 10000–29999, below
+/// Linux's ephemeral range (so no client socket takes one meanwhile), and a counter keeps two
+/// tests of one process from picking the same port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = std::process::id() % 1000 * 20;
+    loop {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let port = 10_000 + (base + offset) % 20_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 /// A fresh temporary directory for a test's own server.
