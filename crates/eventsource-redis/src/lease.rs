@@ -316,8 +316,10 @@ impl RedisEventBus {
     }
 }
 
-/// Renews what is due every [`TICK`] while anything is held; exits when nothing is.
+/// Renews what is due every [`TICK`] while anything is held; exits after a second with
+/// nothing held (so a consumer handling single events does not start a task per event).
 async fn renewer(inner: Weak<Inner>) {
+    let mut idle_ticks = 0u32;
     loop {
         tokio::time::sleep(TICK).await;
         let Some(inner) = inner.upgrade() else { return };
@@ -330,11 +332,16 @@ async fn renewer(inner: Weak<Inner>) {
         let due: Vec<(u64, usize, String, u32)> = {
             let mut table = lease.lock();
             if table.batches.is_empty() {
-                // Under the table lock: a batch registered after this finds the flag clear
-                // and starts a new renewer.
-                lease.renewer_running.store(false, Ordering::Release);
-                return;
+                idle_ticks += 1;
+                if idle_ticks >= 20 {
+                    // Under the table lock: a batch registered after this finds the flag
+                    // clear and starts a new renewer.
+                    lease.renewer_running.store(false, Ordering::Release);
+                    return;
+                }
+                continue;
             }
+            idle_ticks = 0;
             let now = Instant::now();
             let mut due = Vec::new();
             for (key, entries) in &mut table.batches {
