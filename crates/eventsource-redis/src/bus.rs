@@ -357,18 +357,7 @@ impl RedisEventBus {
             };
         }
         if crate::error::is_permission_error(&source) {
-            return RedisBusError::NoPermission {
-                command: crate::error::denied_command(&source)
-                    .unwrap_or_else(|| "a setup command".to_owned()),
-                user: self
-                    .inner
-                    .client
-                    .get_connection_info()
-                    .redis_settings()
-                    .username()
-                    .map(str::to_owned),
-                source,
-            };
+            return self.permission_error("a setup command", source);
         }
         RedisBusError::Connect {
             url: redact_url(&self.inner.config.redis_url),
@@ -575,20 +564,25 @@ impl RedisEventBus {
             self.inner.connected.store(false, Ordering::Relaxed);
         }
         if crate::error::is_permission_error(&source) {
-            return RedisBusError::NoPermission {
-                command: crate::error::denied_command(&source)
-                    .unwrap_or_else(|| command.to_owned()),
-                user: self
-                    .inner
-                    .client
-                    .get_connection_info()
-                    .redis_settings()
-                    .username()
-                    .map(str::to_owned),
-                source,
-            };
+            return self.permission_error(command, source);
         }
         RedisBusError::Command { command, source }
+    }
+
+    /// `NoPermission` naming the refused command (from Redis's message, else `command`) and
+    /// this bus's Redis user.
+    fn permission_error(&self, command: &str, source: redis::RedisError) -> RedisBusError {
+        RedisBusError::NoPermission {
+            command: crate::error::denied_command(&source).unwrap_or_else(|| command.to_owned()),
+            user: self
+                .inner
+                .client
+                .get_connection_info()
+                .redis_settings()
+                .username()
+                .map(str::to_owned),
+            source,
+        }
     }
 }
 

@@ -132,6 +132,31 @@ impl Lease {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// For [`RedisEventBus::begin`]: `Err(outcome)` when the outcome is known without Redis
+    /// (forgotten or lost; with `fast`, also a fresh delivery that counts as its start, now
+    /// marked running), else the entry's id and the count to record.
+    fn still_held(
+        &self,
+        batch: &HeldBatch,
+        index: usize,
+        fast: bool,
+    ) -> Result<(String, u32), Begin> {
+        let mut table = self.lock();
+        let Some(held) = table.entry(batch.key, index) else {
+            return Err(Begin::Taken);
+        };
+        if let Some(lost) = held.lost {
+            held.state = State::Gone;
+            return Err(lost);
+        }
+        let now = Instant::now();
+        if fast && held.marked && now.duration_since(held.renewed) < UNMARK_AFTER {
+            held.state = State::Running(now);
+            return Err(Begin::Run);
+        }
+        Ok((held.id.clone(), held.starts + 1))
+    }
+
     /// Whether `id` is held right now.
     pub(crate) fn holds(&self, id: &str) -> bool {
         self.lock()
@@ -190,35 +215,16 @@ impl RedisEventBus {
         batch: &HeldBatch,
         index: usize,
     ) -> Result<Begin, RedisBusError> {
-        {
-            let mut table = self.inner.lease.lock();
-            let Some(held) = table.entry(batch.key, index) else {
-                return Ok(Begin::Taken);
-            };
-            if let Some(lost) = held.lost {
-                held.state = State::Gone;
-                return Ok(lost);
-            }
-            // Counted by its delivery and renewed moments ago (the common, fast case): no
-            // round trip. Otherwise (it waited, or this process was frozen) record the start
-            // and check it is still ours.
-            let now = Instant::now();
-            if held.marked && now.duration_since(held.renewed) < UNMARK_AFTER {
-                held.state = State::Running(now);
-                return Ok(Begin::Run);
-            }
+        // Counted by its delivery and renewed moments ago (the common, fast case): no round
+        // trip. Otherwise (it waited, or this process was frozen) record the start and check
+        // it is still ours.
+        if let Err(known) = self.inner.lease.still_held(batch, index, true) {
+            return Ok(known);
         }
         let _gate = self.inner.lease.gate.lock().await;
-        let (id, count) = {
-            let mut table = self.inner.lease.lock();
-            let Some(held) = table.entry(batch.key, index) else {
-                return Ok(Begin::Taken);
-            };
-            if let Some(lost) = held.lost {
-                held.state = State::Gone;
-                return Ok(lost);
-            }
-            (held.id.clone(), held.starts + 1)
+        let (id, count) = match self.inner.lease.still_held(batch, index, false) {
+            Ok(next) => next,
+            Err(known) => return Ok(known),
         };
         let codes = self.renew_script(&[(id.as_str(), count)], None).await?;
         let begin = match codes.first() {

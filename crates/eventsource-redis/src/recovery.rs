@@ -29,7 +29,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{RedisEventBus, bump};
-use crate::codec::{self, StreamEntry};
+use crate::codec;
 use crate::config::RedisEventBusConfig;
 use crate::error::RedisBusError;
 use crate::handle::{DeadLetterMode, DeadLettered, Item, ItemBody};
@@ -272,23 +272,11 @@ impl RedisEventBus {
             let Some(fields) = parts.next() else {
                 continue; // Renewed or acknowledged by its owner meanwhile: not ours to take.
             };
-            let Some((_, Some(fields))) = codec::take_entry(Value::Array(vec![
-                Value::BulkString(id.clone().into_bytes()),
-                fields,
-            ])) else {
+            let body = ItemBody::from_script(&id, fields, cfg.max_entry_bytes);
+            if matches!(body, ItemBody::Deleted) {
                 continue;
-            };
+            }
             stats.claimed += 1;
-            let entry = StreamEntry {
-                id: id.clone(),
-                fields,
-            };
-            let bytes = entry.size();
-            let body = if bytes > cfg.max_entry_bytes {
-                ItemBody::Oversized(bytes)
-            } else {
-                ItemBody::Present(entry)
-            };
             items.push(Item {
                 id,
                 body,

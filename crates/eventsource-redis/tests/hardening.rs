@@ -308,24 +308,6 @@ async fn recovery_in_the_loop_is_bounded_and_stoppable() {
     );
 }
 
-/// Reads every entry of `stream` as consumer `name` without acknowledging (a consumer that
-/// then crashed).
-async fn read_and_crash(stream: &str, group: &str, name: &str) {
-    let mut conn = raw().await;
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg(name)
-        .arg("COUNT")
-        .arg(1_000_000)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-}
-
 /// The owner of `id` in `group`, or None when it is not pending.
 async fn owner(stream: &str, group: &str, id: &str) -> Option<String> {
     let mut conn = raw().await;

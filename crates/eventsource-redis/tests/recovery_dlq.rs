@@ -15,24 +15,6 @@ use eventsource_redis::{RecoveryOptions, RedisEventBus, RedisEventBusConfig};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// Delivers every new entry to consumer `name` without acknowledging: a consumer that
-/// crashed right after reading.
-async fn read_and_crash(stream: &str, group: &str, name: &str) {
-    let mut conn = raw().await;
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg(name)
-        .arg("COUNT")
-        .arg(100_000)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-}
-
 /// Entries a crashed consumer left pending are claimed once idle, handled, and acked; entries
 /// not idle long enough are left alone.
 #[tokio::test]

@@ -13,7 +13,7 @@
 use redis::Value;
 
 use crate::bus::RedisEventBus;
-use crate::codec::{self, StreamEntry};
+use crate::codec;
 use crate::error::RedisBusError;
 use crate::handle::{Item, ItemBody};
 use crate::scripts;
@@ -51,24 +51,7 @@ impl RedisEventBus {
                 _ => 0,
             };
             let body = match parts.next() {
-                Some(fields) => match codec::take_entry(Value::Array(vec![
-                    Value::BulkString(id.clone().into_bytes()),
-                    fields,
-                ])) {
-                    Some((_, Some(fields))) => {
-                        let entry = StreamEntry {
-                            id: id.clone(),
-                            fields,
-                        };
-                        let bytes = entry.size();
-                        if bytes > cfg.max_entry_bytes {
-                            ItemBody::Oversized(bytes)
-                        } else {
-                            ItemBody::Present(entry)
-                        }
-                    }
-                    _ => ItemBody::Deleted,
-                },
+                Some(fields) => ItemBody::from_script(&id, fields, cfg.max_entry_bytes),
                 None => ItemBody::Deleted,
             };
             last = Some(id.clone());

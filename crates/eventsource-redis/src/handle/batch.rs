@@ -23,6 +23,27 @@ pub(crate) enum ItemBody {
     Oversized(usize),
 }
 
+impl ItemBody {
+    /// The body of an entry a script returned as `fields` (a flat array of field/value
+    /// strings), capped at `max_entry_bytes`.
+    pub(crate) fn from_script(id: &str, fields: redis::Value, max_entry_bytes: usize) -> Self {
+        let Some((_, Some(fields))) = crate::codec::take_entry(redis::Value::Array(vec![
+            redis::Value::BulkString(id.as_bytes().to_vec()),
+            fields,
+        ])) else {
+            return Self::Deleted;
+        };
+        let entry = StreamEntry {
+            id: id.to_owned(),
+            fields,
+        };
+        match entry.size() {
+            bytes if bytes > max_entry_bytes => Self::Oversized(bytes),
+            _ => Self::Present(entry),
+        }
+    }
+}
+
 /// One delivered entry with its attempt bookkeeping.
 #[derive(Debug)]
 pub(crate) struct Item {

@@ -204,6 +204,24 @@ pub async fn pending_entries(stream: &str, group: &str) -> Vec<(String, u64)> {
     rows.into_iter().map(|(id, _, _, n)| (id, n)).collect()
 }
 
+/// Delivers every new entry to consumer `name` without acknowledging: a consumer that
+/// crashed right after reading.
+pub async fn read_and_crash(stream: &str, group: &str, name: &str) {
+    let mut conn = raw().await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(name)
+        .arg("COUNT")
+        .arg(1_000_000)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
 /// Ages every pending entry of a group instantly (XCLAIM ... IDLE ... JUSTID) without adding
 /// a delivery.
 pub async fn age_pending(stream: &str, group: &str, idle_ms: u64) {
