@@ -10,9 +10,7 @@ use eventsource_core::testkit::orders::OrderCreated;
 use eventsource_redis::{RecoveryOptions, RedisEventBus, RedisEventBusConfig};
 use serde_json::Value;
 
-fn redis_url() -> String {
-    std::env::var("EVENTSOURCE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+use eventsource_testsupport::{Cleanup, redis_url};
 
 fn cli(prefix: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_eventsource"))
@@ -36,21 +34,6 @@ fn json(out: &Output) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-struct Cleanup(String);
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let client = redis::Client::open(redis_url()).unwrap();
-        let mut conn = client.get_connection().unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.0))
-            .query(&mut conn)
-            .unwrap();
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL").arg(keys).query(&mut conn).unwrap();
-        }
-    }
 }
 
 /// Given a dead letter and a pending entry, the CLI lists, shows and replays them.

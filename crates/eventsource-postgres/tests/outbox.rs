@@ -174,10 +174,6 @@ async fn two_relays_publish_each_row_once_in_order() {
     );
 }
 
-fn redis_url() -> String {
-    std::env::var("EVENTSOURCE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 async fn stream_event_ids(stream: &str) -> HashSet<String> {
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

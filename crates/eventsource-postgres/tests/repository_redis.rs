@@ -19,8 +19,7 @@ fn bus(prefix: &str, name: &str) -> RedisEventBus {
     registry.register::<OrderShipped>().unwrap();
     RedisEventBus::new(
         RedisEventBusConfig {
-            redis_url: std::env::var("EVENTSOURCE_TEST_REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            redis_url: common::redis_url(),
             stream_prefix: prefix.into(),
             consumer_group: "projections".into(),
             consumer_name: Some(name.into()),

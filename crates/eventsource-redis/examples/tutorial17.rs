@@ -5,10 +5,11 @@
 //! (`demo1:stream` ... `demo4:stream`) and leaves them in Redis for inspection.
 //!
 //! Run: `cargo run -p eventsource-redis --example tutorial17`
-//! (Redis on localhost:6379, or set `EVENTSOURCE_REDIS_URL`; `EVENTSOURCE_DEMO_PREFIX`
+//! (Redis on localhost:6379, or set `EVENTSOURCE_REDIS_URL`; with neither, a temporary
+//! `redis-server` is started for the run when the binary is installed. `EVENTSOURCE_DEMO_PREFIX`
 //! replaces the `demo` of the stream prefixes.)
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use eventsource_core::prelude::*;
@@ -174,8 +175,54 @@ impl Handler<EventEnvelope> for AuditLogger {
 // Helpers
 // =============================================================================
 
+/// The Redis the demos use: `EVENTSOURCE_REDIS_URL`, localhost:6379, or the temporary server
+/// `main` started.
+static REDIS_URL: OnceLock<String> = OnceLock::new();
+
 fn redis_url() -> String {
-    std::env::var("EVENTSOURCE_REDIS_URL").unwrap_or_else(|_| "redis://localhost:6379".into())
+    REDIS_URL
+        .get()
+        .cloned()
+        .or_else(|| std::env::var("EVENTSOURCE_REDIS_URL").ok())
+        .unwrap_or_else(|| "redis://localhost:6379".into())
+}
+
+/// With no `EVENTSOURCE_REDIS_URL` and nothing answering on localhost:6379, starts a
+/// temporary `redis-server` (no persistence) on a free port, if the binary is installed.
+fn temporary_redis() -> Option<std::process::Child> {
+    if std::env::var("EVENTSOURCE_REDIS_URL").is_ok() {
+        return None;
+    }
+    let answers = |url: &str| {
+        redis::Client::open(url)
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_ok()
+    };
+    if answers("redis://localhost:6379") {
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .ok()?
+        .port();
+    let child = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let url = format!("redis://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !answers(&url) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "(No Redis on localhost:6379: started a temporary redis-server on port {port} for this \
+         run; it stops at the end, and its streams with it.)"
+    );
+    let _ = REDIS_URL.set(url);
+    Some(child)
 }
 
 /// The stream prefix of demo `n`: `demo{n}`, or `{EVENTSOURCE_DEMO_PREFIX}{n}`.
@@ -500,6 +547,7 @@ async fn demo_with_projections() -> Result<(), Error> {
 
 #[tokio::main]
 async fn main() {
+    let mut temporary = temporary_redis();
     println!("{}", "=".repeat(60));
     println!("Tutorial 17: Redis Event Bus");
     println!("{}", "=".repeat(60));
@@ -511,6 +559,10 @@ async fn main() {
         Ok::<(), Error>(())
     }
     .await;
+    if let Some(server) = temporary.as_mut() {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
     match result {
         Ok(()) => {
             println!("\n{}", "=".repeat(60));
@@ -523,9 +575,20 @@ async fn main() {
                 .is_some_and(RedisBusError::is_transient)
                 || e.to_string().starts_with("cannot connect to Redis")
             {
-                println!("\nMake sure Redis is running on {}:", redis_url());
-                println!("  redis-server --daemonize yes --port 6379");
-                println!("  (or: docker run -d --name redis -p 6379:6379 redis:7-alpine)");
+                if std::env::var("EVENTSOURCE_REDIS_URL").is_ok() {
+                    println!(
+                        "\nNothing answers at {} (EVENTSOURCE_REDIS_URL): start that Redis, or \
+                         unset the variable to use (or start) one on localhost.",
+                        redis_url()
+                    );
+                } else {
+                    println!(
+                        "\nNo Redis answers at {} and no redis-server binary could be started: \
+                         install Redis (Debian: apt install redis-server) and run \
+                         `redis-server --daemonize yes`, or set EVENTSOURCE_REDIS_URL.",
+                        redis_url()
+                    );
+                }
             }
             std::process::exit(1);
         }

@@ -340,7 +340,11 @@ async fn xlen(key: &str) -> u64 {
 async fn an_entry_acked_by_its_owner_is_not_also_dead_lettered() {
     let prefix = unique_prefix("ack-vs-dlq");
     let _c = Cleanup(prefix.clone());
-    let proxy = DelayProxy::start(6379, Duration::from_millis(100)).await;
+    let proxy = DelayProxy::start(
+        eventsource_testsupport::port_of(&redis_url()),
+        Duration::from_millis(100),
+    )
+    .await;
     let publisher = bus(config(&prefix, "g", "p"));
     publisher.connect().await.unwrap();
     let id = publisher
@@ -391,7 +395,11 @@ async fn an_entry_acked_by_its_owner_is_not_also_dead_lettered() {
 async fn a_dead_letter_replayed_twice_at_once_is_republished_once() {
     let prefix = unique_prefix("replay-race");
     let _c = Cleanup(prefix.clone());
-    let proxy = DelayProxy::start(6379, Duration::from_millis(100)).await;
+    let proxy = DelayProxy::start(
+        eventsource_testsupport::port_of(&redis_url()),
+        Duration::from_millis(100),
+    )
+    .await;
     let direct = bus(RedisEventBusConfig {
         max_retries: 0,
         ..config(&prefix, "g", "op1")

@@ -1,13 +1,10 @@
 //! Shared helpers: a schema of its own per test (dropped when the test ends).
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use eventsource_postgres::{PostgresEventStore, PostgresStoreConfig};
 
-/// The database the tests use; override with EVENTSOURCE_TEST_DATABASE_URL.
-pub fn database_url() -> String {
-    std::env::var("EVENTSOURCE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+pub use eventsource_testsupport::postgres::database_url;
+pub use eventsource_testsupport::redis_url;
 
 pub fn unique_schema(tag: &str) -> String {
     format!(
@@ -53,6 +50,6 @@ pub async fn store(tag: &str, outbox: bool) -> (PostgresEventStore, DropSchema) 
         },
     )
     .await
-    .expect("PostgreSQL must run on 127.0.0.1:5432 for these tests");
+    .expect("the tests' PostgreSQL answers");
     (store, DropSchema(schema))
 }

@@ -1,5 +1,5 @@
 //! Shared test helpers: a unique stream prefix per test, configs, raw Redis access, waiting.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -9,37 +9,9 @@ use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
 use eventsource_redis::{RedisEventBus, RedisEventBusConfig};
 use redis::aio::MultiplexedConnection;
 
-/// The Redis the tests use; override with EVENTSOURCE_TEST_REDIS_URL.
-pub fn redis_url() -> String {
-    std::env::var("EVENTSOURCE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// A prefix no other test (or earlier run) uses.
-pub fn unique_prefix(test: &str) -> String {
-    format!(
-        "es-test:{test}:{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
-}
-
-/// Deletes every key under `prefix` when dropped, so tests leave nothing behind.
-pub struct Cleanup(pub String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Ok(client) = redis::Client::open(redis_url()) {
-            if let Ok(mut conn) = client.get_connection() {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{}:*", self.0))
-                    .query(&mut conn)
-                    .unwrap_or_default();
-                if !keys.is_empty() {
-                    let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
-                }
-            }
-        }
-    }
-}
+pub use eventsource_testsupport::{
+    Cleanup, DelayProxy, OwnRedis, free_port, redis_url, temp_dir, unique_prefix,
+};
 
 pub fn config(prefix: &str, group: &str, consumer: &str) -> RedisEventBusConfig {
     RedisEventBusConfig {
@@ -91,7 +63,7 @@ pub async fn raw() -> MultiplexedConnection {
         .unwrap()
         .get_multiplexed_async_connection()
         .await
-        .expect("Redis must run on 127.0.0.1:6379 for these tests")
+        .expect("the tests' Redis answers")
 }
 
 /// Polls `check` every 20 ms until it is true or `timeout` passes; returns the last result.
@@ -248,157 +220,6 @@ pub async fn age_pending(stream: &str, group: &str, idle_ms: u64) {
             .query_async(&mut conn)
             .await
             .unwrap();
-    }
-}
-
-/// A redis-server of the test's own on a loopback port (or Unix socket), killed on drop.
-pub struct OwnRedis {
-    pub child: std::process::Child,
-    pub port: u16,
-    pub dir: std::path::PathBuf,
-}
-
-impl OwnRedis {
-    /// Starts `redis-server` on `port` (0 = no TCP) with `--dir dir` and extra arguments,
-    /// and waits until it accepts connections.
-    pub fn start(port: u16, dir: &std::path::Path, extra: &[&str]) -> Self {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        let mut up = false;
-        for _ in 0..1000 {
-            up = if port == 0 {
-                std::fs::read_dir(dir)
-                    .map(|d| {
-                        d.flatten()
-                            .any(|e| e.path().extension().is_some_and(|x| x == "sock"))
-                    })
-                    .unwrap_or(false)
-            } else {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            };
-            if up {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(
-            up,
-            "redis-server on port {port} did not come up within 20 s"
-        );
-        Self {
-            child,
-            port,
-            dir: dir.to_owned(),
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A free loopback port for a server of the test's own. Ports come from 10000–29999, below
-/// Linux's ephemeral range (so no client socket takes one meanwhile), and a counter keeps two
-/// tests of one process from picking the same port.
-pub fn free_port() -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let base = std::process::id() % 1000 * 20;
-    loop {
-        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let port = 10_000 + (base + offset) % 20_000;
-        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
-            return port as u16;
-        }
-    }
-}
-
-/// A fresh temporary directory for a test's own server.
-pub fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "es-{tag}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A TCP proxy in front of a Redis that delays every chunk a client sends by `delay`, so a
-/// test can widen the window between two commands of one client (and slip another client's
-/// command in between). Replies pass through undelayed. Stops when dropped.
-pub struct DelayProxy {
-    pub port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl DelayProxy {
-    pub async fn start(upstream: u16, delay: Duration) -> Self {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let task = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                else {
-                    continue;
-                };
-                let (mut client_rx, mut client_tx) = client.into_split();
-                let (mut server_rx, mut server_tx) = server.into_split();
-                connections.spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    while let Ok(n) = client_rx.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        tokio::time::sleep(delay).await;
-                        if server_tx.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-                connections.spawn(async move {
-                    let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
-                });
-            }
-        });
-        Self { port, task }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for DelayProxy {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -1,0 +1,331 @@
+//! Test support for the eventsource-rs workspace (not published).
+//!
+//! - [`redis_url`]: the Redis every test shares — `EVENTSOURCE_TEST_REDIS_URL` when set, else
+//!   `127.0.0.1:6379` when it answers, else a private `redis-server` started for this test
+//!   process. Without any, the process stops with one sentence saying what to install.
+//! - [`OwnRedis`]: a `redis-server` of a test's own (restarts, misconfiguration, ACL users).
+//! - [`DelayProxy`]: a TCP proxy that slows one client down, to widen a race window.
+//! - [`postgres`] (feature `postgres`): the PostgreSQL the tests use, created or started the
+//!   same way.
+//! - [`python`]: a Python ≥ 3.13 for the interop tests, or a loud skip.
+//!
+//! Servers started here run under a watchdog shell that stops them when the test process
+//! exits, however it exits, so a killed test run leaves nothing running.
+
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub mod python;
+
+/// Stops the test process with one sentence on standard error (written past the test
+/// harness's output capture, so it is seen), for a missing service: every later test of the
+/// process would fail the same way, so one clear line beats a page of panics.
+pub fn fail_setup(sentence: &str) -> ! {
+    let mut err = std::io::stderr();
+    let _ = writeln!(err, "\neventsource tests cannot run: {sentence}\n");
+    let _ = err.flush();
+    std::process::exit(1)
+}
+
+/// Whether something answers `PING` at `url` within a second.
+pub fn redis_answers(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+    redis::cmd("PING").query::<String>(&mut conn).is_ok()
+}
+
+/// Whether `program` can be run (found on `PATH`).
+pub fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The Redis the tests share. See the crate docs for how it is chosen.
+pub fn redis_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("EVENTSOURCE_TEST_REDIS_URL") {
+            if !redis_answers(&url) {
+                fail_setup(&format!(
+                    "EVENTSOURCE_TEST_REDIS_URL={url} does not answer PING; start that Redis or \
+                     unset the variable to let the tests use (or start) one on 127.0.0.1"
+                ));
+            }
+            return url;
+        }
+        let default = "redis://127.0.0.1:6379".to_owned();
+        if redis_answers(&default) {
+            return default;
+        }
+        if !installed("redis-server") {
+            fail_setup(
+                "no Redis answers at 127.0.0.1:6379 and no `redis-server` binary is installed \
+                 to start one; install Redis (Debian: apt install redis-server) or set \
+                 EVENTSOURCE_TEST_REDIS_URL",
+            );
+        }
+        let server = OwnRedis::start(free_port(), &temp_dir("shared-redis"), &[]);
+        let url = server.url();
+        eprintln!("(no Redis at 127.0.0.1:6379: the tests use their own at {url})");
+        // Lives as long as the process; the watchdog stops it when the process ends.
+        std::mem::forget(server);
+        url
+    })
+    .clone()
+}
+
+/// A prefix no other test (or earlier run) uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!("es-test:{test}:{:012x}", fastrand::u64(..) >> 16)
+}
+
+/// Deletes every key under its prefix when dropped, so tests leave nothing behind. Never
+/// panics (a Redis that went away leaves the keys, and says so).
+pub struct Cleanup(pub String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let result = (|| -> redis::RedisResult<()> {
+            let client = redis::Client::open(redis_url())?;
+            let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}:*", self.0))
+                .query(&mut conn)?;
+            if !keys.is_empty() {
+                redis::cmd("DEL").arg(keys).query::<()>(&mut conn)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            eprintln!("could not delete the test keys {}:*: {e}", self.0);
+        }
+    }
+}
+
+/// A free loopback port for a server of the test's own. Ports come from 10000–29999, below
+/// Linux's ephemeral range (so no client socket takes one meanwhile), and a counter keeps two
+/// tests of one process from picking the same port.
+pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = std::process::id() % 1000 * 20;
+    loop {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let port = (10_000 + (base + offset) % 20_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A fresh temporary directory for a test's own server.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("es-{tag}-{:08x}", fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).expect("a temporary directory can be created");
+    dir
+}
+
+/// Runs `program args` under a watchdog: a shell that starts it, waits while this process
+/// lives, then stops it (SIGTERM, then SIGKILL). Returns the watchdog (killing it kills the
+/// program too, with the same grace).
+pub fn spawn_watched(program: &str, args: &[String], dir: &Path) -> std::process::Child {
+    let quoted: Vec<String> = std::iter::once(program.to_owned())
+        .chain(args.iter().cloned())
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let script = format!(
+        "{cmd} >'{log}' 2>&1 & child=$!; \
+         trap 'kill $child 2>/dev/null; sleep 0.2; kill -9 $child 2>/dev/null; exit 0' TERM INT; \
+         while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.2; done; \
+         kill $child 2>/dev/null; sleep 0.2; kill -9 $child 2>/dev/null",
+        cmd = quoted.join(" "),
+        log = dir.join("server.log").display(),
+        parent = std::process::id(),
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("sh runs")
+}
+
+/// A redis-server of the test's own on a loopback port (or only a Unix socket with port 0),
+/// stopped when dropped (and, by its watchdog, when the test process ends).
+pub struct OwnRedis {
+    watchdog: std::process::Child,
+    /// Its port (0: Unix socket only).
+    pub port: u16,
+    /// Its working directory (AOF files, the log).
+    pub dir: PathBuf,
+}
+
+impl OwnRedis {
+    /// Starts `redis-server` on `port` with `--dir dir` and `extra` arguments, and waits
+    /// until it accepts connections (at most 20 s).
+    ///
+    /// # Panics
+    /// When `redis-server` is not installed or does not come up (its log is in `dir`).
+    pub fn start(port: u16, dir: &Path, extra: &[&str]) -> Self {
+        assert!(
+            installed("redis-server"),
+            "this test starts a redis-server of its own: install Redis (Debian: apt install redis-server)"
+        );
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(dir.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let watchdog = spawn_watched("redis-server", &args, dir);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let up = loop {
+            let up = if port == 0 {
+                std::fs::read_dir(dir)
+                    .map(|d| {
+                        d.flatten()
+                            .any(|e| e.path().extension().is_some_and(|x| x == "sock"))
+                    })
+                    .unwrap_or(false)
+            } else {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            };
+            if up || Instant::now() > deadline {
+                break up;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            up,
+            "redis-server on port {port} did not come up within 20 s; see {}",
+            dir.join("server.log").display()
+        );
+        Self {
+            watchdog,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// `redis://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it at once (SIGKILL, like a crash), waiting until the port is free.
+    pub fn kill(&mut self) {
+        let pid = self.watchdog.id();
+        // The watchdog's child is the server: kill it hard, then the watchdog.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-P", &pid.to_string()])
+            .status();
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
+        if self.port != 0 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP proxy in front of a Redis that delays every chunk a client sends by `delay`, so a
+/// test can widen the window between two commands of one client (and slip another client's
+/// command in between). Replies pass through undelayed. Stops when dropped.
+pub struct DelayProxy {
+    /// Where clients connect.
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DelayProxy {
+    /// Starts the proxy in front of `127.0.0.1:{upstream}`.
+    pub async fn start(upstream: u16, delay: Duration) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let port = listener.local_addr().expect("bound").port();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                connections.spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = client_rx.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        tokio::time::sleep(delay).await;
+                        if server_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                connections.spawn(async move {
+                    let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+                });
+            }
+        });
+        Self { port, task }
+    }
+
+    /// `redis://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The port of a `redis://host:port` URL (6379 when it names none).
+pub fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').split('/').next()?.parse().ok())
+        .unwrap_or(6379)
+}

@@ -1,0 +1,229 @@
+//! The PostgreSQL the tests share.
+//!
+//! `EVENTSOURCE_TEST_DATABASE_URL` when set, else `postgres://postgres@127.0.0.1:5432/test`.
+//! When that server answers, the database is created if it is missing. When nothing answers
+//! and the URL was not set, a private cluster is created and started for this test process
+//! (`initdb` + `pg_ctl` from the PostgreSQL binaries, run as the `postgres` user when the
+//! tests run as root, which `initdb` refuses), and stopped when the process ends. Without
+//! any, the process stops with one sentence saying what to install or start.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+
+const DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The database URL the tests use. Blocks (on its own thread) while it is checked or started.
+pub fn database_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        std::thread::spawn(choose)
+            .join()
+            .unwrap_or_else(|_| crate::fail_setup("checking PostgreSQL panicked"))
+    })
+    .clone()
+}
+
+fn choose() -> String {
+    let configured = std::env::var("EVENTSOURCE_TEST_DATABASE_URL").ok();
+    let url = configured.clone().unwrap_or_else(|| DEFAULT.to_owned());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    match rt.block_on(ensure_database(&url)) {
+        Ok(()) => return url,
+        Err(Probe::Refused(e)) if configured.is_none() => {
+            eprintln!("(no PostgreSQL at 127.0.0.1:5432 ({e}): the tests start their own)");
+        }
+        Err(Probe::Refused(e) | Probe::Other(e)) => crate::fail_setup(&format!(
+            "PostgreSQL at {} cannot be used: {e}; start it, or point \
+             EVENTSOURCE_TEST_DATABASE_URL at one the tests may create a database on",
+            redact(&url)
+        )),
+    }
+    let url = start_private_cluster();
+    if let Err(Probe::Refused(e) | Probe::Other(e)) = rt.block_on(ensure_database(&url)) {
+        crate::fail_setup(&format!(
+            "the private PostgreSQL cluster does not answer: {e}"
+        ));
+    }
+    url
+}
+
+enum Probe {
+    /// Nothing listens (or it does not answer): a private cluster may stand in.
+    Refused(String),
+    /// It answers but refuses us (authentication, permissions): say so.
+    Other(String),
+}
+
+/// Connects to the server of `url` and creates its database if it is missing.
+async fn ensure_database(url: &str) -> Result<(), Probe> {
+    let options: PgConnectOptions = url.parse().map_err(|e| Probe::Other(format!("{e}")))?;
+    let database = options.get_database().unwrap_or("postgres").to_owned();
+    let connect = |options: PgConnectOptions| async move {
+        tokio::time::timeout(Duration::from_secs(5), options.connect())
+            .await
+            .map_err(|_| Probe::Refused("no answer within 5 s".into()))?
+            .map_err(|e| match &e {
+                sqlx::Error::Io(_) => Probe::Refused(e.to_string()),
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => {
+                    Probe::Other("missing database".into())
+                }
+                _ => Probe::Other(e.to_string()),
+            })
+    };
+    match connect(options.clone()).await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Err(Probe::Other(reason)) if reason == "missing database" => {
+            let mut admin = connect(options.database("postgres")).await?;
+            let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+                .execute(&mut admin)
+                .await
+            {
+                Ok(_) => Ok(()),
+                // Another test process created it at the same moment.
+                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(()),
+                Err(e) => Err(Probe::Other(format!("creating database {database}: {e}"))),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The directory holding `initdb` and `pg_ctl` (on `PATH`, or Debian's versioned directory).
+fn pg_bin() -> Option<PathBuf> {
+    if crate::installed("initdb") {
+        return Some(PathBuf::new());
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Runs a PostgreSQL binary, as the `postgres` user when we are root.
+fn pg_command(bin: &Path, program: &str) -> Command {
+    let path = bin.join(program);
+    if running_as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn start_private_cluster() -> String {
+    let Some(bin) = pg_bin() else {
+        crate::fail_setup(
+            "no PostgreSQL answers at 127.0.0.1:5432 and no PostgreSQL binaries (initdb, \
+             pg_ctl) are installed to start one; install PostgreSQL (Debian: apt install \
+             postgresql) or set EVENTSOURCE_TEST_DATABASE_URL",
+        );
+    };
+    let dir = crate::temp_dir("pg");
+    let data = dir.join("data");
+    if running_as_root() {
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status();
+    }
+    let init = pg_command(&bin, "initdb")
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "-D",
+        ])
+        .arg(&data)
+        .output();
+    match init {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => crate::fail_setup(&format!(
+            "initdb failed for the tests' private PostgreSQL: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => crate::fail_setup(&format!("initdb could not run: {e}")),
+    }
+    let port = crate::free_port();
+    let postgres = bin.join("postgres");
+    let args = [
+        "-D".to_owned(),
+        data.display().to_string(),
+        "-p".to_owned(),
+        port.to_string(),
+        "-k".to_owned(),
+        dir.display().to_string(),
+        "-c".to_owned(),
+        "listen_addresses=127.0.0.1".to_owned(),
+        "-c".to_owned(),
+        "fsync=off".to_owned(),
+        "-c".to_owned(),
+        "max_connections=300".to_owned(),
+    ];
+    let program = if running_as_root() {
+        // The watchdog runs `runuser -u postgres -- postgres ...`.
+        let mut all = vec![
+            "-u".to_owned(),
+            "postgres".to_owned(),
+            "--".to_owned(),
+            postgres.display().to_string(),
+        ];
+        all.extend(args);
+        std::mem::forget(crate::spawn_watched("runuser", &all, &dir));
+        port
+    } else {
+        std::mem::forget(crate::spawn_watched(
+            &postgres.display().to_string(),
+            &args,
+            &dir,
+        ));
+        port
+    };
+    for _ in 0..300 {
+        if std::net::TcpStream::connect(("127.0.0.1", program)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    format!("postgres://postgres@127.0.0.1:{port}/test")
+}
+
+/// The URL with any password replaced by `***`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
