@@ -35,17 +35,14 @@ fn candidates() -> Vec<PathBuf> {
     let pyenv_root = std::env::var("PYENV_ROOT")
         .map(PathBuf::from)
         .or_else(|_| std::env::var("HOME").map(|h| Path::new(&h).join(".pyenv")));
-    if let Ok(root) = pyenv_root {
-        if let Ok(dir) = std::fs::read_dir(root.join("versions")) {
-            let mut versions: Vec<PathBuf> = dir
-                .flatten()
+    if let Ok(dir) = pyenv_root.and_then(|root| {
+        std::fs::read_dir(root.join("versions")).map_err(|_| std::env::VarError::NotPresent)
+    }) {
+        found.extend(
+            dir.flatten()
                 .map(|e| e.path().join("bin/python3"))
-                .filter(|p| p.exists())
-                .collect();
-            versions.sort();
-            versions.reverse();
-            found.extend(versions);
-        }
+                .filter(|p| p.exists()),
+        );
     }
     found.extend(["python3.14", "python3.13", "python3"].map(PathBuf::from));
     found
@@ -58,10 +55,11 @@ pub fn find_python() -> Option<PathBuf> {
         .get_or_init(|| {
             let mut best: Option<((u32, u32), PathBuf)> = None;
             for candidate in candidates() {
-                if let Some(v) = version(&candidate) {
-                    if v >= (3, 13) && best.as_ref().is_none_or(|(b, _)| v > *b) {
-                        best = Some((v, candidate));
-                    }
+                if let Some(v) = version(&candidate)
+                    && v >= (3, 13)
+                    && best.as_ref().is_none_or(|(b, _)| v > *b)
+                {
+                    best = Some((v, candidate));
                 }
             }
             best.map(|(_, p)| p)
