@@ -629,14 +629,14 @@ fn entry_ids(reply: &Value) -> Vec<String> {
     };
     let mut ids = Vec::new();
     for s in streams {
-        if let Value::Array(parts) = s {
-            if let Some(Value::Array(entries)) = parts.get(1) {
-                for e in entries {
-                    if let Value::Array(x) = e {
-                        if let Some(Value::BulkString(id)) = x.first() {
-                            ids.push(String::from_utf8_lossy(id).into_owned());
-                        }
-                    }
+        if let Value::Array(parts) = s
+            && let Some(Value::Array(entries)) = parts.get(1)
+        {
+            for e in entries {
+                if let Value::Array(x) = e
+                    && let Some(Value::BulkString(id)) = x.first()
+                {
+                    ids.push(String::from_utf8_lossy(id).into_owned());
                 }
             }
         }

@@ -148,10 +148,10 @@ impl EventRegistry {
         // text. Anything unusual takes the slow path, which names the problem precisely.
         if let Some(event_type) = wire_name(json) {
             let fast = self.read().get(event_type).map(|r| r.decode_str);
-            if let Some(decode_str) = fast {
-                if let Some(event) = decode_str(json) {
-                    return Ok(event);
-                }
+            if let Some(decode_str) = fast
+                && let Some(event) = decode_str(json)
+            {
+                return Ok(event);
             }
         }
         let envelope = EventEnvelope::from_json(json)?;

@@ -45,13 +45,12 @@ pub use store::{PostgresEventStore, PostgresStoreConfig, SetupError};
 /// Test hook: with `EVENTSOURCE_FAILPOINT=<name>:<ms>` the process pauses `ms` at the named
 /// point (used by the crash tests to kill a relay between commit and publish).
 pub(crate) async fn failpoint(name: &str) {
-    if let Ok(spec) = std::env::var("EVENTSOURCE_FAILPOINT") {
-        if let Some((point, ms)) = spec.split_once(':') {
-            if point == name {
-                let ms: u64 = ms.parse().unwrap_or(0);
-                println!("failpoint {name}: pausing {ms} ms");
-                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-            }
-        }
+    if let Ok(spec) = std::env::var("EVENTSOURCE_FAILPOINT")
+        && let Some((point, ms)) = spec.split_once(':')
+        && point == name
+    {
+        let ms: u64 = ms.parse().unwrap_or(0);
+        println!("failpoint {name}: pausing {ms} ms");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }

@@ -321,27 +321,27 @@ impl PostgresEventStore {
         actual: u64,
         ids: &[Uuid],
     ) -> StoreError {
-        if let sqlx::Error::Database(db) = &e {
-            if db.code().as_deref() == Some("23505") {
-                let constraint = db.constraint().unwrap_or_default();
-                if constraint.ends_with("_event_id_key") {
-                    // Which id? Report the first one of the batch that is stored already; the
-                    // message of PostgreSQL names it too.
-                    let detail = db.message().to_owned();
-                    let id = ids
-                        .iter()
-                        .find(|id| detail.contains(&id.to_string()))
-                        .copied()
-                        .unwrap_or(ids[0]);
-                    return StoreError::DuplicateEventId(id);
-                }
-                return StoreError::Concurrency {
-                    aggregate_id,
-                    aggregate_type: aggregate_type.to_owned(),
-                    expected,
-                    actual: actual + 1,
-                };
+        if let sqlx::Error::Database(db) = &e
+            && db.code().as_deref() == Some("23505")
+        {
+            let constraint = db.constraint().unwrap_or_default();
+            if constraint.ends_with("_event_id_key") {
+                // Which id? Report the first one of the batch that is stored already; the
+                // message of PostgreSQL names it too.
+                let detail = db.message().to_owned();
+                let id = ids
+                    .iter()
+                    .find(|id| detail.contains(&id.to_string()))
+                    .copied()
+                    .unwrap_or(ids[0]);
+                return StoreError::DuplicateEventId(id);
             }
+            return StoreError::Concurrency {
+                aggregate_id,
+                aggregate_type: aggregate_type.to_owned(),
+                expected,
+                actual: actual + 1,
+            };
         }
         backend(e)
     }

@@ -82,10 +82,10 @@ impl Dedupe {
         let (set, order) = &mut *guard;
         if set.insert(id) {
             order.push_back(id);
-            if order.len() > self.capacity {
-                if let Some(old) = order.pop_front() {
-                    set.remove(&old);
-                }
+            if order.len() > self.capacity
+                && let Some(old) = order.pop_front()
+            {
+                set.remove(&old);
             }
         }
     }

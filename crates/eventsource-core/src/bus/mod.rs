@@ -70,10 +70,10 @@ pub trait EventBus: EventPublisher {
         E: DomainEvent,
         H: Handler<Event<E>>,
     {
-        if let Some(registry) = self.event_registry() {
-            if let Err(e) = registry.register::<E>() {
-                tracing::warn!(error = %e, "typed subscription: its type is not the registered one");
-            }
+        if let Some(registry) = self.event_registry()
+            && let Err(e) = registry.register::<E>()
+        {
+            tracing::warn!(error = %e, "typed subscription: its type is not the registered one");
         }
         self.subscribers().subscribe::<E, H>(handler)
     }

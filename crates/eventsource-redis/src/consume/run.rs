@@ -217,14 +217,15 @@ impl RedisEventBus {
                     if items.is_empty() {
                         continue;
                     }
-                    if last_batch < READ_AHEAD_BELOW && !stop.is_cancelled() {
-                        if let Some(r) = reader.take() {
-                            let bus = self.clone();
-                            read_ahead =
-                                Some(tokio::spawn(
-                                    async move { bus.read_new(r, read_timeout).await },
-                                ));
-                        }
+                    if last_batch < READ_AHEAD_BELOW
+                        && !stop.is_cancelled()
+                        && let Some(r) = reader.take()
+                    {
+                        let bus = self.clone();
+                        read_ahead =
+                            Some(tokio::spawn(
+                                async move { bus.read_new(r, read_timeout).await },
+                            ));
                     }
                     let started = Instant::now();
                     self.process_held(items, held, &finish, &abort).await;
@@ -265,10 +266,10 @@ impl RedisEventBus {
         }
         if let Some(pending) = read_ahead.take() {
             // Delivered to us while we were stopping: handle it rather than leave it pending.
-            if let Ok((_, Ok((items, held)))) = pending.await {
-                if !items.is_empty() {
-                    self.process_held(items, held, &finish, &abort).await;
-                }
+            if let Ok((_, Ok((items, held)))) = pending.await
+                && !items.is_empty()
+            {
+                self.process_held(items, held, &finish, &abort).await;
             }
         }
         self.flush_acks().await;

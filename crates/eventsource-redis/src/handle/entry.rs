@@ -12,14 +12,14 @@ impl RedisEventBus {
     pub(crate) async fn dispatch_entry(&self, entry: &StreamEntry) -> Outcome {
         let c = &self.inner.counters;
         let group = &self.inner.config.consumer_group;
-        if let Some(target) = entry.get_bytes(REPLAY_GROUP_FIELD) {
-            if target != group.as_bytes() {
-                bump(&c.events_skipped_other_group, 1);
-                return Outcome::Skipped {
-                    reason: "replayed for another consumer group",
-                    consumed: false,
-                };
-            }
+        if let Some(target) = entry.get_bytes(REPLAY_GROUP_FIELD)
+            && target != group.as_bytes()
+        {
+            bump(&c.events_skipped_other_group, 1);
+            return Outcome::Skipped {
+                reason: "replayed for another consumer group",
+                consumed: false,
+            };
         }
         let event = match codec::decode_entry(entry, &self.inner.registry) {
             Ok(event) => event,

@@ -237,16 +237,16 @@ pub async fn kill_client_named(url: &str, name: &str) -> usize {
         .unwrap();
     let mut killed = 0;
     for line in list.lines() {
-        if line.contains(&format!(" name={name} ")) {
-            if let Some(id) = line.split(' ').find_map(|kv| kv.strip_prefix("id=")) {
-                let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("ID")
-                    .arg(id)
-                    .query_async(&mut conn)
-                    .await;
-                killed += 1;
-            }
+        if line.contains(&format!(" name={name} "))
+            && let Some(id) = line.split(' ').find_map(|kv| kv.strip_prefix("id="))
+        {
+            let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query_async(&mut conn)
+                .await;
+            killed += 1;
         }
     }
     killed
