@@ -1,4 +1,4 @@
-//! The event model and its wire form (shared/spec/wire-format.md), and the registry.
+//! The event model and its wire form (`docs/wire-format.md`), and the registry.
 
 use eventsource_core::EventError;
 use eventsource_core::event::{BASE_FIELDS, validate_aggregate_type};
@@ -19,6 +19,29 @@ fn order_created() -> Event<OrderCreated> {
     )
 }
 
+/// The top-level keys of a JSON object, in the order the text has them.
+fn keys_in_text_order(json: &str) -> Vec<String> {
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut keys = Vec::new();
+            while let Some((k, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                keys.push(k);
+            }
+            Ok(keys)
+        }
+    }
+    serde::Deserializer::deserialize_map(&mut serde_json::Deserializer::from_str(json), Keys)
+        .unwrap()
+}
+
 /// Given the tutorial's OrderCreated, its JSON has the base keys in wire order, then its own
 /// fields, and parses back to an equal event.
 #[test]
@@ -26,12 +49,7 @@ fn order_created_json_has_wire_key_order_and_round_trips() {
     let event = order_created();
     let json = event.to_json().unwrap();
     let value: Value = serde_json::from_str(&json).unwrap();
-    let keys: Vec<&str> = value
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let keys = keys_in_text_order(&json);
     let mut expected: Vec<&str> = BASE_FIELDS.to_vec();
     expected.extend(["customer_id", "total_amount"]);
     assert_eq!(keys, expected);
@@ -220,7 +238,9 @@ fn event_version_comes_from_the_type() {
     assert_eq!(value["event_version"], 3);
 }
 
-/// The direct writer and the JSON-tree form agree byte for byte, escapes and all.
+/// The direct writer and the JSON-tree form hold the same JSON, escapes and all, and the
+/// writer keeps eventsource-py's field order (the tree's order is serde_json's: the library
+/// does not turn on `preserve_order` for the applications that use it).
 #[test]
 fn direct_json_writer_matches_the_tree_form() {
     let event = Event::new(
@@ -234,18 +254,41 @@ fn direct_json_writer_matches_the_tree_form() {
     .with_actor("actor \"x\"")
     .with_metadata("nested", json!({"a": [1, 2, {"b": null}]}))
     .into_envelope();
+    let text = event.to_json().unwrap();
     assert_eq!(
-        event.to_json().unwrap(),
-        event.to_json_value().unwrap().to_string()
+        serde_json::from_str::<Value>(&text).unwrap(),
+        event.to_json_value().unwrap()
     );
+    let order = [
+        "event_id",
+        "event_type",
+        "event_version",
+        "occurred_at",
+        "aggregate_id",
+        "aggregate_type",
+        "aggregate_version",
+        "tenant_id",
+        "actor_id",
+        "correlation_id",
+        "causation_id",
+        "metadata",
+        "customer_id",
+        "total_amount",
+    ];
+    let positions: Vec<usize> = order
+        .iter()
+        .map(|k| text.find(&format!("\"{k}\":")).unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
     #[derive(Debug, Clone, Serialize, Deserialize)]
     struct Empty {}
     eventsource_core::domain_event!(Empty, "Empty", aggregate = "X");
     let empty = Event::new(Uuid::new_v4(), Empty {}).into_envelope();
     assert_eq!(
-        empty.to_json().unwrap(),
-        empty.to_json_value().unwrap().to_string()
+        serde_json::from_str::<Value>(&empty.to_json().unwrap()).unwrap(),
+        empty.to_json_value().unwrap()
     );
+    assert_eq!(keys_in_text_order(&empty.to_json().unwrap()), BASE_FIELDS);
     #[derive(Debug, Clone, Serialize, Deserialize)]
     struct Tuple(u8);
     eventsource_core::domain_event!(Tuple, "Tuple", aggregate = "X");

@@ -42,8 +42,11 @@ mod store;
 pub use outbox::{OutboxRelay, OutboxStats, RelayConfig, RoundOutcome, outbox_stats};
 pub use store::{PostgresEventStore, PostgresStoreConfig, SetupError};
 
-/// Test hook: with `EVENTSOURCE_FAILPOINT=<name>:<ms>` the process pauses `ms` at the named
-/// point (used by the crash tests to kill a relay between commit and publish).
+/// Test hook, compiled only with the `failpoints` feature (which only this crate's tests turn
+/// on): with `EVENTSOURCE_FAILPOINT=<name>:<ms>` the process pauses `ms` at the named point
+/// (the crash tests kill a relay between commit and publish there). Without the feature it
+/// does nothing and reads no environment.
+#[cfg(feature = "failpoints")]
 pub(crate) async fn failpoint(name: &str) {
     if let Ok(spec) = std::env::var("EVENTSOURCE_FAILPOINT")
         && let Some((point, ms)) = spec.split_once(':')
@@ -54,3 +57,7 @@ pub(crate) async fn failpoint(name: &str) {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
 }
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) async fn failpoint(_name: &str) {}

@@ -227,25 +227,45 @@ impl fmt::Debug for RedisEventBusConfig {
 }
 
 /// `redis://user:secret@host` → `redis://user:***@host`; URLs without a password unchanged.
+///
+/// Parsed with the `url` crate, so a password holding `/`, `?`, `#` or `@` (percent-encoded
+/// as it must be, or not) never leaks; `redis://secret@host` (a password where the user
+/// would be) becomes `redis://***@host`; a `pass`/`password` query parameter (Unix socket
+/// URLs) is replaced too. A URL that does not parse keeps only its scheme and what follows
+/// its last `@`.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &url[..scheme + 3], &url[at..])
+            }
+            (None, Some(at)) => format!("***{}", &url[at..]),
+            _ => url.to_owned(),
+        };
     };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let user = userinfo.split(':').next().unwrap_or("");
-    let redacted = if userinfo.contains(':') {
-        format!("{user}:***")
-    } else {
-        // `redis://secret@host` puts the password where the user would be.
-        "***".to_owned()
-    };
-    format!("{}{}@{}", &url[..scheme_end + 3], redacted, &rest[at + 1..])
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    } else if !parsed.username().is_empty() {
+        let _ = parsed.set_username("***");
+    }
+    let secret_query = parsed
+        .query_pairs()
+        .any(|(k, _)| k == "pass" || k == "password");
+    if secret_query {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "pass" || k == "password" {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 fn non_empty(field: &'static str, value: &str) -> Result<(), ConfigError> {

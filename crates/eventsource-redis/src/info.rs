@@ -73,7 +73,9 @@ pub struct BusStats {
 }
 
 impl BusStats {
-    /// As an ordered JSON object (the tutorial's `get_stats_dict()` keys first).
+    /// As a JSON object keyed by counter name (the tutorial's `get_stats_dict()` keys among
+    /// them; key order is serde_json's, sorted unless the application enables its
+    /// `preserve_order` feature).
     pub fn to_map(&self) -> Map<String, Json> {
         match serde_json::to_value(self) {
             Ok(Json::Object(map)) => map,

@@ -196,6 +196,26 @@ fn password_is_redacted() {
         eventsource_redis::config::redact_url("redis://h:1/0"),
         "redis://h:1/0"
     );
+    // Passwords holding URL delimiters, percent-encoded (as they must be) or not.
+    for (url, secret) in [
+        ("redis://app:p%2Fw%3Fx%23y%40z@h:1/0", "p%2Fw"),
+        ("redis://app:pa/ss@h:1", "pa/ss"),
+        ("redis://app:pa?ss@h:1", "pa?ss"),
+        ("redis://app:pa#ss@h:1", "pa#ss"),
+        ("redis://app:p@ss@h:1", "p@ss"),
+        (
+            "redis+unix:///tmp/r.sock?db=1&pass=top-secret",
+            "top-secret",
+        ),
+    ] {
+        let redacted = eventsource_redis::config::redact_url(url);
+        assert!(!redacted.contains(secret), "{url} -> {redacted}");
+        let tail = secret.split(['/', '?', '#', '@', '%']).next_back().unwrap();
+        assert!(
+            !redacted.contains(tail) || tail.is_empty(),
+            "{url} -> {redacted}"
+        );
+    }
 }
 
 /// Options load from EVENTSOURCE_REDIS_* variables; a bad value names the option.

@@ -34,7 +34,7 @@ async fn consumer_killed_mid_batch_loses_nothing() {
     let all: HashSet<String> = events.iter().map(|e| e.event_id().to_string()).collect();
     publisher.publish_events(&events).await.unwrap();
 
-    let mut victim = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventsource-worker"))
+    let mut victim = tokio::process::Command::new(worker_exe())
         .env("EVENTSOURCE_REDIS_URL", redis_url())
         .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
         .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")
@@ -485,7 +485,7 @@ async fn frozen_consumer_is_survived_and_its_late_acks_are_counted() {
     let all: HashSet<String> = events.iter().map(|e| e.event_id().to_string()).collect();
     publisher.publish_events(&events).await.unwrap();
 
-    let zombie = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventsource-worker"))
+    let zombie = tokio::process::Command::new(worker_exe())
         .env("EVENTSOURCE_REDIS_URL", redis_url())
         .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
         .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")

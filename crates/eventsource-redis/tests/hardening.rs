@@ -496,7 +496,7 @@ async fn a_crash_loop_dead_letters_only_the_entry_that_ran() {
             .unwrap()
     };
     let spawn_worker = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_eventsource-worker"))
+        tokio::process::Command::new(worker_exe())
             .env("EVENTSOURCE_REDIS_URL", redis_url())
             .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
             .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")

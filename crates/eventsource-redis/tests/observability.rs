@@ -79,20 +79,18 @@ async fn stream_info_and_stats() {
     assert_eq!(json["stream"]["length"], 10);
 
     let stats = bus.get_stats_dict();
-    let keys: Vec<&str> = stats.keys().map(String::as_str).take(8).collect();
-    assert_eq!(
-        keys,
-        [
-            "events_published",
-            "events_consumed",
-            "events_processed_success",
-            "events_processed_failed",
-            "messages_recovered",
-            "messages_sent_to_dlq",
-            "handler_errors",
-            "reconnections"
-        ]
-    );
+    for key in [
+        "events_published",
+        "events_consumed",
+        "events_processed_success",
+        "events_processed_failed",
+        "messages_recovered",
+        "messages_sent_to_dlq",
+        "handler_errors",
+        "reconnections",
+    ] {
+        assert!(stats.contains_key(key), "the tutorial's {key}");
+    }
     assert_eq!(stats["events_published"], 10);
     assert_eq!(stats["events_consumed"], 0);
 

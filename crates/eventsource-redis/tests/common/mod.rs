@@ -251,3 +251,28 @@ pub async fn kill_client_named(url: &str, name: &str) -> usize {
     }
     killed
 }
+
+/// The demo worker (`examples/worker.rs`): built by `cargo test`; built here when a single
+/// test target runs without it.
+pub fn worker_exe() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // target/debug/deps/<this test> -> target/debug/examples/worker
+            let mut path = std::env::current_exe().expect("the test's path");
+            path.pop();
+            path.pop();
+            path.push("examples");
+            path.push("worker");
+            if !path.exists() {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let built = std::process::Command::new(cargo)
+                    .args(["build", "-p", "eventsource-redis", "--example", "worker"])
+                    .status()
+                    .expect("cargo runs");
+                assert!(built.success(), "building the worker example failed");
+            }
+            path
+        })
+        .clone()
+}

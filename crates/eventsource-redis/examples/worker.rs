@@ -6,8 +6,10 @@
 //!
 //! ```text
 //! EVENTSOURCE_REDIS_STREAM_PREFIX=orders EVENTSOURCE_REDIS_CONSUMER_NAME=w1 \
-//!   cargo run -p eventsource-redis --bin eventsource-worker
+//!   cargo run -p eventsource-redis --example worker
 //! ```
+//!
+//! Logs go to standard error, filtered by `RUST_LOG` (default `info`).
 
 use std::time::Duration;
 
@@ -16,7 +18,24 @@ use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
 use eventsource_redis::{RedisEventBus, RedisEventBusConfig, RedisEventBusService};
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("worker: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config = RedisEventBusConfig::from_env()?;
     let sleep = Duration::from_millis(
         std::env::var("WORKER_SLEEP_MS")
