@@ -29,6 +29,13 @@
 //!   event gets an outbox row in the same transaction; [`OutboxRelay`] publishes rows in
 //!   order, at least once, and records failures with backoff. A crash between commit and
 //!   publish delays an event, never loses it.
+//! - **The outbox never stalls.** A failed or hanging publish (`publish_timeout`) holds the
+//!   rows back in order and is retried with backoff; a row whose stored event no longer
+//!   decodes is quarantined with the reason (counted in [`OutboxStats`], listed by
+//!   [`quarantined_rows`]) and the rows after it keep flowing, until an operator retries or
+//!   skips it ([`retry_quarantined`], [`skip_quarantined`], or the relay binary's `status`,
+//!   `retry` and `skip` commands). The relay looks at its shutdown between rounds, also while
+//!   working off a backlog.
 //! - Queries are built at run time (no database needed to build); table and schema names are
 //!   validated identifiers, every value is a bound parameter.
 
@@ -39,7 +46,10 @@ mod outbox;
 mod schema;
 mod store;
 
-pub use outbox::{OutboxRelay, OutboxStats, RelayConfig, RoundOutcome, outbox_stats};
+pub use outbox::{
+    OutboxRelay, OutboxStats, QuarantinedRow, RelayConfig, RoundOutcome, outbox_stats,
+    quarantined_rows, retry_quarantined, skip_quarantined,
+};
 pub use store::{PostgresEventStore, PostgresStoreConfig, SetupError};
 
 /// Test hook, compiled only with the `failpoints` feature (which only this crate's tests turn

@@ -25,6 +25,10 @@ pub struct RelayConfig {
     pub retry_base: Duration,
     /// Longest retry delay. Default 30 s.
     pub retry_max: Duration,
+    /// How long one publish call may take before it counts as failed (recorded and retried
+    /// like any failure). A round holds its transaction, and with it the relay lock, while
+    /// publishing, so a publisher that never answers must not hold them forever. Default 30 s.
+    pub publish_timeout: Duration,
     /// Published rows older than this are deleted by [`OutboxRelay::cleanup`] (and by the
     /// relay once a minute). Default 7 days.
     pub retention: Duration,
@@ -37,6 +41,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_secs(1),
             retry_base: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
+            publish_timeout: Duration::from_secs(30),
             retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
@@ -45,19 +50,47 @@ impl Default for RelayConfig {
 /// Outbox counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct OutboxStats {
-    /// Rows not yet published.
+    /// Rows not yet published (quarantined rows not included).
     pub pending: u64,
     /// Rows published (and not yet cleaned up).
     pub published: u64,
     /// Pending rows whose last attempt failed.
     pub failed: u64,
+    /// Rows set aside because their stored event does not decode; an operator retries or
+    /// skips them ([`retry_quarantined`], [`skip_quarantined`]).
+    pub quarantined: u64,
+    /// Quarantined rows an operator chose to skip (never published).
+    pub skipped: u64,
+}
+
+/// A row set aside by the relay, with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuarantinedRow {
+    /// The outbox row's id (what [`retry_quarantined`] and [`skip_quarantined`] take).
+    pub id: i64,
+    /// The event's global position in the store.
+    pub position: i64,
+    /// The event.
+    pub event_id: uuid::Uuid,
+    /// Its aggregate.
+    pub aggregate_id: uuid::Uuid,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// Why it was set aside.
+    pub last_error: Option<String>,
+    /// When, as RFC 3339.
+    pub quarantined_at: String,
 }
 
 /// What one relay round did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RoundOutcome {
     /// Published this many rows.
     Published(usize),
+    /// Every row taken this round had a stored event that does not decode: this many were
+    /// quarantined, nothing was published.
+    Quarantined(usize),
     /// Nothing was due.
     Idle,
     /// Another relay holds the relay lock; this one waits.
@@ -75,6 +108,13 @@ pub enum RoundOutcome {
 /// concurrently and order is kept across relays. A relay killed after publishing and before
 /// marking the rows published makes the next round publish them again: duplicates (same
 /// `event_id`) are possible, losses are not.
+///
+/// **Never stalled by one row.** A failed publish (an error, or no answer within
+/// `publish_timeout`) holds the rows back in order and retries them with backoff. A row whose
+/// stored event no longer decodes cannot be helped by retrying: it is *quarantined* — set
+/// aside with the reason recorded, counted in [`OutboxStats::quarantined`] — and the rows
+/// after it keep flowing (the quarantined event, when retried later, is published after
+/// them). [`retry_quarantined`] puts it back in line, [`skip_quarantined`] gives it up.
 pub struct OutboxRelay {
     store: PostgresEventStore,
     publisher: Arc<dyn EventPublisher>,
@@ -122,7 +162,7 @@ impl OutboxRelay {
         }
         let sql = format!(
             "SELECT o.id, e.payload FROM {outbox} o JOIN {events} e ON e.position = o.position \
-             WHERE o.published_at IS NULL ORDER BY o.id LIMIT $1",
+             WHERE o.published_at IS NULL AND o.quarantined_at IS NULL ORDER BY o.id LIMIT $1",
             outbox = names.outbox,
             events = names.events
         );
@@ -153,13 +193,53 @@ impl OutboxRelay {
         }
         let mut ids = Vec::with_capacity(rows.len());
         let mut events = Vec::with_capacity(rows.len());
+        let mut quarantined = 0usize;
         for row in &rows {
-            ids.push(row.get::<i64, _>(0));
+            let id: i64 = row.get(0);
             let payload: serde_json::Value = row.get(1);
-            events.push(EventEnvelope::from_json_value(payload)?);
+            match EventEnvelope::from_json_value(payload) {
+                Ok(event) => {
+                    ids.push(id);
+                    events.push(event);
+                }
+                Err(e) => {
+                    let reason = format!(
+                        "stored event does not decode: {e}; fix the row and retry it, or skip it"
+                    );
+                    tracing::error!(outbox_id = id, %reason, "outbox row quarantined");
+                    let sql = format!(
+                        "UPDATE {outbox} SET quarantined_at = now(), attempts = attempts + 1, \
+                         last_error = $2 WHERE id = $1",
+                        outbox = names.outbox
+                    );
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .bind(id)
+                        .bind(&reason)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(backend)?;
+                    quarantined += 1;
+                }
+            }
+        }
+        if events.is_empty() {
+            tx.commit().await.map_err(backend)?;
+            return Ok(RoundOutcome::Quarantined(quarantined));
         }
         crate::failpoint("before_publish").await;
-        match self.publisher.publish(&events).await {
+        let published =
+            tokio::time::timeout(self.config.publish_timeout, self.publisher.publish(&events))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(eventsource_core::bus::BusError::Transport(
+                        format!(
+                            "publish did not complete within publish_timeout ({} ms)",
+                            self.config.publish_timeout.as_millis()
+                        )
+                        .into(),
+                    ))
+                });
+        match published {
             Ok(()) => {
                 let sql = format!(
                     "UPDATE {outbox} SET published_at = now(), attempts = attempts + 1, last_error = NULL \
@@ -179,7 +259,7 @@ impl OutboxRelay {
                 tracing::warn!(error = %reason, rows = ids.len(), "outbox publish failed; will retry with backoff");
                 let sql = format!(
                     "UPDATE {outbox} SET attempts = attempts + 1, last_error = $2, \
-                     next_attempt_at = now() + make_interval(secs => LEAST($3::float8 * power(2, attempts), $4::float8)) \
+                     next_attempt_at = now() + make_interval(secs => LEAST($3::float8 * power(2, LEAST(attempts, 30)), $4::float8)) \
                      WHERE id = ANY($1)",
                     outbox = names.outbox
                 );
@@ -199,11 +279,11 @@ impl OutboxRelay {
 
     /// Runs rounds until `shutdown` completes: publishes while rows are due, then sleeps until
     /// a NOTIFY from an append or `poll_interval`. Cleans up published rows older than the
-    /// retention once a minute. A round in progress finishes before it returns.
+    /// retention once a minute. `shutdown` is looked at between rounds, also while a backlog
+    /// is being worked off; a round in progress (publish and mark) finishes first.
     ///
-    /// # Errors
-    /// Never for database hiccups (logged and retried); only if LISTEN cannot be set up at
-    /// all does it fall back to polling, which is logged.
+    /// It does not fail: database and publish errors are logged and retried (publish errors
+    /// are also recorded on the rows); if LISTEN cannot be set up the relay logs it and polls.
     pub async fn run_until(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut listener = match PgListener::connect_with(self.store.pool()).await {
@@ -221,9 +301,18 @@ impl OutboxRelay {
         };
         let mut last_cleanup = tokio::time::Instant::now();
         loop {
+            // A shutdown that completed stops the relay before the next round, backlog or not.
+            let stopped = tokio::select! {
+                biased;
+                () = &mut shutdown => true,
+                () = std::future::ready(()) => false,
+            };
+            if stopped {
+                break;
+            }
             let outcome = self.run_once().await;
-            let busy =
-                matches!(outcome, Ok(RoundOutcome::Published(n)) if n == self.config.batch_size);
+            let busy = matches!(outcome, Ok(RoundOutcome::Published(n)) if n > 0)
+                || matches!(outcome, Ok(RoundOutcome::Quarantined(_)));
             if let Err(e) = &outcome {
                 tracing::warn!(error = %e, "outbox round failed; retrying");
             }
@@ -304,9 +393,12 @@ pub async fn outbox_stats(
     store: &PostgresEventStore,
 ) -> Result<OutboxStats, eventsource_core::StoreError> {
     let sql = format!(
-        "SELECT COUNT(*) FILTER (WHERE published_at IS NULL), \
+        "SELECT COUNT(*) FILTER (WHERE published_at IS NULL AND quarantined_at IS NULL), \
                 COUNT(*) FILTER (WHERE published_at IS NOT NULL), \
-                COUNT(*) FILTER (WHERE published_at IS NULL AND last_error IS NOT NULL) \
+                COUNT(*) FILTER (WHERE published_at IS NULL AND quarantined_at IS NULL \
+                                 AND last_error IS NOT NULL), \
+                COUNT(*) FILTER (WHERE quarantined_at IS NOT NULL AND skipped_at IS NULL), \
+                COUNT(*) FILTER (WHERE skipped_at IS NOT NULL) \
          FROM {outbox}",
         outbox = store.names().outbox
     );
@@ -318,5 +410,86 @@ pub async fn outbox_stats(
         pending: row.get::<i64, _>(0) as u64,
         published: row.get::<i64, _>(1) as u64,
         failed: row.get::<i64, _>(2) as u64,
+        quarantined: row.get::<i64, _>(3) as u64,
+        skipped: row.get::<i64, _>(4) as u64,
     })
+}
+
+/// The quarantined rows (not skipped), oldest first, at most `limit`.
+///
+/// # Errors
+/// Database errors.
+pub async fn quarantined_rows(
+    store: &PostgresEventStore,
+    limit: usize,
+) -> Result<Vec<QuarantinedRow>, eventsource_core::StoreError> {
+    let sql = format!(
+        "SELECT id, position, event_id, aggregate_id, attempts, last_error, \
+                to_char(quarantined_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') \
+         FROM {outbox} WHERE quarantined_at IS NOT NULL AND skipped_at IS NULL \
+         ORDER BY id LIMIT $1",
+        outbox = store.names().outbox
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(store.pool())
+        .await
+        .map_err(backend)?;
+    Ok(rows
+        .iter()
+        .map(|r| QuarantinedRow {
+            id: r.get(0),
+            position: r.get(1),
+            event_id: r.get(2),
+            aggregate_id: r.get(3),
+            attempts: r.get(4),
+            last_error: r.get(5),
+            quarantined_at: r.get(6),
+        })
+        .collect())
+}
+
+/// Puts quarantined rows back in line (one by id, or all with `None`): the relay tries them
+/// again in its next round — after the rows that went on meanwhile. Fix the stored event
+/// first, or it is quarantined again. Returns how many rows were released.
+///
+/// # Errors
+/// Database errors.
+pub async fn retry_quarantined(
+    store: &PostgresEventStore,
+    id: Option<i64>,
+) -> Result<u64, eventsource_core::StoreError> {
+    let sql = format!(
+        "UPDATE {outbox} SET quarantined_at = NULL, next_attempt_at = now() \
+         WHERE quarantined_at IS NOT NULL AND skipped_at IS NULL AND ($1::bigint IS NULL OR id = $1)",
+        outbox = store.names().outbox
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .execute(store.pool())
+        .await
+        .map_err(backend)?;
+    Ok(done.rows_affected())
+}
+
+/// Gives up a quarantined row: it is never published (its event stays in the store). Returns
+/// whether such a row existed.
+///
+/// # Errors
+/// Database errors.
+pub async fn skip_quarantined(
+    store: &PostgresEventStore,
+    id: i64,
+) -> Result<bool, eventsource_core::StoreError> {
+    let sql = format!(
+        "UPDATE {outbox} SET skipped_at = now() \
+         WHERE id = $1 AND quarantined_at IS NOT NULL AND skipped_at IS NULL",
+        outbox = store.names().outbox
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .execute(store.pool())
+        .await
+        .map_err(backend)?;
+    Ok(done.rows_affected() == 1)
 }

@@ -90,6 +90,16 @@ fn migrations(n: &Names) -> Vec<(i32, String)> {
                 events = n.events
             ),
         ),
+        (
+            3,
+            format!(
+                "ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS quarantined_at TIMESTAMPTZ NULL;
+                ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS skipped_at TIMESTAMPTZ NULL;
+                CREATE INDEX IF NOT EXISTS {table}_outbox_due_idx ON {outbox} (id)
+                    WHERE published_at IS NULL AND quarantined_at IS NULL;",
+                outbox = n.outbox
+            ),
+        ),
     ]
 }
 

@@ -280,3 +280,202 @@ async fn relay_killed_before_publishing_loses_nothing() {
     );
     assert_eq!(outbox_stats(&store).await.unwrap().pending, 0);
 }
+
+/// Never completes a publish.
+struct Hangs;
+
+impl EventPublisher for Hangs {
+    fn publish<'a>(&'a self, _: &'a [EventEnvelope]) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// Breaks the stored event at `position` so it no longer decodes (its `event_id` removed).
+async fn corrupt(store: &eventsource_postgres::PostgresEventStore, position: i64) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {} SET payload = payload - 'event_id' WHERE position = $1",
+        store.events_table()
+    )))
+    .bind(position)
+    .execute(store.pool())
+    .await
+    .unwrap();
+}
+
+/// A row whose stored event no longer decodes does not stop the relay: it is quarantined with
+/// the reason (stats and the quarantine list show it), the rows after it are published, and
+/// an operator retries it (after fixing it) or skips it.
+#[tokio::test]
+async fn an_undecodable_row_is_quarantined_and_the_rest_keep_flowing() {
+    let (store, _guard) = store("outbox_quarantine", true).await;
+    let ids = save_orders(&store, 3).await; // 6 events, positions 1..=6
+    corrupt(&store, 2).await;
+    corrupt(&store, 5).await;
+    let recorder = Arc::new(Recorder::default());
+    let relay = OutboxRelay::new(
+        store.clone(),
+        recorder.clone(),
+        RelayConfig {
+            retry_base: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    assert_eq!(relay.run_once().await.unwrap(), RoundOutcome::Published(4));
+    let published = recorder.published.lock().unwrap().clone();
+    assert_eq!(
+        published,
+        [ids[0], ids[2], ids[3], ids[5]],
+        "the rest, in order"
+    );
+    let stats = relay.stats().await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.quarantined, stats.published),
+        (0, 2, 4),
+        "{stats:?}"
+    );
+    let rows = eventsource_postgres::quarantined_rows(&store, 10)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].position, 2);
+    let reason = rows[0].last_error.clone().unwrap();
+    assert!(
+        reason.contains("does not decode") && reason.contains("event_id"),
+        "{reason}"
+    );
+    // The relay keeps going: nothing left to do, no error.
+    assert_eq!(relay.run_once().await.unwrap(), RoundOutcome::Idle);
+
+    // Fixed and retried: published (after the others).
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {} SET payload = payload || jsonb_build_object('event_id', event_id::text) \
+         WHERE position = 2",
+        store.events_table()
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        eventsource_postgres::retry_quarantined(&store, Some(rows[0].id))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(relay.run_once().await.unwrap(), RoundOutcome::Published(1));
+    assert_eq!(recorder.published.lock().unwrap().last(), Some(&ids[1]));
+    // Skipped: never published, counted.
+    assert!(
+        eventsource_postgres::skip_quarantined(&store, rows[1].id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !eventsource_postgres::skip_quarantined(&store, rows[1].id)
+            .await
+            .unwrap()
+    );
+    let stats = relay.stats().await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.quarantined, stats.skipped),
+        (0, 0, 1),
+        "{stats:?}"
+    );
+}
+
+/// A publisher that never answers does not hold the relay (and its lock) forever: the round
+/// fails after `publish_timeout` with the reason recorded, and the rows are retried later.
+#[tokio::test]
+async fn a_hanging_publisher_is_a_recorded_failure() {
+    let (store, _guard) = store("outbox_hang", true).await;
+    save_orders(&store, 1).await;
+    let relay = OutboxRelay::new(
+        store.clone(),
+        Arc::new(Hangs),
+        RelayConfig {
+            publish_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+    );
+    assert_eq!(relay.run_once().await.unwrap(), RoundOutcome::Failed);
+    let error = relay.last_error().await.unwrap().unwrap();
+    assert!(error.contains("publish_timeout"), "{error}");
+    assert_eq!(relay.stats().await.unwrap().failed, 2);
+}
+
+/// A shutdown while a backlog is being worked off stops the relay between rounds (rows are
+/// left for the next run), instead of after the whole backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_honoured_between_rounds_of_a_backlog() {
+    let (store, _guard) = store("outbox_shutdown", true).await;
+    save_orders(&store, 500).await; // 1,000 rows: 10 rounds of 100
+    let recorder = Arc::new(Recorder::default());
+    let relay = OutboxRelay::new(store.clone(), recorder.clone(), RelayConfig::default());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let calls = recorder.clone();
+    let trigger = stop.clone();
+    // Ask for a stop as soon as the first round published.
+    let watcher = tokio::spawn(async move {
+        while calls.calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        trigger.notify_one();
+    });
+    relay.run_until(async move { stop.notified().await }).await;
+    watcher.await.unwrap();
+    let stats = relay.stats().await.unwrap();
+    assert!(stats.published >= 100, "{stats:?}");
+    assert!(stats.pending > 0, "stopped with a backlog left: {stats:?}");
+    assert_eq!(stats.published + stats.pending, 1000);
+}
+
+/// The relay binary shows quarantined rows (`status`, `--json`), and retries or skips them;
+/// `--help` works and an unknown command is a usage error.
+#[tokio::test]
+async fn the_relay_binary_shows_retries_and_skips_quarantined_rows() {
+    let (store, _guard) = store("outbox_cli", true).await;
+    save_orders(&store, 1).await;
+    corrupt(&store, 1).await;
+    let relay = OutboxRelay::new(
+        store.clone(),
+        Arc::new(Recorder::default()),
+        RelayConfig::default(),
+    );
+    assert_eq!(relay.run_once().await.unwrap(), RoundOutcome::Published(1));
+    let schema = store.events_table().split('.').next().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_eventsource-outbox-relay"))
+            .env("DATABASE_URL", database_url())
+            .env("EVENTSOURCE_PG_SCHEMA", &schema)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let help = run(&["--help"]);
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("status [--json]"));
+    assert_eq!(run(&["frobnicate"]).status.code(), Some(2));
+    let status = run(&["status", "--json"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["stats"]["quarantined"], 1);
+    let id = json["quarantined"][0]["id"].as_i64().unwrap();
+    assert!(
+        json["quarantined"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("does not decode")
+    );
+    let text = run(&["status"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains(&format!("quarantined row {id}")));
+    assert!(run(&["skip", &id.to_string()]).status.success());
+    assert_eq!(run(&["skip", &id.to_string()]).status.code(), Some(1));
+    assert_eq!(run(&["retry", &id.to_string()]).status.code(), Some(1));
+    let json: serde_json::Value =
+        serde_json::from_slice(&run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(json["stats"]["skipped"], 1);
+    assert_eq!(json["stats"]["quarantined"], 0);
+}

@@ -14,7 +14,13 @@ use eventsource_redis::{RedisEventBus, RedisEventBusConfig};
 
 const HELP: &str = "eventsource-outbox-relay: publishes a PostgreSQL event store's outbox rows to a Redis stream, in order, until SIGTERM or SIGINT
 
-usage: eventsource-outbox-relay [--help] [--version]
+usage: eventsource-outbox-relay [--help] [--version] [COMMAND]
+
+commands:
+  (none)            run the relay until SIGTERM or SIGINT
+  status [--json]   outbox counts, and the quarantined rows with their reasons
+  retry ID|--all    put quarantined rows back in line (fix the stored event first)
+  skip ID           give a quarantined row up: it is never published
 
 Configuration comes from the environment:
   DATABASE_URL                 the PostgreSQL database (required)
@@ -24,7 +30,10 @@ Configuration comes from the environment:
   RUST_LOG                     log filter (default info); logs go to standard error
 
 Several relays may run at once: one publishes at a time, the others stand by.
-Exit codes: 0 after a clean stop, 1 when it cannot start (the reason is printed).";
+A row whose stored event no longer decodes is quarantined (the relay goes on with the rows
+after it); `status` shows it, `retry` or `skip` settles it.
+Exit codes: 0 on success, 1 when it cannot start or a row to retry or skip does not exist
+(the reason is printed), 2 on a usage error.";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -37,19 +46,34 @@ async fn main() -> ExitCode {
         println!("eventsource-outbox-relay {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    if let Some(other) = args.first() {
-        eprintln!("eventsource-outbox-relay: unknown argument {other:?} (see --help)");
-        return ExitCode::from(2);
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match words.as_slice() {
+        [] => run().await.map(|()| ExitCode::SUCCESS),
+        ["status"] => status(false).await,
+        ["status", "--json"] | ["--json", "status"] => status(true).await,
+        ["retry", "--all"] => retry(None).await,
+        ["retry", id] | ["skip", id] => match id.parse::<i64>() {
+            Ok(id) if words[0] == "retry" => retry(Some(id)).await,
+            Ok(id) => skip(id).await,
+            Err(_) => {
+                eprintln!("eventsource-outbox-relay: {id:?} is not a row id (see status)");
+                return ExitCode::from(2);
+            }
+        },
+        _ => {
+            eprintln!("eventsource-outbox-relay: unknown arguments {words:?} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("eventsource-outbox-relay: {e}");
             ExitCode::FAILURE
@@ -57,7 +81,10 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The store named by the environment.
+async fn store() -> Result<PostgresEventStore, Error> {
     let url = std::env::var("DATABASE_URL")
         .map_err(|_| "DATABASE_URL is not set: point it at the event store's database")?;
     let config = PostgresStoreConfig {
@@ -67,7 +94,61 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         max_connections: 2,
         ..Default::default()
     };
-    let store = PostgresEventStore::connect(&url, config).await?;
+    Ok(PostgresEventStore::connect(&url, config).await?)
+}
+
+async fn status(json: bool) -> Result<ExitCode, Error> {
+    let store = store().await?;
+    let stats = eventsource_postgres::outbox_stats(&store).await?;
+    let rows = eventsource_postgres::quarantined_rows(&store, 100).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "stats": stats, "quarantined": rows })
+        );
+    } else {
+        println!(
+            "pending {}  published {}  failed {}  quarantined {}  skipped {}",
+            stats.pending, stats.published, stats.failed, stats.quarantined, stats.skipped
+        );
+        for row in rows {
+            println!(
+                "quarantined row {} (position {}, event {}, since {}): {}",
+                row.id,
+                row.position,
+                row.event_id,
+                row.quarantined_at,
+                row.last_error.unwrap_or_default()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn retry(id: Option<i64>) -> Result<ExitCode, Error> {
+    let store = store().await?;
+    let released = eventsource_postgres::retry_quarantined(&store, id).await?;
+    println!("{released} quarantined row(s) put back in line");
+    Ok(if released == 0 && id.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn skip(id: i64) -> Result<ExitCode, Error> {
+    let store = store().await?;
+    if eventsource_postgres::skip_quarantined(&store, id).await? {
+        println!("row {id} skipped: it will not be published");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("eventsource-outbox-relay: no quarantined row {id}");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+async fn run() -> Result<(), Error> {
+    let store = store().await?;
     let bus = RedisEventBus::new(
         RedisEventBusConfig {
             enable_tracing: false,
