@@ -56,6 +56,8 @@
 //! - [`recovery`]: claiming idle pending entries, dead-lettering exhausted ones.
 //! - `scripts`: the Lua scripts that make check-then-act steps atomic.
 //! - [`dlq`]: list, inspect, replay dead letters; replay history into a projection.
+//! - [`ops`]: what an operator tool needs: consumers, purge, dead-letter exhausted entries
+//!   without handling anything, read the stream without joining a group.
 //! - [`info`]: statistics, stream info, health.
 //! - [`service`]: run until SIGTERM/SIGINT and shut down gracefully.
 //! - [`trace`]: W3C trace context carried in entry fields.
@@ -131,6 +133,7 @@ mod error;
 mod handle;
 pub mod info;
 mod lease;
+pub mod ops;
 mod reader;
 pub mod recovery;
 mod scripts;
@@ -144,6 +147,7 @@ pub use consume::ShutdownReport;
 pub use dlq::{DlqMessage, HistoryError, HistorySummary, ReplayOutcome};
 pub use error::RedisBusError;
 pub use info::{BusStats, GroupInfo, Health, PendingEntry, StreamDetails, StreamInfo};
+pub use ops::{ConsumerInfo, PurgeOutcome};
 pub use recovery::{RecoveryOptions, RecoveryStats};
 pub use service::RedisEventBusService;
 pub use trim::TrimReport;

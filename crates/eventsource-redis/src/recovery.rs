@@ -101,9 +101,9 @@ impl RecoveryStats {
 /// Recovery options with the config's defaults filled in.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Resolved {
-    min_idle: u64,
-    max_retries: u32,
-    page: usize,
+    pub(crate) min_idle: u64,
+    pub(crate) max_retries: u32,
+    pub(crate) page: usize,
 }
 
 impl Resolved {

@@ -186,6 +186,27 @@ return {2, id}
     )
 });
 
+/// Deletes a dead letter, only if it belongs to the group scope.
+///
+/// `KEYS[1]` dead-letter stream. `ARGV`: dead-letter id, group scope (`""`: any). Returns `[0]`
+/// when it does not exist, `[1, group]` when it belongs to another group, `[2]` when deleted.
+pub(crate) static PURGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #e == 0 then return {0} end
+local f = e[1][2]
+local group = ''
+for i = 1, #f, 2 do
+  if f[i] == 'consumer_group' then group = f[i + 1] end
+end
+if ARGV[2] ~= '' and group ~= ARGV[2] then return {1, group} end
+redis.call('XDEL', KEYS[1], ARGV[1])
+return {2}
+",
+    )
+});
+
 /// Deletes consumer `ARGV[2]` of group `ARGV[1]` only if it has nothing pending; -1 otherwise.
 pub(crate) static PRUNE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(

@@ -7,6 +7,7 @@
 //! the entry after its last delivered one when nothing is pending.
 
 use redis::Value;
+use redis::streams::{StreamInfoGroupsReply, StreamPendingReply};
 use serde::Serialize;
 
 use crate::bus::RedisEventBus;
@@ -29,15 +30,89 @@ fn parse_id(id: &str) -> Option<(u64, u64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
 impl RedisEventBus {
+    /// Where a safe trim would cut: `Ok(Err(reason))` when nothing may be trimmed, else the
+    /// lowest floor over every group (see the module docs).
+    async fn trim_floor(&self) -> Result<Result<String, String>, RedisBusError> {
+        let mut conn = self.commands().await?;
+        let groups: Result<StreamInfoGroupsReply, redis::RedisError> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.inner.stream)
+            .query_async(&mut conn)
+            .await;
+        let groups = match groups {
+            Ok(reply) => reply.groups,
+            Err(e) if e.to_string().contains("no such key") => Vec::new(),
+            Err(e) => return Err(self.command_error("XINFO GROUPS", e)),
+        };
+        if groups.is_empty() {
+            return Ok(Err("no consumer group on the stream".into()));
+        }
+        let mut floor: Option<(u64, u64)> = None;
+        for group in &groups {
+            let last = parse_id(&group.last_delivered_id).unwrap_or((0, 0));
+            // Oldest pending entry of this group, if any.
+            let summary: StreamPendingReply = redis::cmd("XPENDING")
+                .arg(&self.inner.stream)
+                .arg(&group.name)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.command_error("XPENDING", e))?;
+            let oldest_pending = match summary {
+                StreamPendingReply::Data(data) => parse_id(&data.start_id),
+                _ => None,
+            };
+            let group_floor = oldest_pending.unwrap_or((last.0, last.1.saturating_add(1)));
+            floor = Some(floor.map_or(group_floor, |f| f.min(group_floor)));
+        }
+        Ok(match floor {
+            Some((ms, seq)) => Ok(format!("{ms}-{seq}")),
+            None => Err("no readable consumer group".into()),
+        })
+    }
+
+    /// What [`trim_acknowledged`](Self::trim_acknowledged) would remove, removing nothing:
+    /// `removed` counts the entries before `min_id` (counted by reading their ids).
+    ///
+    /// # Errors
+    /// [`RedisBusError`] when Redis fails.
+    pub async fn trim_plan(&self) -> Result<TrimReport, RedisBusError> {
+        let min_id = match self.trim_floor().await? {
+            Ok(id) => id,
+            Err(reason) => {
+                return Ok(TrimReport {
+                    removed: 0,
+                    min_id: None,
+                    reason: Some(reason),
+                });
+            }
+        };
+        let mut conn = self.commands().await?;
+        let mut eligible = 0u64;
+        let mut start = "-".to_owned();
+        loop {
+            let ids: Vec<(String, Value)> = redis::cmd("XRANGE")
+                .arg(&self.inner.stream)
+                .arg(&start)
+                .arg(format!("({min_id}"))
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.command_error("XRANGE", e))?;
+            eligible += ids.len() as u64;
+            match ids.last() {
+                Some((id, _)) if ids.len() == 10_000 => start = format!("({id}"),
+                _ => break,
+            }
+        }
+        Ok(TrimReport {
+            removed: eligible,
+            min_id: Some(min_id),
+            reason: None,
+        })
+    }
+
     /// Removes the entries every consumer group has received and acknowledged (see the module
     /// docs). A stream without any group is left alone: nobody has said what it still needs.
     /// Groups that will be created later cannot be known: trim only when every reader of the
@@ -46,62 +121,17 @@ impl RedisEventBus {
     /// # Errors
     /// [`RedisBusError`] when Redis fails.
     pub async fn trim_acknowledged(&self) -> Result<TrimReport, RedisBusError> {
+        let min_id = match self.trim_floor().await? {
+            Ok(id) => id,
+            Err(reason) => {
+                return Ok(TrimReport {
+                    removed: 0,
+                    min_id: None,
+                    reason: Some(reason),
+                });
+            }
+        };
         let mut conn = self.commands().await?;
-        let groups: Result<Value, redis::RedisError> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&self.inner.stream)
-            .query_async(&mut conn)
-            .await;
-        let groups = match groups {
-            Ok(Value::Array(list)) => list,
-            Ok(_) => Vec::new(),
-            Err(e) if e.to_string().contains("no such key") => Vec::new(),
-            Err(e) => return Err(self.command_error("XINFO", e)),
-        };
-        if groups.is_empty() {
-            return Ok(TrimReport {
-                removed: 0,
-                min_id: None,
-                reason: Some("no consumer group on the stream".into()),
-            });
-        }
-        let mut floor: Option<(u64, u64)> = None;
-        for group in &groups {
-            let Value::Array(flat) = group else { continue };
-            let field = |name: &str| {
-                flat.chunks(2)
-                    .find(|kv| kv.first().and_then(text).as_deref() == Some(name))
-                    .and_then(|kv| kv.get(1))
-            };
-            let Some(name) = field("name").and_then(text) else {
-                continue;
-            };
-            let last = field("last-delivered-id")
-                .and_then(text)
-                .and_then(|id| parse_id(&id))
-                .unwrap_or((0, 0));
-            // Oldest pending entry of this group, if any.
-            let summary: Value = redis::cmd("XPENDING")
-                .arg(&self.inner.stream)
-                .arg(&name)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.command_error("XPENDING", e))?;
-            let oldest_pending = match &summary {
-                Value::Array(parts) => parts.get(1).and_then(text).and_then(|id| parse_id(&id)),
-                _ => None,
-            };
-            let group_floor = oldest_pending.unwrap_or((last.0, last.1.saturating_add(1)));
-            floor = Some(floor.map_or(group_floor, |f| f.min(group_floor)));
-        }
-        let Some((ms, seq)) = floor else {
-            return Ok(TrimReport {
-                removed: 0,
-                min_id: None,
-                reason: Some("no readable consumer group".into()),
-            });
-        };
-        let min_id = format!("{ms}-{seq}");
         let removed: u64 = redis::cmd("XTRIM")
             .arg(&self.inner.stream)
             .arg("MINID")

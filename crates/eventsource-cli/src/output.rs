@@ -1,0 +1,93 @@
+//! Output: text tables sized to their content, JSON documents, colour only where it helps,
+//! and a closed pipe (`eventsource dlq list | head`) ending the command quietly.
+
+use std::io::{IsTerminal, Write};
+
+use crate::cli::ColorChoice;
+
+/// How output is written.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Out {
+    pub(crate) json: bool,
+    colour: bool,
+}
+
+impl Out {
+    pub(crate) fn new(json: bool, choice: ColorChoice) -> Self {
+        let colour = match choice {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => {
+                std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+            }
+        };
+        Self { json, colour }
+    }
+
+    /// Writes a line to standard output; a closed pipe ends the process quietly (exit 0).
+    pub(crate) fn line(&self, text: &str) {
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }
+
+    /// Prints `value` as one pretty JSON document.
+    pub(crate) fn json(&self, value: &impl serde::Serialize) {
+        let text = serde_json::to_string_pretty(value)
+            .unwrap_or_else(|e| format!("{{\"error\":\"cannot encode the output: {e}\"}}"));
+        self.line(&text);
+    }
+
+    /// `word` in green (good) or red (bad) on a colour terminal.
+    pub(crate) fn status(&self, word: &str, good: bool) -> String {
+        if self.colour {
+            format!("\x1b[{}m{word}\x1b[0m", if good { "32" } else { "31" })
+        } else {
+            word.to_owned()
+        }
+    }
+
+    /// Prints a table: columns as wide as their widest cell, the last one unpadded.
+    pub(crate) fn table(&self, header: &[&str], rows: &[Vec<String>]) {
+        let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+        for row in rows {
+            for (i, cell) in row.iter().enumerate() {
+                if let Some(w) = widths.get_mut(i) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+        }
+        let render = |cells: Vec<&str>| {
+            let last = cells.len().saturating_sub(1);
+            cells
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i == last {
+                        (*c).to_owned()
+                    } else {
+                        format!("{c:<width$}", width = widths[i])
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("  ")
+        };
+        self.line(&render(header.to_vec()));
+        for row in rows {
+            self.line(&render(row.iter().map(String::as_str).collect()));
+        }
+    }
+}
+
+/// A warning on standard error.
+pub(crate) fn warn(text: &str) {
+    let _ = writeln!(std::io::stderr(), "warning: {text}");
+}
+
+/// Progress on standard error (a line per step; quiet with --json unless on a terminal).
+pub(crate) fn progress(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
