@@ -27,10 +27,10 @@ impl Out {
     /// Writes a line to standard output; a closed pipe ends the process quietly (exit 0).
     pub(crate) fn line(&self, text: &str) {
         let mut out = std::io::stdout().lock();
-        if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
+        if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush())
+            && e.kind() == std::io::ErrorKind::BrokenPipe
+        {
+            std::process::exit(0);
         }
     }
 
