@@ -36,7 +36,7 @@ use serde_json::{Value as Json, json};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const WORKLOADS: [&str; 10] = [
+const WORKLOADS: [&str; 11] = [
     "publish_single",
     "publish_batch100",
     "publish_concurrent16",
@@ -44,6 +44,7 @@ const WORKLOADS: [&str; 10] = [
     "consume_2proc",
     "consume_2proc_slow",
     "consume_2proc_slowhandler_dup",
+    "consume_1_tls",
     "latency_500",
     "latency_5000",
     "rss",
@@ -65,6 +66,8 @@ workloads:
   consume_2proc_slowhandler_dup
                         two consumers, a 150 ms handler, batch 10, pending_idle_ms 1000:
                         handler runs per event and unapplied acks (duplicates)
+  consume_1_tls         consume_1 over TLS next to plain, on one redis-server with both ports
+                        (certificates made with the openssl command)
   latency_500           publish-to-handler latency at 500 events/s
   latency_5000          the same at 5,000 events/s
   rss                   peak memory of a consumer over 200,000 events
@@ -656,6 +659,10 @@ struct Spec {
     recovery_interval_ms: Option<u64>,
     /// Read with redis-rs instead of the bus's own RESP reader.
     redis_rs_reader: bool,
+    /// Consumers connect here instead of the workload's Redis (the same server's TLS port).
+    consumer_url: Option<String>,
+    /// CA file for a `rediss://` consumer URL.
+    tls_ca_file: Option<String>,
 }
 
 impl Spec {
@@ -668,6 +675,8 @@ impl Spec {
             pending_idle_ms: None,
             recovery_interval_ms: None,
             redis_rs_reader: false,
+            consumer_url: None,
+            tls_ca_file: None,
         }
     }
 
@@ -686,6 +695,15 @@ impl Spec {
             "--concurrency".to_owned(),
             self.concurrency.to_string(),
         ];
+        for (flag, value) in [
+            ("--consumer-url", self.consumer_url.clone()),
+            ("--tls-ca-file", self.tls_ca_file.clone()),
+        ] {
+            if let Some(v) = value {
+                args.push(flag.to_owned());
+                args.push(v);
+            }
+        }
         for (flag, value) in [
             ("--batch-size", self.batch_size.map(|v| v as u64)),
             ("--pending-idle-ms", self.pending_idle_ms),
@@ -825,9 +843,11 @@ async fn consumer_role(args: &[String]) -> Result<Json, Error> {
     let sleep_ms: u64 = get("--sleep-ms")?.parse()?;
     let concurrency: usize = get("--concurrency")?.parse()?;
     let profile = Profile::parse(&get("--profile")?)?;
+    let consumer_url = get("--consumer-url").unwrap_or_else(|_| url.clone());
     let mut config = RedisEventBusConfig {
         handler_concurrency: concurrency,
-        ..profile_config(profile, &url, &prefix, &group, &name)
+        tls_ca_file: get("--tls-ca-file").ok().map(Into::into),
+        ..profile_config(profile, &consumer_url, &prefix, &group, &name)
     };
     if let Ok(v) = get("--batch-size") {
         config.batch_size = v.parse()?;
@@ -1062,6 +1082,142 @@ async fn slow_two_consumers_workload(o: &Options) -> Result<Json, Error> {
     }))
 }
 
+/// `consume_1` over TLS next to plain TCP, on one redis-server listening on both (so the two
+/// figures differ only by TLS), with a CA and server certificate made by `openssl`.
+async fn consume_tls_workload(o: &Options) -> Result<Json, Error> {
+    let n = o.n.unwrap_or(20_000);
+    let dir = std::env::temp_dir().join(format!("es-bench-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let openssl = |args: &[&str]| -> Result<(), Error> {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("consume_1_tls needs the openssl command: {e}"))?
+            .success();
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("openssl {args:?} failed").into())
+        }
+    };
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )?;
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=bench-ca",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "server.ext",
+    ])?;
+    let free = || -> Result<u16, Error> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (plain, tls) = (free()?, free()?);
+    let file = |name: &str| dir.join(name).display().to_string();
+    let mut server = tokio::process::Command::new("redis-server")
+        .args(["--port", &plain.to_string(), "--tls-port", &tls.to_string()])
+        .args([
+            "--tls-cert-file",
+            &file("server.crt"),
+            "--tls-key-file",
+            &file("server.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &file("ca.crt"),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    for _ in 0..250 {
+        if std::net::TcpStream::connect(("127.0.0.1", plain)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let local = Options {
+        redis_url: format!("redis://127.0.0.1:{plain}"),
+        ..o.clone()
+    };
+    let over_tls = Spec {
+        consumer_url: Some(format!("rediss://localhost:{tls}")),
+        tls_ca_file: Some(file("ca.crt")),
+        ..Spec::new(Profile::Quick)
+    };
+    let (mut plain_rates, mut tls_rates) = (vec![], vec![]);
+    for run in 1..=o.repeat {
+        plain_rates.push(
+            consume_run(&local, n, 1, &Spec::new(Profile::Quick))
+                .await?
+                .events_per_sec,
+        );
+        tls_rates.push(consume_run(&local, n, 1, &over_tls).await?.events_per_sec);
+        eprintln!(
+            "  consume_1_tls run {run}: TLS {:>9.0}/s   plain TCP {:>9.0}/s (same server)",
+            tls_rates[run - 1],
+            plain_rates[run - 1]
+        );
+    }
+    let _ = server.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut out = throughput_json(&tls_rates, None);
+    out["n"] = json!(n);
+    out["config"] = json!(
+        "workload settings (batch 100, block 100 ms, tracing off); rediss:// with a CA file; the reader is redis-rs's over TLS (the bus's own RESP reader serves plain TCP only)"
+    );
+    out["plain_events_per_sec"] = stat_json(stat(&plain_rates));
+    out["ratio_to_plain"] =
+        json!((stat(&tls_rates).median / stat(&plain_rates).median * 100.0).round() / 100.0);
+    Ok(out)
+}
+
 async fn rss_workload(o: &Options) -> Result<Json, Error> {
     let n = o.n.unwrap_or(200_000);
     let mut rss = vec![];
@@ -1228,6 +1384,7 @@ fn main() -> std::process::ExitCode {
                 "consume_2proc_slowhandler_dup" => {
                     one(name, slow_two_consumers_workload(&options).await)
                 }
+                "consume_1_tls" => one(name, consume_tls_workload(&options).await),
                 "latency_500" => one(name, latency_workload(&options, 500).await),
                 "latency_5000" => one(name, latency_workload(&options, 5000).await),
                 _ => one(name, rss_workload(&options).await),

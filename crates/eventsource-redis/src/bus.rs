@@ -255,12 +255,7 @@ impl RedisEventBus {
         registry: EventRegistry,
     ) -> Result<Self, RedisBusError> {
         config.validate()?;
-        let client = redis::Client::open(config.redis_url.as_str()).map_err(|e| {
-            crate::config::ConfigError {
-                field: "redis_url",
-                reason: e.to_string(),
-            }
-        })?;
+        let client = config.client()?;
         let consumer_name = config.effective_consumer_name();
         Ok(Self {
             inner: Arc::new(Inner {

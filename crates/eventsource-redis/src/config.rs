@@ -53,6 +53,17 @@ pub struct RedisEventBusConfig {
     pub socket_timeout: f64,
     /// Timeout of establishing a connection, in seconds. Default 5.
     pub socket_connect_timeout: f64,
+    /// TLS (`rediss://` URLs; feature `tls`): a PEM file of CA certificates to trust instead
+    /// of the system's (a managed Redis's or your own CA). Default: the system's roots.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// TLS: this client's certificate (PEM), for a server that requires one
+    /// (`tls-auth-clients yes`); set `tls_key_file` with it.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// TLS: the private key (PEM) of `tls_cert_file`.
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// TLS without verifying the server's certificate. For development against a self-signed
+    /// server only: anyone on the path can read and change the traffic. Default false.
+    pub tls_insecure: bool,
     /// Accepted for compatibility. The bus always uses one multiplexed connection for
     /// commands; the blocking read has its own, because a blocking read on the publishing
     /// connection would stall every publish behind it. Default false.
@@ -170,6 +181,10 @@ impl Default for RedisEventBusConfig {
             redis_url: "redis://localhost:6379".into(),
             socket_timeout: 5.0,
             socket_connect_timeout: 5.0,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_insecure: false,
             single_connection_client: false,
             stream_prefix: "events".into(),
             consumer_group: "default".into(),
@@ -201,6 +216,10 @@ impl fmt::Debug for RedisEventBusConfig {
             .field("redis_url", &redact_url(&self.redis_url))
             .field("socket_timeout", &self.socket_timeout)
             .field("socket_connect_timeout", &self.socket_connect_timeout)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_insecure", &self.tls_insecure)
             .field("single_connection_client", &self.single_connection_client)
             .field("stream_prefix", &self.stream_prefix)
             .field("consumer_group", &self.consumer_group)
@@ -312,12 +331,7 @@ impl RedisEventBusConfig {
                 ),
             ));
         }
-        redis::Client::open(self.redis_url.as_str()).map_err(|e| {
-            ConfigError::new(
-                "redis_url",
-                format!("{:?} does not parse: {e}", redact_url(&self.redis_url)),
-            )
-        })?;
+        self.client()?;
         positive_secs("socket_timeout", self.socket_timeout)?;
         positive_secs("socket_connect_timeout", self.socket_connect_timeout)?;
         non_empty("stream_prefix", &self.stream_prefix)?;
@@ -394,6 +408,100 @@ impl RedisEventBusConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The redis-rs client for this configuration: the URL, and for `rediss://` the TLS
+    /// options (CA file, client certificate and key, insecure mode).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the field: an unparsable URL, TLS options without a
+    /// `rediss://` URL, a certificate file that cannot be read, a certificate without its key,
+    /// or `rediss://` without the `tls` feature.
+    pub fn client(&self) -> Result<redis::Client, ConfigError> {
+        let tls = self.redis_url.starts_with("rediss://");
+        for (field, set) in [
+            ("tls_ca_file", self.tls_ca_file.is_some()),
+            ("tls_cert_file", self.tls_cert_file.is_some()),
+            ("tls_key_file", self.tls_key_file.is_some()),
+            ("tls_insecure", self.tls_insecure),
+        ] {
+            if set && !tls {
+                return Err(ConfigError::new(
+                    field,
+                    "applies to TLS only: use a rediss:// URL",
+                ));
+            }
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(ConfigError::new(
+                if self.tls_cert_file.is_some() {
+                    "tls_key_file"
+                } else {
+                    "tls_cert_file"
+                },
+                "a client certificate needs both tls_cert_file and tls_key_file",
+            ));
+        }
+        let unparsable = |e: redis::RedisError| {
+            ConfigError::new(
+                "redis_url",
+                format!("{:?} does not parse: {e}", redact_url(&self.redis_url)),
+            )
+        };
+        if !tls {
+            return redis::Client::open(self.redis_url.as_str()).map_err(unparsable);
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            Err(ConfigError::new(
+                "redis_url",
+                "rediss:// (TLS) needs the `tls` feature of eventsource-redis: \
+                 `cargo add eventsource-redis --features tls`",
+            ))
+        }
+        #[cfg(feature = "tls")]
+        {
+            let mut url = self.redis_url.clone();
+            if self.tls_insecure && !url.contains("#insecure") {
+                url.push_str("#insecure");
+            }
+            let read = |field: &'static str, path: &std::path::Path| {
+                std::fs::read(path).map_err(|e| {
+                    ConfigError::new(field, format!("cannot read {}: {e}", path.display()))
+                })
+            };
+            if self.tls_ca_file.is_none() && self.tls_cert_file.is_none() {
+                return redis::Client::open(url.as_str()).map_err(unparsable);
+            }
+            let root_cert = match &self.tls_ca_file {
+                Some(path) => Some(read("tls_ca_file", path)?),
+                None => None,
+            };
+            let client_tls = match (&self.tls_cert_file, &self.tls_key_file) {
+                (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                    client_cert: read("tls_cert_file", cert)?,
+                    client_key: read("tls_key_file", key)?,
+                }),
+                _ => None,
+            };
+            redis::Client::build_with_tls(
+                url.as_str(),
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
+            .map_err(|e| {
+                ConfigError::new(
+                    if self.tls_cert_file.is_some() {
+                        "tls_cert_file"
+                    } else {
+                        "tls_ca_file"
+                    },
+                    format!("the TLS files do not load: {e}"),
+                )
+            })
+        }
     }
 
     /// The main stream: `{stream_prefix}:stream`.
@@ -484,6 +592,18 @@ impl RedisEventBusConfig {
         }
         if let Some(v) = parse("socket_connect_timeout", get("socket_connect_timeout"))? {
             c.socket_connect_timeout = v;
+        }
+        if let Some(v) = get("tls_ca_file") {
+            c.tls_ca_file = Some(v.into());
+        }
+        if let Some(v) = get("tls_cert_file") {
+            c.tls_cert_file = Some(v.into());
+        }
+        if let Some(v) = get("tls_key_file") {
+            c.tls_key_file = Some(v.into());
+        }
+        if let Some(v) = parse("tls_insecure", get("tls_insecure"))? {
+            c.tls_insecure = v;
         }
         if let Some(v) = parse("single_connection_client", get("single_connection_client"))? {
             c.single_connection_client = v;

@@ -1,0 +1,234 @@
+//! TLS (`rediss://`, feature `tls`) against a `redis-server` that only speaks TLS, with a CA
+//! and server certificate the test generates: publish and consume (the blocking reads too),
+//! a client certificate, the insecure mode, and a server certificate nobody vouched for.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use eventsource_redis::{RedisBusError, RedisEventBusConfig};
+
+/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, made with
+/// the `openssl` command in `dir`.
+fn certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the TLS tests need the openssl command (Debian: apt install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=eventsource-test-ca",
+    ]);
+    for who in ["server", "client"] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{who}.key"),
+            "-out",
+            &format!("{who}.csr"),
+            "-subj",
+            &format!("/CN={who}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{who}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{who}.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{who}.ext"),
+        ]);
+    }
+    // A second CA that vouches for nothing here.
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=someone-else",
+    ]);
+}
+
+/// A TLS-only redis-server (no plain port); `auth_clients`: whether it demands a client
+/// certificate.
+fn tls_server(auth_clients: bool) -> (OwnRedis, PathBuf, u16) {
+    let dir = temp_dir("tls");
+    certificates(&dir);
+    let port = free_port();
+    let file = |name: &str| dir.join(name).display().to_string();
+    let server = OwnRedis::start(
+        port,
+        &dir,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &file("server.crt"),
+            "--tls-key-file",
+            &file("server.key"),
+            "--tls-ca-cert-file",
+            &file("ca.crt"),
+            "--tls-auth-clients",
+            if auth_clients { "yes" } else { "no" },
+        ],
+    );
+    (server, dir, port)
+}
+
+fn tls_config(port: u16, prefix: &str) -> RedisEventBusConfig {
+    RedisEventBusConfig {
+        redis_url: format!("rediss://localhost:{port}"),
+        ..config(prefix, "g", "c")
+    }
+}
+
+/// Publish and consume over TLS with the test's CA: the server has no plain port, so the
+/// consumer's blocking reads went over TLS too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_consume_over_tls() {
+    let (_server, dir, port) = tls_server(false);
+    let bus = bus(RedisEventBusConfig {
+        tls_ca_file: Some(dir.join("ca.crt")),
+        ..tls_config(port, "tls")
+    });
+    let n = counting(&bus);
+    bus.connect().await.unwrap();
+    bus.publish_events(&(0..50).map(created).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let task = spawn_consumer(&bus);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            n.load(Ordering::SeqCst) == 50
+        })
+        .await
+    );
+    stop(&bus, task).await;
+    assert_eq!(bus.stats().events_consumed, 50);
+    assert_eq!(bus.stats().reconnections, 0);
+    assert_eq!(bus.get_stream_info().await.pending_messages, 0);
+}
+
+/// A server that demands client certificates accepts ours; without one the connection fails
+/// with a clear error.
+#[tokio::test]
+async fn client_certificate() {
+    let (_server, dir, port) = tls_server(true);
+    let with_cert = bus(RedisEventBusConfig {
+        tls_ca_file: Some(dir.join("ca.crt")),
+        tls_cert_file: Some(dir.join("client.crt")),
+        tls_key_file: Some(dir.join("client.key")),
+        ..tls_config(port, "tls-mtls")
+    });
+    with_cert.connect().await.unwrap();
+    with_cert.publish_events(&[created(1)]).await.unwrap();
+    let without = bus(RedisEventBusConfig {
+        tls_ca_file: Some(dir.join("ca.crt")),
+        socket_connect_timeout: 2.0,
+        ..tls_config(port, "tls-mtls")
+    });
+    assert!(without.connect().await.is_err());
+}
+
+/// A certificate no trusted CA signed is refused (not retried as if transient... the error
+/// says why); the insecure mode accepts it, for development.
+#[tokio::test]
+async fn untrusted_certificate_and_insecure_mode() {
+    let (_server, dir, port) = tls_server(false);
+    let wrong_ca = bus(RedisEventBusConfig {
+        tls_ca_file: Some(dir.join("other.crt")),
+        socket_connect_timeout: 2.0,
+        ..tls_config(port, "tls-untrusted")
+    });
+    let err = wrong_ca.connect().await.unwrap_err();
+    let text = eventsource_redis::codec::error_chain(&err);
+    assert!(
+        text.to_lowercase().contains("certificate") || text.contains("UnknownIssuer"),
+        "{text}"
+    );
+    let insecure = bus(RedisEventBusConfig {
+        tls_insecure: true,
+        ..tls_config(port, "tls-insecure")
+    });
+    insecure.connect().await.unwrap();
+    insecure.publish_events(&[created(1)]).await.unwrap();
+}
+
+/// TLS options are checked when the bus is built, naming the field.
+#[test]
+fn tls_options_are_validated() {
+    let refused =
+        |c: RedisEventBusConfig| match eventsource_redis::RedisEventBus::new(c, registry()) {
+            Err(RedisBusError::Config(e)) => e,
+            other => panic!("{other:?}"),
+        };
+    let plain = config("x", "g", "c");
+    let e = refused(RedisEventBusConfig {
+        tls_insecure: true,
+        ..plain.clone()
+    });
+    assert_eq!(e.field, "tls_insecure");
+    let e = refused(RedisEventBusConfig {
+        redis_url: "rediss://localhost:1".into(),
+        tls_cert_file: Some("/nonexistent.crt".into()),
+        ..plain.clone()
+    });
+    assert_eq!(e.field, "tls_key_file");
+    let e = refused(RedisEventBusConfig {
+        redis_url: "rediss://localhost:1".into(),
+        tls_ca_file: Some("/nonexistent-ca.crt".into()),
+        ..plain
+    });
+    assert_eq!(e.field, "tls_ca_file");
+    assert!(e.reason.contains("/nonexistent-ca.crt"), "{e}");
+}
