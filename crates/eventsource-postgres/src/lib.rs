@@ -22,9 +22,18 @@
 //!   naming expected and actual versions. A duplicate `event_id` is
 //!   [`StoreError::DuplicateEventId`](eventsource_core::StoreError), so retrying an append
 //!   whose commit was lost cannot store it twice.
-//! - **Global order without gaps seen by readers.** Appends take a transaction-scoped
-//!   advisory lock before inserting, so positions become visible in commit order; paging by
-//!   `position > last_seen` never skips a late-committing event.
+//! - **A global order no reader skips, with parallel appends.** A `bigserial` position is
+//!   taken at insert, not at commit, so a transaction that commits later can hold a lower
+//!   position than one already visible. Every row therefore records its transaction id
+//!   (`xid8`), the global feed is ordered by `(transaction id, position)`
+//!   ([`StoreCursor`]), and readers only see transactions older than every transaction still
+//!   running (`pg_snapshot_xmin`): a later commit always sorts after what a reader has seen.
+//!   Appends need no global lock and commit in parallel; each aggregate's versions stay in
+//!   order (an append reads its stream's version before its first write, so its transaction
+//!   id is larger than that of every append it saw). `read_all` follows the same order (its
+//!   `after_position` names the last event seen). The price: a long-running writing
+//!   transaction anywhere in the cluster holds readers back while it runs. With
+//!   `serialize_appends` appends run one at a time and position order is commit order.
 //! - **The outbox closes the publish-after-commit hole.** With `outbox: true` every appended
 //!   event gets an outbox row in the same transaction; [`OutboxRelay`] publishes rows in
 //!   order, at least once, and records failures with backoff. A crash between commit and
@@ -50,7 +59,7 @@ pub use outbox::{
     OutboxRelay, OutboxStats, QuarantinedRow, RelayConfig, RoundOutcome, outbox_stats,
     quarantined_rows, retry_quarantined, skip_quarantined,
 };
-pub use store::{PostgresEventStore, PostgresStoreConfig, SetupError};
+pub use store::{FeedFilter, PostgresEventStore, PostgresStoreConfig, SetupError, StoreCursor};
 
 /// Test hook, compiled only with the `failpoints` feature (which only this crate's tests turn
 /// on): with `EVENTSOURCE_FAILPOINT=<name>:<ms>` the process pauses `ms` at the named point
@@ -58,6 +67,13 @@ pub use store::{PostgresEventStore, PostgresStoreConfig, SetupError};
 /// does nothing and reads no environment.
 #[cfg(feature = "failpoints")]
 pub(crate) async fn failpoint(name: &str) {
+    if name == "before_append_commit" {
+        let max = failpoints::APPEND_COMMIT_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed);
+        if max > 0 {
+            let ms = fastrand_u64(max);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+    }
     if let Ok(spec) = std::env::var("EVENTSOURCE_FAILPOINT")
         && let Some((point, ms)) = spec.split_once(':')
         && point == name
@@ -71,3 +87,22 @@ pub(crate) async fn failpoint(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub(crate) async fn failpoint(_name: &str) {}
+
+/// A random number in `0..max` (test hook only; no cryptographic need).
+#[cfg(feature = "failpoints")]
+fn fastrand_u64(max: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(max);
+    h.finish() % max
+}
+
+/// Test hooks (feature `failpoints`, turned on only by this crate's own tests).
+#[cfg(feature = "failpoints")]
+pub mod failpoints {
+    use std::sync::atomic::AtomicU64;
+
+    /// Every append sleeps a random time below this many milliseconds between its insert and
+    /// its commit (0: off): writers that commit out of position order, for the order tests.
+    pub static APPEND_COMMIT_DELAY_MS: AtomicU64 = AtomicU64::new(0);
+}

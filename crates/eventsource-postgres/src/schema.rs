@@ -11,6 +11,10 @@ pub(crate) struct Names {
     pub(crate) migrations: String,
     /// LISTEN/NOTIFY channel woken on outbox writes.
     pub(crate) channel: String,
+    /// LISTEN/NOTIFY channel woken on every append (catch-up subscriptions follow it).
+    pub(crate) events_channel: String,
+    /// Subscription checkpoints.
+    pub(crate) checkpoints: String,
     /// Advisory lock key serialising appends of this store.
     pub(crate) lock_key: i64,
     /// Advisory lock key making one relay at a time publish this store's outbox.
@@ -35,6 +39,8 @@ impl Names {
             outbox: format!("{schema}.{table}_outbox"),
             migrations: format!("{schema}.{table}_migrations"),
             channel: format!("{schema}_{table}_outbox"),
+            events_channel: format!("{schema}_{table}_events"),
+            checkpoints: format!("{schema}.{table}_checkpoints"),
             lock_key: key(&format!("eventsource append {schema}.{table}")),
             relay_lock_key: key(&format!("eventsource relay {schema}.{table}")),
         }
@@ -91,6 +97,22 @@ fn migrations(n: &Names) -> Vec<(i32, String)> {
             ),
         ),
         (
+            4,
+            format!(
+                "ALTER TABLE {events} ADD COLUMN IF NOT EXISTS tx xid8 NOT NULL \
+                    DEFAULT pg_current_xact_id();
+                CREATE INDEX IF NOT EXISTS {table}_tx_position_idx ON {events} (tx, position);
+                CREATE TABLE IF NOT EXISTS {checkpoints} (
+                    name       TEXT PRIMARY KEY,
+                    tx         xid8 NOT NULL,
+                    position   BIGINT NOT NULL,
+                    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                );",
+                events = n.events,
+                checkpoints = n.checkpoints
+            ),
+        ),
+        (
             3,
             format!(
                 "ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS quarantined_at TIMESTAMPTZ NULL;
@@ -128,7 +150,9 @@ pub(crate) async fn migrate(pool: &PgPool, n: &Names) -> Result<(), sqlx::Error>
     )))
     .fetch_all(&mut *tx)
     .await?;
-    for (version, sql) in migrations(n) {
+    let mut pending = migrations(n);
+    pending.sort_by_key(|(version, _)| *version);
+    for (version, sql) in pending {
         if applied.contains(&version) {
             continue;
         }

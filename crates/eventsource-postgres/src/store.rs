@@ -56,6 +56,11 @@ pub struct PostgresStoreConfig {
     /// How long an append waits for locks held by other transactions before failing with
     /// [`StoreError::Timeout`] instead of hanging behind a stuck transaction. Default 5 s.
     pub lock_timeout: Duration,
+    /// Run appends one at a time (an advisory lock held to the commit), so that position
+    /// order is commit order. Off by default: appends run in parallel and readers follow the
+    /// store's order `(transaction, position)` up to a commit-safe frontier, which never skips
+    /// a late commit either (see the crate docs). Default false.
+    pub serialize_appends: bool,
 }
 
 impl Default for PostgresStoreConfig {
@@ -67,6 +72,7 @@ impl Default for PostgresStoreConfig {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
             lock_timeout: Duration::from_secs(5),
+            serialize_appends: false,
         }
     }
 }
@@ -109,10 +115,11 @@ fn redact(url: &str) -> String {
 /// - `UNIQUE (aggregate_id, aggregate_type, version)` is the optimistic lock: a racing writer
 ///   fails on it and gets [`StoreError::Concurrency`]; `event_id` is unique too
 ///   ([`StoreError::DuplicateEventId`]).
-/// - **Appends are serialised** with a transaction-scoped advisory lock taken before the
-///   insert, so positions become visible in commit order: a reader paging by
-///   `position > last_seen` never skips an event that commits later with a lower position.
-///   The cost is one append at a time per store (they are short).
+/// - **Appends run in parallel**; the global feed is read in the store's order
+///   `(transaction id, position)` up to a commit-safe frontier ([`read_feed`](Self::read_feed)),
+///   so a reader never skips an event that commits later with a lower position
+///   (`serialize_appends` restores one-at-a-time appends where position order must be commit
+///   order).
 /// - With `outbox` on, the same transaction writes one outbox row per event.
 #[derive(Debug, Clone)]
 pub struct PostgresEventStore {
@@ -120,6 +127,7 @@ pub struct PostgresEventStore {
     names: schema::Names,
     outbox: bool,
     lock_timeout_ms: u64,
+    serialize_appends: bool,
 }
 
 impl PostgresEventStore {
@@ -168,6 +176,7 @@ impl PostgresEventStore {
             names,
             outbox: config.outbox,
             lock_timeout_ms: config.lock_timeout.as_millis().max(1) as u64,
+            serialize_appends: config.serialize_appends,
         })
     }
 
@@ -217,11 +226,16 @@ impl PostgresEventStore {
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(self.names.lock_key)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+        if self.serialize_appends {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(self.names.lock_key)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        // The version is read before the transaction's first write, so its transaction id
+        // (assigned at the insert) is larger than that of every append it saw committed: the
+        // store's order (transaction, position) keeps each aggregate's versions in order.
         let actual = stream_version(&mut tx, &self.names, aggregate_id, aggregate_type).await?;
         let conflict = || StoreError::Concurrency {
             aggregate_id,
@@ -305,6 +319,14 @@ impl PostgresEventStore {
             .await
             .map_err(backend)?;
         }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "NOTIFY {}",
+            self.names.events_channel
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        crate::failpoint("before_append_commit").await;
         tx.commit().await.map_err(backend)?;
         Ok(AppendResult {
             new_version: actual + events.len() as u64,
@@ -375,25 +397,181 @@ impl PostgresEventStore {
         Ok(total)
     }
 
+    /// One page of the global feed after the event at `options.after_position`, in the store's
+    /// order, up to the commit-safe frontier (see the crate docs).
     async fn read_page(&self, options: &ReadAllOptions) -> Result<Vec<StoredEvent>, StoreError> {
+        let after = if options.after_position == 0 {
+            StoreCursor::START
+        } else {
+            let sql = format!(
+                "SELECT tx::text FROM {events} WHERE position = $1",
+                events = self.names.events
+            );
+            let tx: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(i64::try_from(options.after_position).unwrap_or(i64::MAX))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+            match tx.and_then(|t| t.parse().ok()) {
+                Some(tx) => StoreCursor {
+                    tx,
+                    position: options.after_position,
+                },
+                // Not a stored position: everything of a later position.
+                None => StoreCursor {
+                    tx: 0,
+                    position: options.after_position,
+                },
+            }
+        };
+        let filter = FeedFilter {
+            tenant_id: options.tenant_id,
+            aggregate_type: options.aggregate_type.clone(),
+            event_types: None,
+        };
+        Ok(self
+            .read_feed(after, &filter, options.limit)
+            .await?
+            .into_iter()
+            .filter(|(_, e)| after.tx != 0 || e.position > after.position)
+            .map(|(_, e)| e)
+            .collect())
+    }
+
+    /// Up to `limit` events after `after` in the store's order — `(transaction id, position)`
+    /// — that match `filter`, each with its cursor. Only events of transactions older than
+    /// every transaction still running are returned (the commit-safe frontier): an append
+    /// that commits later always sorts after them, so a reader that moves its cursor forward
+    /// never skips an event, however appends interleave. A long-running writing transaction
+    /// anywhere in the cluster holds the frontier back while it runs.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`], or [`StoreError::Event`] for a stored event that no longer
+    /// decodes.
+    pub async fn read_feed(
+        &self,
+        after: StoreCursor,
+        filter: &FeedFilter,
+        limit: usize,
+    ) -> Result<Vec<(StoreCursor, StoredEvent)>, StoreError> {
         let sql = format!(
-            "SELECT position, stored_at, payload FROM {events} \
-             WHERE position > $1 \
-               AND ($2::uuid IS NULL OR tenant_id = $2) \
-               AND ($3::text IS NULL OR aggregate_type = $3) \
-             ORDER BY position LIMIT $4",
+            "SELECT position, stored_at, payload, tx::text AS tx FROM {events} \
+             WHERE (tx, position) > (($1::text)::xid8, $2) \
+               AND tx < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND ($3::uuid IS NULL OR tenant_id = $3) \
+               AND ($4::text IS NULL OR aggregate_type = $4) \
+               AND ($5::text[] IS NULL OR event_type = ANY($5)) \
+             ORDER BY tx, position LIMIT $6",
             events = self.names.events
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(options.after_position as i64)
-            .bind(options.tenant_id)
-            .bind(options.aggregate_type.as_deref())
-            .bind(options.limit as i64)
+            .bind(after.tx.to_string())
+            .bind(i64::try_from(after.position).unwrap_or(i64::MAX))
+            .bind(filter.tenant_id)
+            .bind(filter.aggregate_type.as_deref())
+            .bind(filter.event_types.as_deref())
+            .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await
             .map_err(backend)?;
-        rows.iter().map(stored_event).collect()
+        rows.iter()
+            .map(|row| {
+                let event = stored_event(row)?;
+                let tx: String = row.try_get("tx").map_err(backend)?;
+                let cursor = StoreCursor {
+                    tx: tx.parse().unwrap_or(0),
+                    position: event.position,
+                };
+                Ok((cursor, event))
+            })
+            .collect()
     }
+
+    /// The cursor of the newest event behind the commit-safe frontier (where a subscription
+    /// starting "at the end" begins).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    pub async fn head(&self) -> Result<StoreCursor, StoreError> {
+        let sql = format!(
+            "SELECT tx::text, position FROM {events} \
+             WHERE tx < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY tx DESC, position DESC LIMIT 1",
+            events = self.names.events
+        );
+        let row: Option<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(
+            row.map_or(StoreCursor::START, |(tx, position)| StoreCursor {
+                tx: tx.parse().unwrap_or(0),
+                position: position as u64,
+            }),
+        )
+    }
+
+    /// How many events lie between `after` and the frontier (a subscription's lag).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    pub async fn count_after(
+        &self,
+        after: StoreCursor,
+        filter: &FeedFilter,
+    ) -> Result<u64, StoreError> {
+        let sql = format!(
+            "SELECT COUNT(*) FROM {events} \
+             WHERE (tx, position) > (($1::text)::xid8, $2) \
+               AND tx < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND ($3::uuid IS NULL OR tenant_id = $3) \
+               AND ($4::text IS NULL OR aggregate_type = $4) \
+               AND ($5::text[] IS NULL OR event_type = ANY($5))",
+            events = self.names.events
+        );
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(after.tx.to_string())
+            .bind(i64::try_from(after.position).unwrap_or(i64::MAX))
+            .bind(filter.tenant_id)
+            .bind(filter.aggregate_type.as_deref())
+            .bind(filter.event_types.as_deref())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(n as u64)
+    }
+
+    /// The LISTEN/NOTIFY channel every append notifies (at its commit).
+    pub fn events_channel(&self) -> &str {
+        &self.names.events_channel
+    }
+}
+
+/// A place in the store's global order: the appending transaction's id, then the position.
+/// Positions are unique and increase within a transaction; with parallel appends they do not
+/// increase across transactions in commit order, which is why readers keep this pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+pub struct StoreCursor {
+    /// The appending transaction's id (`xid8`).
+    pub tx: u64,
+    /// The event's position.
+    pub position: u64,
+}
+
+impl StoreCursor {
+    /// Before the first event.
+    pub const START: Self = Self { tx: 0, position: 0 };
+}
+
+/// Which events a feed read returns.
+#[derive(Debug, Clone, Default)]
+pub struct FeedFilter {
+    /// Only this tenant's events.
+    pub tenant_id: Option<Uuid>,
+    /// Only events of this aggregate type.
+    pub aggregate_type: Option<String>,
+    /// Only these event types (wire names).
+    pub event_types: Option<Vec<String>>,
 }
 
 pub(crate) fn backend(e: sqlx::Error) -> StoreError {
