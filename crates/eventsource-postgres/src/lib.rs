@@ -54,12 +54,17 @@
 mod outbox;
 mod schema;
 mod store;
+mod subscription;
 
 pub use outbox::{
     OutboxRelay, OutboxStats, QuarantinedRow, RelayConfig, RoundOutcome, outbox_stats,
     quarantined_rows, retry_quarantined, skip_quarantined,
 };
 pub use store::{FeedFilter, PostgresEventStore, PostgresStoreConfig, SetupError, StoreCursor};
+pub use subscription::{
+    ProjectionError, Projector, ReadModel, StartFrom, SubscriptionHandle, SubscriptionManager,
+    SubscriptionOptions, SubscriptionState, SubscriptionStatus, load_checkpoint,
+};
 
 /// Test hook, compiled only with the `failpoints` feature (which only this crate's tests turn
 /// on): with `EVENTSOURCE_FAILPOINT=<name>:<ms>` the process pauses `ms` at the named point
