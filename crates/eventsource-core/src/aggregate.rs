@@ -103,6 +103,13 @@ impl AggregateCore {
             uncommitted: Vec::new(),
         }
     }
+
+    /// Sets the version of an aggregate restored from a snapshot (no events applied yet).
+    /// For snapshot support only: the repository calls it after `restore_state`.
+    pub fn restore_version(&mut self, version: u64) {
+        debug_assert!(self.uncommitted.is_empty());
+        self.version = version;
+    }
 }
 
 /// An event-sourced aggregate. Implement the four required items; the rest is provided.

@@ -49,6 +49,7 @@ pub mod bus;
 pub mod event;
 pub mod registry;
 pub mod repository;
+pub mod snapshot;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -59,6 +60,10 @@ pub use bus::{EventBus, EventPublisher, InMemoryEventBus};
 pub use event::{DomainEvent, Event, EventEnvelope, EventError, EventMetadata};
 pub use registry::{EventRegistry, RegistryError};
 pub use repository::{AggregateRepository, RepositoryError};
+pub use snapshot::{
+    InMemorySnapshotStore, Snapshot, SnapshotAggregate, SnapshotRepository, SnapshotStore,
+    SnapshotStrategy,
+};
 pub use store::{EventStore, ExpectedVersion, InMemoryEventStore, StoreError, StoredEvent};
 pub use util::BoxFuture;
 

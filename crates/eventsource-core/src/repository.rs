@@ -28,6 +28,14 @@ pub enum RepositoryError {
     /// Rebuilding the aggregate from its history failed (a corrupt or foreign stream).
     #[error("rebuilding aggregate from history failed: {0}")]
     Rehydrate(#[from] AggregateError),
+    /// A snapshot was asked of an aggregate with unsaved events: save it first.
+    #[error("{aggregate_type} {aggregate_id} has unsaved events; save it before taking a snapshot")]
+    Unsaved {
+        /// The aggregate type.
+        aggregate_type: &'static str,
+        /// The aggregate.
+        aggregate_id: Uuid,
+    },
     /// The events **were saved**, but publishing them failed. They are in the store; republish
     /// from there (or use a transactional outbox, which makes this impossible).
     #[error("{saved} event(s) saved but not published: {source}")]
@@ -135,6 +143,26 @@ impl<A: Aggregate> AggregateRepository<A> {
         let mut aggregate = A::new(id);
         aggregate.load_from_history(events.into_iter().map(|s| s.event))?;
         Ok(aggregate)
+    }
+
+    /// Loads an aggregate, or `None` when it has no events (eventsource-py's `get_or_none`).
+    ///
+    /// # Errors
+    /// Store and rehydration errors.
+    pub async fn get_or_none(&self, id: Uuid) -> Result<Option<A>, RepositoryError> {
+        match self.load(id).await {
+            Ok(aggregate) => Ok(Some(aggregate)),
+            Err(RepositoryError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Loads an aggregate, or a new empty one (version 0) when it has no events.
+    ///
+    /// # Errors
+    /// Store and rehydration errors.
+    pub async fn load_or_create(&self, id: Uuid) -> Result<A, RepositoryError> {
+        Ok(self.get_or_none(id).await?.unwrap_or_else(|| A::new(id)))
     }
 
     /// Whether the aggregate has any stored events.

@@ -53,6 +53,7 @@
 
 mod outbox;
 mod schema;
+mod snapshots;
 mod store;
 mod subscription;
 
@@ -60,6 +61,7 @@ pub use outbox::{
     OutboxRelay, OutboxStats, QuarantinedRow, RelayConfig, RoundOutcome, outbox_stats,
     quarantined_rows, retry_quarantined, skip_quarantined,
 };
+pub use snapshots::PostgresSnapshotStore;
 pub use store::{FeedFilter, PostgresEventStore, PostgresStoreConfig, SetupError, StoreCursor};
 pub use subscription::{
     ProjectionError, Projector, ReadModel, StartFrom, SubscriptionHandle, SubscriptionManager,

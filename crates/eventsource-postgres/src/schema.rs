@@ -15,6 +15,8 @@ pub(crate) struct Names {
     pub(crate) events_channel: String,
     /// Subscription checkpoints.
     pub(crate) checkpoints: String,
+    /// Aggregate snapshots.
+    pub(crate) snapshots: String,
     /// Advisory lock key serialising appends of this store.
     pub(crate) lock_key: i64,
     /// Advisory lock key making one relay at a time publish this store's outbox.
@@ -41,6 +43,7 @@ impl Names {
             channel: format!("{schema}_{table}_outbox"),
             events_channel: format!("{schema}_{table}_events"),
             checkpoints: format!("{schema}.{table}_checkpoints"),
+            snapshots: format!("{schema}.{table}_snapshots"),
             lock_key: key(&format!("eventsource append {schema}.{table}")),
             relay_lock_key: key(&format!("eventsource relay {schema}.{table}")),
         }
@@ -94,6 +97,21 @@ fn migrations(n: &Names) -> Vec<(i32, String)> {
                     WHERE published_at IS NOT NULL;",
                 outbox = n.outbox,
                 events = n.events
+            ),
+        ),
+        (
+            5,
+            format!(
+                "CREATE TABLE IF NOT EXISTS {snapshots} (
+                    aggregate_id   UUID NOT NULL,
+                    aggregate_type TEXT NOT NULL,
+                    version        BIGINT NOT NULL,
+                    schema_version INTEGER NOT NULL,
+                    state          JSONB NOT NULL,
+                    taken_at       TIMESTAMPTZ NOT NULL,
+                    PRIMARY KEY (aggregate_id, aggregate_type)
+                );",
+                snapshots = n.snapshots
             ),
         ),
         (

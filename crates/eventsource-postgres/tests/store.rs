@@ -321,3 +321,57 @@ async fn stuck_append(schema: &str, serialize_appends: bool) {
         .await
         .expect("works once the lock is gone");
 }
+
+/// Snapshots in PostgreSQL: a load through the latest snapshot equals a full replay, an older
+/// snapshot never replaces a newer one, and a snapshot of another shape is ignored.
+#[tokio::test]
+async fn snapshots_in_postgres() {
+    use eventsource_core::snapshot::{SnapshotRepository, SnapshotStore, SnapshotStrategy};
+    use eventsource_core::testkit::orders::OrderAggregate;
+    use eventsource_postgres::PostgresSnapshotStore;
+    let (store, _guard) = store("snapshots", false).await;
+    let snapshots = Arc::new(PostgresSnapshotStore::new(store.clone()));
+    let plain = AggregateRepository::<OrderAggregate>::new(Arc::new(store.clone()));
+    let repo = SnapshotRepository::new(
+        plain.clone(),
+        snapshots.clone(),
+        SnapshotStrategy::EveryEvents(1),
+    );
+    let id = Uuid::new_v4();
+    let mut order = repo.inner().create_new(id);
+    order.create("c", 12.5).unwrap();
+    repo.save(&mut order).await.unwrap();
+    let mut order = repo.load(id).await.unwrap();
+    order.ship("TRACK").unwrap();
+    repo.save(&mut order).await.unwrap();
+    assert_eq!(repo.stats().taken(), 2);
+    let stored = snapshots.load(id, "Order").await.unwrap().unwrap();
+    assert_eq!(stored.version, 2);
+    let through = repo.load(id).await.unwrap();
+    let replayed = plain.load(id).await.unwrap();
+    assert_eq!(
+        (through.version(), &through.tracking_number, through.status),
+        (
+            replayed.version(),
+            &replayed.tracking_number,
+            replayed.status
+        )
+    );
+    assert_eq!(repo.stats().loaded(), 2);
+    // An older snapshot does not replace the newer one.
+    let mut older = stored.clone();
+    older.version = 1;
+    older.state = serde_json::json!({"stale": true});
+    snapshots.save(older).await.unwrap();
+    assert_eq!(
+        snapshots.load(id, "Order").await.unwrap().unwrap().version,
+        2
+    );
+    // Another shape is ignored.
+    let mut other = stored;
+    other.schema_version = 99;
+    snapshots.save(other).await.unwrap();
+    let loaded = repo.load(id).await.unwrap();
+    assert_eq!(loaded.tracking_number.as_deref(), Some("TRACK"));
+    assert_eq!(repo.stats().ignored(), 1);
+}

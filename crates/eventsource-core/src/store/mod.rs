@@ -27,6 +27,8 @@ pub enum ExpectedVersion {
     NoStream,
     /// The stream must be at exactly this version.
     Exact(u64),
+    /// The stream must exist (version 1 or more), at whatever version.
+    StreamExists,
 }
 
 impl fmt::Display for ExpectedVersion {
@@ -35,6 +37,7 @@ impl fmt::Display for ExpectedVersion {
             Self::Any => f.write_str("any"),
             Self::NoStream => f.write_str("no stream"),
             Self::Exact(v) => write!(f, "version {v}"),
+            Self::StreamExists => f.write_str("an existing stream"),
         }
     }
 }
@@ -46,6 +49,7 @@ impl ExpectedVersion {
             Self::Any => true,
             Self::NoStream => actual == 0,
             Self::Exact(v) => v == actual,
+            Self::StreamExists => actual > 0,
         }
     }
 }

@@ -5,4 +5,5 @@
 //!   store's test suite runs it against its own store.
 
 pub mod orders;
+pub mod scenario;
 pub mod store_contract;

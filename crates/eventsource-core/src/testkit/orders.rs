@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, AggregateCore, AggregateError};
 use crate::event::EventEnvelope;
+use crate::snapshot::SnapshotAggregate;
 
 /// An order was placed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,7 +26,7 @@ pub struct OrderShipped {
 crate::domain_event!(OrderShipped, "OrderShipped", aggregate = "Order");
 
 /// Where an order is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum OrderStatus {
     /// Not created yet.
     #[default]
@@ -115,5 +116,39 @@ impl Aggregate for OrderAggregate {
             self.status = OrderStatus::Shipped;
         }
         Ok(())
+    }
+}
+
+/// What a snapshot of an order keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderState {
+    /// Who ordered.
+    pub customer_id: Option<String>,
+    /// The total.
+    pub total_amount: f64,
+    /// The status.
+    pub status: OrderStatus,
+    /// Set when shipped.
+    pub tracking_number: Option<String>,
+}
+
+impl SnapshotAggregate for OrderAggregate {
+    const SNAPSHOT_VERSION: u32 = 1;
+    type State = OrderState;
+
+    fn snapshot_state(&self) -> OrderState {
+        OrderState {
+            customer_id: self.customer_id.clone(),
+            total_amount: self.total_amount,
+            status: self.status,
+            tracking_number: self.tracking_number.clone(),
+        }
+    }
+
+    fn restore_state(&mut self, state: OrderState) {
+        self.customer_id = state.customer_id;
+        self.total_amount = state.total_amount;
+        self.status = state.status;
+        self.tracking_number = state.tracking_number;
     }
 }

@@ -160,7 +160,36 @@ pub async fn expected_version_is_enforced(store: &dyn EventStore) {
         matches!(stale, Err(StoreError::Concurrency { actual: 3, .. })),
         "a taken version is a conflict even with Any: {stale:?}"
     );
-    assert_eq!(store.stream_version(id, "Order").await.unwrap(), 3);
+    store
+        .append(
+            id,
+            "Order",
+            &[shipped(id, 4)],
+            ExpectedVersion::StreamExists,
+        )
+        .await
+        .expect("the stream exists");
+    assert_eq!(store.stream_version(id, "Order").await.unwrap(), 4);
+    let missing = Uuid::new_v4();
+    let none = store
+        .append(
+            missing,
+            "Order",
+            &[created(missing, 1, 9)],
+            ExpectedVersion::StreamExists,
+        )
+        .await;
+    assert!(
+        matches!(
+            none,
+            Err(StoreError::Concurrency {
+                actual: 0,
+                expected: ExpectedVersion::StreamExists,
+                ..
+            })
+        ),
+        "StreamExists on a missing stream is a conflict: {none:?}"
+    );
 }
 
 /// An event id can be stored once, across streams.
