@@ -95,6 +95,20 @@ pub(crate) async fn failpoint(name: &str) {
 #[inline(always)]
 pub(crate) async fn failpoint(_name: &str) {}
 
+/// How long the tests asked this append to pause between its insert and its commit (0: not
+/// at all): a random time below `failpoints::APPEND_COMMIT_DELAY_MS`.
+pub(crate) fn commit_delay_ms() -> u64 {
+    #[cfg(feature = "failpoints")]
+    {
+        let max = failpoints::APPEND_COMMIT_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed);
+        if max > 0 { fastrand_u64(max) } else { 0 }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        0
+    }
+}
+
 /// A random number in `0..max` (test hook only; no cryptographic need).
 #[cfg(feature = "failpoints")]
 fn fastrand_u64(max: u64) -> u64 {

@@ -7,7 +7,7 @@ use eventsource_core::store::{
     AppendResult, EventStore, ExpectedVersion, ReadAllOptions, StoreError, StoredEvent, check_batch,
 };
 use eventsource_core::{BoxFuture, EventEnvelope};
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -148,10 +148,21 @@ impl PostgresEventStore {
                 reason: "must be at least 1".into(),
             });
         }
+        let options: PgConnectOptions =
+            database_url.parse().map_err(|source| SetupError::Connect {
+                url: redact(database_url),
+                source,
+            })?;
+        // Every connection waits at most lock_timeout for a lock (appends are single
+        // statements, so this is set once per connection rather than per transaction).
+        let options = options.options([(
+            "lock_timeout",
+            config.lock_timeout.as_millis().max(1).to_string(),
+        )]);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
-            .connect(database_url)
+            .connect_with(options)
             .await
             .map_err(|source| SetupError::Connect {
                 url: redact(database_url),
@@ -161,6 +172,11 @@ impl PostgresEventStore {
     }
 
     /// Uses an existing pool and creates (or upgrades) the schema.
+    ///
+    /// Appends that are not serialised run as one statement outside any explicit transaction,
+    /// so `config.lock_timeout` reaches them only through the connection: [`connect`](Self::connect)
+    /// sets it on every connection; a pool you build yourself should set `lock_timeout` in its
+    /// connect options (`PgConnectOptions::options`) or appends may wait on a stuck lock for ever.
     ///
     /// # Errors
     /// As [`connect`](Self::connect).
@@ -203,6 +219,163 @@ impl PostgresEventStore {
     /// looking at `pg_locks`).
     pub fn append_lock_key(&self) -> i64 {
         self.names.lock_key
+    }
+
+    /// A parallel append: one statement (version check, insert, outbox rows, notifications),
+    /// one round trip, committed on its own. Its snapshot is taken before its transaction id
+    /// is assigned (at the insert), so the id is larger than that of every append whose events
+    /// it counted: each aggregate's versions stay in order in the store's order.
+    async fn append_one_statement(
+        &self,
+        aggregate_id: Uuid,
+        aggregate_type: &str,
+        events: &[EventEnvelope],
+        expected: ExpectedVersion,
+    ) -> Result<AppendResult, StoreError> {
+        let Some(first_version) = check_batch(aggregate_id, aggregate_type, events)? else {
+            let actual = self
+                .stream_version_now(aggregate_id, aggregate_type)
+                .await?;
+            if !expected.matches(actual) {
+                return Err(StoreError::Concurrency {
+                    aggregate_id,
+                    aggregate_type: aggregate_type.to_owned(),
+                    expected,
+                    actual,
+                });
+            }
+            let position = current_position(&self.pool, &self.names).await?;
+            return Ok(AppendResult {
+                new_version: actual,
+                last_position: position,
+            });
+        };
+        let columns = Columns::of(events)?;
+        let (kind, expected_version) = match expected {
+            ExpectedVersion::Any => ("any", 0),
+            ExpectedVersion::NoStream => ("none", 0),
+            ExpectedVersion::Exact(v) => ("exact", v),
+            ExpectedVersion::StreamExists => ("exists", 0),
+        };
+        let outbox = if self.outbox {
+            format!(
+                ", ob AS (INSERT INTO {outbox} (position, event_id, aggregate_id) \
+                   SELECT position, event_id, $1 FROM ins RETURNING 1), \
+                 ob_note AS (SELECT pg_notify('{channel}', '') FROM (SELECT 1 FROM ob LIMIT 1) x)",
+                outbox = self.names.outbox,
+                channel = self.names.channel
+            )
+        } else {
+            ", ob AS (SELECT 1 WHERE false), ob_note AS (SELECT 1 WHERE false)".to_owned()
+        };
+        // Test hook: a statement that sleeps after its insert commits late, out of position
+        // order (the ordering tests); never set outside them.
+        let delay = crate::commit_delay_ms();
+        let pause = if delay > 0 {
+            format!(
+                ", pause AS (SELECT pg_sleep({}) FROM (SELECT 1 FROM ins LIMIT 1) x)",
+                delay as f64 / 1000.0
+            )
+        } else {
+            ", pause AS (SELECT 1 WHERE false)".to_owned()
+        };
+        let sql = format!(
+            "WITH cur AS (SELECT COALESCE(MAX(version), 0) AS v FROM {events} \
+                          WHERE aggregate_id = $1 AND aggregate_type = $2), \
+             ins AS (INSERT INTO {events} (event_id, aggregate_id, aggregate_type, version, \
+                        event_type, tenant_id, actor_id, occurred_at, payload) \
+                     SELECT e.id, $1, $2, e.version, e.event_type, e.tenant, e.actor, e.occurred, e.payload \
+                     FROM UNNEST($3::uuid[], $4::bigint[], $5::text[], $6::uuid[], $7::text[], \
+                                 $8::timestamptz[], $9::jsonb[]) \
+                          AS e(id, version, event_type, tenant, actor, occurred, payload), cur \
+                     WHERE cur.v + 1 = $10 AND CASE $11 WHEN 'none' THEN cur.v = 0 \
+                                                    WHEN 'exact' THEN cur.v = $12 \
+                                                    WHEN 'exists' THEN cur.v > 0 \
+                                                    ELSE true END \
+                     RETURNING position, event_id), \
+             note AS (SELECT pg_notify('{events_channel}', '') FROM (SELECT 1 FROM ins LIMIT 1) x) \
+             {outbox} {pause} \
+             SELECT (SELECT v FROM cur), \
+                    (SELECT MAX(position) FROM ins), \
+                    (SELECT COUNT(*) FROM ins), \
+                    (SELECT COUNT(*) FROM note) + (SELECT COUNT(*) FROM ob_note) \
+                      + (SELECT COUNT(*) FROM pause)",
+            events = self.names.events,
+            events_channel = self.names.events_channel,
+        );
+        let row: Result<(i64, Option<i64>, i64, i64), _> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(aggregate_id)
+            .bind(aggregate_type)
+            .bind(&columns.ids)
+            .bind(&columns.versions)
+            .bind(&columns.types)
+            .bind(&columns.tenants)
+            .bind(&columns.actors)
+            .bind(&columns.occurred)
+            .bind(&columns.payloads)
+            .bind(i64::try_from(first_version).unwrap_or(i64::MAX))
+            .bind(kind)
+            .bind(i64::try_from(expected_version).unwrap_or(i64::MAX))
+            .fetch_one(&self.pool)
+            .await;
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => {
+                let err = self.map_insert_error(
+                    e,
+                    aggregate_id,
+                    aggregate_type,
+                    expected,
+                    0,
+                    &columns.ids,
+                );
+                // A writer that committed the same version while this statement waited: the
+                // version it left is what the caller needs to see.
+                return Err(match err {
+                    StoreError::Concurrency { .. } => StoreError::Concurrency {
+                        aggregate_id,
+                        aggregate_type: aggregate_type.to_owned(),
+                        expected,
+                        actual: self
+                            .stream_version_now(aggregate_id, aggregate_type)
+                            .await?,
+                    },
+                    other => other,
+                });
+            }
+        };
+        let (actual, last_position, inserted, _) = row;
+        let actual = actual as u64;
+        if inserted == 0 {
+            return Err(StoreError::Concurrency {
+                aggregate_id,
+                aggregate_type: aggregate_type.to_owned(),
+                expected,
+                actual,
+            });
+        }
+        Ok(AppendResult {
+            new_version: actual + events.len() as u64,
+            last_position: last_position.unwrap_or(0) as u64,
+        })
+    }
+
+    async fn stream_version_now(
+        &self,
+        aggregate_id: Uuid,
+        aggregate_type: &str,
+    ) -> Result<u64, StoreError> {
+        let sql = format!(
+            "SELECT COALESCE(MAX(version), 0) FROM {events} WHERE aggregate_id = $1 AND aggregate_type = $2",
+            events = self.names.events
+        );
+        let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(aggregate_id)
+            .bind(aggregate_type)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(v as u64)
     }
 
     async fn append_tx(
@@ -574,6 +747,44 @@ pub struct FeedFilter {
     pub event_types: Option<Vec<String>>,
 }
 
+/// An append's events as the column arrays of one `UNNEST` insert.
+struct Columns {
+    ids: Vec<Uuid>,
+    versions: Vec<i64>,
+    types: Vec<String>,
+    tenants: Vec<Option<Uuid>>,
+    actors: Vec<Option<String>>,
+    occurred: Vec<DateTime<Utc>>,
+    payloads: Vec<serde_json::Value>,
+}
+
+impl Columns {
+    /// Encodes everything before touching the database.
+    fn of(events: &[EventEnvelope]) -> Result<Self, StoreError> {
+        let mut c = Self {
+            ids: Vec::with_capacity(events.len()),
+            versions: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            tenants: Vec::with_capacity(events.len()),
+            actors: Vec::with_capacity(events.len()),
+            occurred: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+        };
+        for e in events {
+            let m = e.metadata();
+            c.ids.push(m.event_id);
+            c.versions
+                .push(i64::try_from(m.aggregate_version).unwrap_or(i64::MAX));
+            c.types.push(m.event_type.clone());
+            c.tenants.push(m.tenant_id);
+            c.actors.push(m.actor_id.clone());
+            c.occurred.push(m.occurred_at);
+            c.payloads.push(e.to_json_value()?);
+        }
+        Ok(c)
+    }
+}
+
 pub(crate) fn backend(e: sqlx::Error) -> StoreError {
     match &e {
         // lock_not_available (lock_timeout), query_canceled (statement_timeout)
@@ -637,7 +848,15 @@ impl EventStore for PostgresEventStore {
         events: &'a [EventEnvelope],
         expected: ExpectedVersion,
     ) -> BoxFuture<'a, Result<AppendResult, StoreError>> {
-        Box::pin(self.append_tx(aggregate_id, aggregate_type, events, expected))
+        Box::pin(async move {
+            if self.serialize_appends {
+                self.append_tx(aggregate_id, aggregate_type, events, expected)
+                    .await
+            } else {
+                self.append_one_statement(aggregate_id, aggregate_type, events, expected)
+                    .await
+            }
+        })
     }
 
     fn read_stream<'a>(

@@ -19,17 +19,38 @@ use uuid::Uuid;
 /// schema).
 #[tokio::test]
 async fn passes_the_store_contract() {
-    let guards = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let g = guards.clone();
-    store_contract::run_all(move || {
-        let g = g.clone();
-        async move {
-            let (s, guard) = store("contract", false).await;
-            g.lock().unwrap().push(guard);
-            s
-        }
-    })
-    .await;
+    for outbox in [false, true] {
+        let guards = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = guards.clone();
+        store_contract::run_all(move || {
+            let g = g.clone();
+            async move {
+                let (s, guard) = store("contract", outbox).await;
+                g.lock().unwrap().push(guard);
+                s
+            }
+        })
+        .await;
+    }
+}
+
+/// The serialised append path (one transaction under the store's lock) keeps the same
+/// contract as the default single-statement path.
+#[tokio::test]
+async fn serialized_appends_pass_the_store_contract() {
+    for outbox in [false, true] {
+        let guards = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = guards.clone();
+        store_contract::run_all(move || {
+            let g = g.clone();
+            async move {
+                let (s, guard) = store_with("contract_serial", outbox, true).await;
+                g.lock().unwrap().push(guard);
+                s
+            }
+        })
+        .await;
+    }
 }
 
 /// Two tasks saving the same aggregate concurrently: exactly one succeeds, the other gets the

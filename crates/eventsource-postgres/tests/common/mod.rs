@@ -39,12 +39,22 @@ impl Drop for DropSchema {
 }
 
 pub async fn store(tag: &str, outbox: bool) -> (PostgresEventStore, DropSchema) {
+    store_with(tag, outbox, false).await
+}
+
+/// As [`store`], choosing the append path (`serialize_appends`).
+pub async fn store_with(
+    tag: &str,
+    outbox: bool,
+    serialize_appends: bool,
+) -> (PostgresEventStore, DropSchema) {
     let schema = unique_schema(tag);
     let store = PostgresEventStore::connect(
         &database_url(),
         PostgresStoreConfig {
             schema: schema.clone(),
             outbox,
+            serialize_appends,
             max_connections: 8,
             ..Default::default()
         },
