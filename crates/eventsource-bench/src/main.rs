@@ -21,6 +21,8 @@
 
 #![forbid(unsafe_code)]
 
+mod pg;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,9 +52,9 @@ const WORKLOADS: [&str; 11] = [
     "rss",
 ];
 
-const USAGE: &str = "usage: eventsource-bench --workload NAME|all [--workload NAME ...] [--n N] [--repeat R] [--redis-url URL]
+const USAGE: &str = "usage: eventsource-bench --workload NAME|redis|postgres|all [--workload NAME ...] [--n N] [--repeat R] [--redis-url URL] [--database-url URL]
 
-Every figure is measured next to the raw limit of the same Redis in the same run.
+Every figure is measured next to the raw limit of the same Redis (or PostgreSQL) in the same run.
 
 workloads:
   publish_single        one event per publish call (bus at the default configuration and
@@ -71,12 +73,24 @@ workloads:
   latency_500           publish-to-handler latency at 500 events/s
   latency_5000          the same at 5,000 events/s
   rss                   peak memory of a consumer over 200,000 events
+  pg_append_1           PostgreSQL store: one event per append vs a one-row INSERT
+  pg_append_16          the same with 16 concurrent writers (pool of 10 = default, and 16)
+  pg_append_batch100    appends of 100 events vs one 100-row INSERT
+  pg_catchup            a catch-up subscription over 1,000,000 stored events into an
+                        in-memory projection (child process, peak RSS) vs a raw paged SELECT
+  outbox_relay          outbox relay: events/s from commit to the Redis stream, and
+                        commit-to-stream latency at 500 events/s
+  redis                 every Redis workload (publish_* .. rss)
+  postgres              every PostgreSQL workload (pg_* and outbox_relay)
   all                   every workload above
 
 options:
   --n N          events per run (each workload has its own default)
   --repeat R     runs per workload, medians reported (default 3)
   --redis-url U  the Redis to measure (default redis://127.0.0.1:6379)
+  --database-url U
+                 the PostgreSQL to measure (default postgres://postgres@127.0.0.1:5432/test);
+                 each run works in a schema of its own and drops it
   --help         this text
 
 Progress goes to standard error; the last line of standard output is one JSON object keyed
@@ -86,6 +100,7 @@ by workload.";
 struct Options {
     workloads: Vec<String>,
     redis_url: String,
+    database_url: String,
     n: Option<usize>,
     repeat: usize,
 }
@@ -94,6 +109,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         workloads: vec![],
         redis_url: "redis://127.0.0.1:6379".into(),
+        database_url: "postgres://postgres@127.0.0.1:5432/test".into(),
         n: None,
         repeat: 3,
     };
@@ -104,16 +120,26 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             "--workload" => {
                 let w = val()?;
                 if w == "all" {
+                    o.workloads = WORKLOADS
+                        .iter()
+                        .chain(&pg::WORKLOADS)
+                        .map(|s| s.to_string())
+                        .collect();
+                } else if w == "redis" {
                     o.workloads = WORKLOADS.iter().map(|s| s.to_string()).collect();
-                } else if WORKLOADS.contains(&w.as_str()) {
+                } else if w == "postgres" {
+                    o.workloads = pg::WORKLOADS.iter().map(|s| s.to_string()).collect();
+                } else if WORKLOADS.contains(&w.as_str()) || pg::WORKLOADS.contains(&w.as_str()) {
                     o.workloads.push(w);
                 } else {
                     return Err(format!(
-                        "unknown workload {w:?}; one of {WORKLOADS:?} or all"
+                        "unknown workload {w:?}; one of {WORKLOADS:?}, {:?}, redis, postgres or all",
+                        pg::WORKLOADS
                     ));
                 }
             }
             "--redis-url" => o.redis_url = val()?,
+            "--database-url" => o.database_url = val()?,
             "--n" => o.n = Some(val()?.parse().map_err(|_| "--n needs a number")?),
             "--repeat" => o.repeat = val()?.parse().map_err(|_| "--repeat needs a number")?,
             other => return Err(format!("unknown argument {other:?}")),
@@ -1326,6 +1352,19 @@ fn one(name: &str, result: Result<Json, Error>) -> Result<Vec<(String, Json)>, E
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--role")
+        && args.get(1).map(String::as_str) == Some("pg-catchup")
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let report = rt
+            .block_on(pg::catchup_role(&args))
+            .unwrap_or_else(|e| json!({"error": e.to_string()}));
+        println!("{report}");
+        return std::process::ExitCode::SUCCESS;
+    }
     if args.first().map(String::as_str) == Some("--role") {
         // A consumer child. EVENTSOURCE_BENCH_CONSUMER_THREADS=N gives it a multi-thread
         // runtime (the next batch is then parsed on another worker while one is handled).
@@ -1387,6 +1426,7 @@ fn main() -> std::process::ExitCode {
                 "consume_1_tls" => one(name, consume_tls_workload(&options).await),
                 "latency_500" => one(name, latency_workload(&options, 500).await),
                 "latency_5000" => one(name, latency_workload(&options, 5000).await),
+                n if pg::WORKLOADS.contains(&n) => pg::workload(&options, n).await,
                 _ => one(name, rss_workload(&options).await),
             }
         });

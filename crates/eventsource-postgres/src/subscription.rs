@@ -350,6 +350,9 @@ async fn listen(
         if let Err(e) = listener.listen(store.events_channel()).await {
             tracing::warn!(error = %e, "LISTEN failed; subscriptions poll");
         }
+        // Appends committed before the LISTEN took hold (at start, or while the connection
+        // was being re-established) sent notifications nobody heard: look once more now.
+        wake.send_modify(|g| *g += 1);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,

@@ -378,3 +378,50 @@ async fn projector_filters_pause_breaker_and_rebuild() {
         f.status().checkpoint.position
     );
 }
+
+/// Live following is woken by the store's notification, not by polling: with an hour between
+/// polls, an append on either append path reaches a subscription that had caught up (and is
+/// idle) at once, and so does a second append made while the first notification is in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_events_wake_the_subscription_without_polling() {
+    for serialize_appends in [false, true] {
+        let (store, _guard) = store_with("sub_wake", false, serialize_appends).await;
+        let recorder = Arc::new(Recorder::default());
+        let mut manager = SubscriptionManager::new(store.clone());
+        let handle = manager.add_projector(
+            "woken",
+            recorder.clone(),
+            SubscriptionOptions {
+                poll_interval: Duration::from_secs(3600),
+                ..Default::default()
+            },
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            manager
+                .run_until(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+        });
+        wait_for(async || handle.status().state == SubscriptionState::Live).await;
+        let mut expected = Vec::new();
+        for i in 0..2 {
+            let aggregate = Uuid::new_v4();
+            let event = created(aggregate, i);
+            expected.push(event.event_id());
+            store
+                .append(aggregate, "Order", &[event], ExpectedVersion::NoStream)
+                .await
+                .unwrap();
+        }
+        wait_for(async || recorder.ids.lock().unwrap().len() == 2).await;
+        assert_eq!(
+            *recorder.ids.lock().unwrap(),
+            expected,
+            "{serialize_appends}"
+        );
+        stop_tx.send(()).unwrap();
+        run.await.unwrap();
+    }
+}
