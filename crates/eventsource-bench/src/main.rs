@@ -1355,7 +1355,8 @@ fn main() -> std::process::ExitCode {
     if args.first().map(String::as_str) == Some("--role")
         && args.get(1).map(String::as_str) == Some("pg-catchup")
     {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // The runtime a service gets from #[tokio::main]: one worker per core.
+        let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .expect("runtime");

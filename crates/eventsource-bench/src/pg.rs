@@ -467,7 +467,8 @@ fn peak_rss_kib() -> u64 {
 }
 
 /// The hidden `--role pg-catchup` child: `--database-url U --schema S --count K --mode
-/// subscription|raw`; reads the first K events and prints `{events_per_sec, vmhwm_kib}`.
+/// subscription|feed|raw` (a subscription, the store's `read_feed` alone, raw SQL); reads the
+/// first K events and prints `{events_per_sec, vmhwm_kib}`.
 pub(crate) async fn catchup_role(args: &[String]) -> Result<Json, Error> {
     let get = |name: &str| {
         args.iter()
@@ -514,6 +515,24 @@ pub(crate) async fn catchup_role(args: &[String]) -> Result<Json, Error> {
             bytes += rows.iter().map(|r| r.2.len()).sum::<usize>();
         }
         std::hint::black_box(bytes);
+        read
+    } else if mode == "feed" {
+        // The store's feed read page by page, decoded into events, no subscription around it.
+        let mut cursor = eventsource_postgres::StoreCursor::START;
+        let mut read = 0u64;
+        while read < count {
+            let page = store
+                .read_feed(
+                    cursor,
+                    &eventsource_postgres::FeedFilter::default(),
+                    options.page_size,
+                )
+                .await?;
+            let Some(&(last, _)) = page.last() else { break };
+            cursor = last;
+            read += page.len() as u64;
+            std::hint::black_box(&page);
+        }
         read
     } else {
         let totals = Arc::new(Totals {

@@ -703,6 +703,14 @@ impl EventMetadata {
     /// which names the problem precisely.
     pub(crate) fn from_json_fast(json: &str) -> Option<Self> {
         let b: BaseFields<'_> = serde_json::from_str(json).ok()?;
+        b.into_metadata()
+    }
+}
+
+impl BaseFields<'_> {
+    /// The metadata with the defaults of the slow path; `None` when it does not validate.
+    fn into_metadata(self) -> Option<EventMetadata> {
+        let b = self;
         let occurred_at = match &b.occurred_at {
             Some(s) => DateTime::parse_from_rfc3339(s)
                 .ok()?
@@ -710,7 +718,7 @@ impl EventMetadata {
                 .trunc_subsecs(6),
             None => now_micros(),
         };
-        let metadata = Self {
+        let metadata = EventMetadata {
             event_id: b.event_id,
             event_type: b.event_type.into_owned(),
             event_version: b.event_version.unwrap_or(1),
@@ -726,6 +734,98 @@ impl EventMetadata {
         };
         metadata.validate().ok()?;
         Some(metadata)
+    }
+}
+
+/// A string borrowed from the JSON text when it has no escapes.
+#[derive(serde::Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// One pass over a flat JSON object: the base fields typed, every other field kept as JSON.
+struct SplitFields;
+
+impl<'de> serde::de::Visitor<'de> for SplitFields {
+    type Value = (BaseFields<'de>, Map<String, Value>);
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a flat JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let (mut event_id, mut event_type, mut aggregate_id, mut aggregate_type) =
+            (None, None, None, None);
+        let mut b = BaseFields {
+            event_id: Uuid::nil(),
+            event_type: Cow::Borrowed(""),
+            event_version: None,
+            occurred_at: None,
+            aggregate_id: Uuid::nil(),
+            aggregate_type: Cow::Borrowed(""),
+            aggregate_version: None,
+            tenant_id: None,
+            actor_id: None,
+            correlation_id: None,
+            causation_id: None,
+            metadata: None,
+        };
+        let mut data = Map::new();
+        while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+            match key.as_ref() {
+                "event_id" => event_id = Some(map.next_value::<Uuid>()?),
+                "event_type" => event_type = Some(map.next_value::<Text<'de>>()?.0),
+                "event_version" => b.event_version = map.next_value()?,
+                "occurred_at" => {
+                    b.occurred_at = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0)
+                }
+                "aggregate_id" => aggregate_id = Some(map.next_value::<Uuid>()?),
+                "aggregate_type" => aggregate_type = Some(map.next_value::<Text<'de>>()?.0),
+                "aggregate_version" => b.aggregate_version = map.next_value()?,
+                "tenant_id" => b.tenant_id = map.next_value()?,
+                "actor_id" => b.actor_id = map.next_value()?,
+                "correlation_id" => b.correlation_id = map.next_value()?,
+                "causation_id" => b.causation_id = map.next_value()?,
+                "metadata" => b.metadata = map.next_value()?,
+                _ => {
+                    let value: Value = map.next_value()?;
+                    data.insert(key.into_owned(), value);
+                }
+            }
+        }
+        b.event_id = event_id.ok_or_else(|| A::Error::missing_field("event_id"))?;
+        b.event_type = event_type.ok_or_else(|| A::Error::missing_field("event_type"))?;
+        b.aggregate_id = aggregate_id.ok_or_else(|| A::Error::missing_field("aggregate_id"))?;
+        b.aggregate_type =
+            aggregate_type.ok_or_else(|| A::Error::missing_field("aggregate_type"))?;
+        Ok((b, data))
+    }
+}
+
+impl EventEnvelope {
+    /// Reads an envelope from its flat JSON text in one pass: the base fields straight into
+    /// the metadata, the event's own fields into its JSON data (no intermediate tree for the
+    /// whole object). Same result as [`from_json_value`](Self::from_json_value) of the parsed
+    /// text, errors included (anything the one pass does not take, such as an empty UUID
+    /// string or an escaped key, goes the way of `from_json_value`, which names the problem).
+    ///
+    /// # Errors
+    /// As [`from_json_value`](Self::from_json_value), or [`EventError::Json`] if the text is
+    /// not JSON.
+    pub fn from_json_str(json: &str) -> Result<Self, EventError> {
+        use serde::Deserializer;
+        let mut de = serde_json::Deserializer::from_str(json);
+        let fast = de
+            .deserialize_map(SplitFields)
+            .ok()
+            .filter(|_| de.end().is_ok())
+            .and_then(|(base, data)| Some((base.into_metadata()?, data)));
+        match fast {
+            Some((metadata, data)) => Ok(Self {
+                metadata,
+                data: EventData::Json(Arc::new(Value::Object(data))),
+            }),
+            None => Self::from_json_value(serde_json::from_str(json).map_err(EventError::Json)?),
+        }
     }
 }
 

@@ -161,7 +161,7 @@ impl OutboxRelay {
             return Ok(RoundOutcome::Standby);
         }
         let sql = format!(
-            "SELECT o.id, e.payload FROM {outbox} o JOIN {events} e ON e.position = o.position \
+            "SELECT o.id, e.payload::text FROM {outbox} o JOIN {events} e ON e.position = o.position \
              WHERE o.published_at IS NULL AND o.quarantined_at IS NULL ORDER BY o.id LIMIT $1",
             outbox = names.outbox,
             events = names.events
@@ -196,8 +196,8 @@ impl OutboxRelay {
         let mut quarantined = 0usize;
         for row in &rows {
             let id: i64 = row.get(0);
-            let payload: serde_json::Value = row.get(1);
-            match EventEnvelope::from_json_value(payload) {
+            let payload: &str = row.get(1);
+            match EventEnvelope::from_json_str(payload) {
                 Ok(event) => {
                     ids.push(id);
                     events.push(event);

@@ -622,7 +622,7 @@ impl PostgresEventStore {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(backend)?;
-            match tx.and_then(|t| t.parse().ok()) {
+            match tx.map(|t| parse_xid(&t)).transpose()? {
                 Some(tx) => StoreCursor {
                     tx,
                     position: options.after_position,
@@ -664,17 +664,32 @@ impl PostgresEventStore {
         filter: &FeedFilter,
         limit: usize,
     ) -> Result<Vec<(StoreCursor, StoredEvent)>, StoreError> {
+        let rows = self.read_feed_rows(after, filter, limit).await?;
+        decode_feed_rows(&rows)
+    }
+
+    /// One page of the feed as rows, not yet decoded (a subscription decodes a page while the
+    /// next one is being read).
+    pub(crate) async fn read_feed_rows(
+        &self,
+        after: StoreCursor,
+        filter: &FeedFilter,
+        limit: usize,
+    ) -> Result<Vec<PgRow>, StoreError> {
         let sql = format!(
-            "SELECT position, stored_at, payload, tx::text AS tx FROM {events} \
-             WHERE (tx, position) > (($1::text)::xid8, $2) \
-               AND tx < pg_snapshot_xmin(pg_current_snapshot()) \
-               AND ($3::uuid IS NULL OR tenant_id = $3) \
-               AND ($4::text IS NULL OR aggregate_type = $4) \
-               AND ($5::text[] IS NULL OR event_type = ANY($5)) \
-             ORDER BY tx, position LIMIT $6",
+            // `e.tx` (the xid8 column) everywhere: an output column named `tx` would be
+            // the text form, and ordered as text transaction 10 comes before transaction 9.
+            "SELECT e.position, e.stored_at, e.payload::text AS payload, e.tx::text AS tx_text \
+             FROM {events} e \
+             WHERE (e.tx, e.position) > (($1::text)::xid8, $2) \
+               AND e.tx < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND ($3::uuid IS NULL OR e.tenant_id = $3) \
+               AND ($4::text IS NULL OR e.aggregate_type = $4) \
+               AND ($5::text[] IS NULL OR e.event_type = ANY($5)) \
+             ORDER BY e.tx, e.position LIMIT $6",
             events = self.names.events
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after.tx.to_string())
             .bind(i64::try_from(after.position).unwrap_or(i64::MAX))
             .bind(filter.tenant_id)
@@ -683,18 +698,7 @@ impl PostgresEventStore {
             .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await
-            .map_err(backend)?;
-        rows.iter()
-            .map(|row| {
-                let event = stored_event(row)?;
-                let tx: String = row.try_get("tx").map_err(backend)?;
-                let cursor = StoreCursor {
-                    tx: tx.parse().unwrap_or(0),
-                    position: event.position,
-                };
-                Ok((cursor, event))
-            })
-            .collect()
+            .map_err(backend)
     }
 
     /// The cursor of the newest event behind the commit-safe frontier (where a subscription
@@ -704,21 +708,22 @@ impl PostgresEventStore {
     /// [`StoreError::Backend`].
     pub async fn head(&self) -> Result<StoreCursor, StoreError> {
         let sql = format!(
-            "SELECT tx::text, position FROM {events} \
-             WHERE tx < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY tx DESC, position DESC LIMIT 1",
+            "SELECT e.tx::text, e.position FROM {events} e \
+             WHERE e.tx < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY e.tx DESC, e.position DESC LIMIT 1",
             events = self.names.events
         );
         let row: Option<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .fetch_optional(&self.pool)
             .await
             .map_err(backend)?;
-        Ok(
-            row.map_or(StoreCursor::START, |(tx, position)| StoreCursor {
-                tx: tx.parse().unwrap_or(0),
+        Ok(match row {
+            Some((tx, position)) => StoreCursor {
+                tx: parse_xid(&tx)?,
                 position: position as u64,
-            }),
-        )
+            },
+            None => StoreCursor::START,
+        })
     }
 
     /// How many events lie between `after` and the frontier (a subscription's lag).
@@ -823,6 +828,31 @@ impl Columns {
     }
 }
 
+/// The cursor of a row of [`PostgresEventStore::read_feed_rows`].
+pub(crate) fn feed_row_cursor(row: &PgRow) -> Result<StoreCursor, StoreError> {
+    let tx: &str = row.try_get("tx_text").map_err(backend)?;
+    let position: i64 = row.try_get("position").map_err(backend)?;
+    Ok(StoreCursor {
+        tx: parse_xid(tx)?,
+        position: position as u64,
+    })
+}
+
+/// Decodes rows of [`PostgresEventStore::read_feed_rows`].
+pub(crate) fn decode_feed_rows(
+    rows: &[PgRow],
+) -> Result<Vec<(StoreCursor, StoredEvent)>, StoreError> {
+    rows.iter()
+        .map(|row| Ok((feed_row_cursor(row)?, stored_event(row)?)))
+        .collect()
+}
+
+/// A transaction id as PostgreSQL prints an `xid8`.
+pub(crate) fn parse_xid(text: &str) -> Result<u64, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Backend(format!("transaction id {text:?} is not a number").into()))
+}
+
 pub(crate) fn backend(e: sqlx::Error) -> StoreError {
     match &e {
         // lock_not_available (lock_timeout), query_canceled (statement_timeout)
@@ -839,11 +869,12 @@ pub(crate) fn backend(e: sqlx::Error) -> StoreError {
 pub(crate) fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
     let position: i64 = row.try_get("position").map_err(backend)?;
     let stored_at: DateTime<Utc> = row.try_get("stored_at").map_err(backend)?;
-    let payload: serde_json::Value = row.try_get("payload").map_err(backend)?;
+    // The JSON text (`payload::text`): read in one pass, without a tree of the whole object.
+    let payload: &str = row.try_get("payload").map_err(backend)?;
     Ok(StoredEvent {
         position: position as u64,
         stored_at,
-        event: EventEnvelope::from_json_value(payload)?,
+        event: EventEnvelope::from_json_str(payload)?,
     })
 }
 
@@ -905,7 +936,7 @@ impl EventStore for PostgresEventStore {
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
         Box::pin(async move {
             let sql = format!(
-                "SELECT position, stored_at, payload FROM {events} \
+                "SELECT position, stored_at, payload::text AS payload FROM {events} \
                  WHERE aggregate_id = $1 AND aggregate_type = $2 AND version > $3 ORDER BY version",
                 events = self.names.events
             );

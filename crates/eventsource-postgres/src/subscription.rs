@@ -330,6 +330,9 @@ impl SubscriptionManager {
     }
 }
 
+/// A page of the feed read ahead, not yet decoded.
+type FeedRows = Result<Vec<sqlx::postgres::PgRow>, StoreError>;
+
 /// Wakes the subscriptions on every append notification.
 async fn listen(
     store: PostgresEventStore,
@@ -395,6 +398,8 @@ impl Subscription {
         };
         self.lock().1 = cursor;
         let mut backoff = self.options.retry_min;
+        // The next page, read ahead while a page is handled (catch-up only), and where from.
+        let mut prefetched: Option<(StoreCursor, tokio::task::JoinHandle<FeedRows>)> = None;
         while !stop.is_cancelled() {
             if self.paused.load(Ordering::SeqCst) {
                 self.set_state(SubscriptionState::Paused);
@@ -426,11 +431,38 @@ impl Subscription {
                     }
                 }
             }
-            let page = match self
-                .store
-                .read_feed(cursor, &self.options.filter, self.options.page_size)
-                .await
+            let rows = match prefetched.take() {
+                Some((from, task)) if from == cursor => task
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Backend(e.into()))),
+                stale => {
+                    // Read from elsewhere since (a failed page, a rebuild): not what comes next.
+                    if let Some((_, task)) = stale {
+                        task.abort();
+                    }
+                    self.store
+                        .read_feed_rows(cursor, &self.options.filter, self.options.page_size)
+                        .await
+                }
+            };
+            // Catching up (a full page): the next page is read while this one is decoded
+            // and handled.
+            if let Ok(rows) = &rows
+                && rows.len() == self.options.page_size
+                && let Some(Ok(next)) = rows.last().map(crate::store::feed_row_cursor)
             {
+                let (store, filter, size) = (
+                    self.store.clone(),
+                    self.options.filter.clone(),
+                    self.options.page_size,
+                );
+                prefetched = Some((
+                    next,
+                    tokio::spawn(async move { store.read_feed_rows(next, &filter, size).await }),
+                ));
+            }
+            let page = rows.and_then(|rows| crate::store::decode_feed_rows(&rows));
+            let page = match page {
                 Ok(page) => page,
                 Err(e) => {
                     self.failed(&e.to_string());
@@ -488,6 +520,9 @@ impl Subscription {
                 }
             }
         }
+        if let Some((_, task)) = prefetched {
+            task.abort();
+        }
         self.set_state(SubscriptionState::Idle);
     }
 
@@ -531,7 +566,8 @@ impl Subscription {
         match &self.target {
             Target::Projector(p) => {
                 p.handle(events).await?;
-                save_checkpoint(self.store.pool(), &self.store, &self.name, last).await?;
+                save_checkpoint_with(self.store.pool(), &self.store, &self.name, last, false)
+                    .await?;
             }
             Target::ReadModel(m) => {
                 let mut tx = self.store.pool().begin().await.map_err(backend)?;
@@ -583,10 +619,13 @@ pub async fn load_checkpoint(
         .fetch_optional(store.pool())
         .await
         .map_err(backend)?;
-    Ok(row.map(|(tx, position)| StoreCursor {
-        tx: tx.parse().unwrap_or(0),
-        position: position as u64,
-    }))
+    row.map(|(tx, position)| {
+        Ok(StoreCursor {
+            tx: crate::store::parse_xid(&tx)?,
+            position: position as u64,
+        })
+    })
+    .transpose()
 }
 
 async fn save_checkpoint<'e, E>(
@@ -598,11 +637,33 @@ async fn save_checkpoint<'e, E>(
 where
     E: sqlx::Executor<'e, Database = sqlx::Postgres>,
 {
+    save_checkpoint_with(executor, store, name, cursor, true).await
+}
+
+/// `durable: false` commits without waiting for the WAL flush (`synchronous_commit` off for
+/// this statement): for an at-least-once projector, a checkpoint lost in a database crash
+/// only means pages delivered again, and catch-up does not wait on a disk flush per page.
+async fn save_checkpoint_with<'e, E>(
+    executor: E,
+    store: &PostgresEventStore,
+    name: &str,
+    cursor: StoreCursor,
+    durable: bool,
+) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
     let sql = format!(
-        "INSERT INTO {} (name, tx, position, updated_at) VALUES ($1, ($2::text)::xid8, $3, now()) \
+        "INSERT INTO {} (name, tx, position, updated_at) \
+         SELECT $1, ($2::text)::xid8, $3, now() {} \
          ON CONFLICT (name) DO UPDATE SET tx = EXCLUDED.tx, position = EXCLUDED.position, \
          updated_at = now()",
-        store.names().checkpoints
+        store.names().checkpoints,
+        if durable {
+            ""
+        } else {
+            "FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
+        }
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(name)

@@ -210,3 +210,59 @@ async fn a_slow_append_does_not_block_another_aggregate() {
     assert_eq!(visible.len(), 1);
     assert_eq!(visible[0].1.event.aggregate_id(), other);
 }
+
+/// The feed orders by the transaction id as a number: transaction 9 comes before
+/// transaction 10 (ordered as text, "10" sorted first and a reader paging past it skipped
+/// every event of transaction 9), and the head is the event of the larger id.
+#[tokio::test]
+async fn transaction_ids_are_ordered_as_numbers() {
+    let (store, _guard) = store("order_numeric", false).await;
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let aggregate = Uuid::new_v4();
+        let event = Event::new(
+            aggregate,
+            OrderCreated {
+                customer_id: format!("c{i}"),
+                total_amount: 1.0,
+            },
+        )
+        .into_envelope();
+        ids.push(event.event_id());
+        store
+            .append(aggregate, "Order", &[event], ExpectedVersion::NoStream)
+            .await
+            .unwrap();
+    }
+    // Ids of transactions long finished (far behind the frontier), one digit apart.
+    for (id, tx) in ids.iter().zip(["9", "10"]) {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} SET tx = $1::text::xid8 WHERE event_id = $2",
+            store.events_table()
+        )))
+        .bind(tx)
+        .bind(id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    let mut cursor = StoreCursor::START;
+    let mut seen = Vec::new();
+    loop {
+        let page = store
+            .read_feed(cursor, &FeedFilter::default(), 1)
+            .await
+            .unwrap();
+        let Some((c, e)) = page.into_iter().next() else {
+            break;
+        };
+        cursor = c;
+        seen.push(e.event.event_id());
+    }
+    assert_eq!(seen, ids, "transaction 9, then transaction 10");
+    let head = store.head().await.unwrap();
+    assert_eq!(head.tx, 10, "the head is in the larger transaction");
+    let all = store.read_all(&ReadAllOptions::default()).await.unwrap();
+    let all: Vec<Uuid> = all.iter().map(|e| e.event.event_id()).collect();
+    assert_eq!(all, ids);
+}
