@@ -103,7 +103,9 @@ pub enum RoundOutcome {
 ///
 /// **Guarantees.** A committed event is published at least once: the outbox row is written
 /// in the append's transaction and stays pending until a publish succeeded. Rows are
-/// published in append order. Several relays may run; a transaction-scoped advisory lock lets
+/// published in order as far as they are committed: each aggregate's events in version
+/// order. Appends to different aggregates run in parallel, and a row whose transaction commits
+/// late is published when it commits, after rows written later by other aggregates. Several relays may run; a transaction-scoped advisory lock lets
 /// one of them publish at a time (the others stand by), so no row is published twice
 /// concurrently and order is kept across relays. A relay killed after publishing and before
 /// marking the rows published makes the next round publish them again: duplicates (same

@@ -756,6 +756,37 @@ impl PostgresEventStore {
         Ok(n as u64)
     }
 
+    /// Whether committed events after `after` (matching `filter`) wait behind the frontier:
+    /// an older writing transaction is still open somewhere in the cluster. A reader that
+    /// found nothing should look again soon rather than wait for the next notification.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    pub async fn held_back(
+        &self,
+        after: StoreCursor,
+        filter: &FeedFilter,
+    ) -> Result<bool, StoreError> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {events} e \
+             WHERE (e.tx, e.position) > (($1::text)::xid8, $2) \
+               AND e.tx >= pg_snapshot_xmin(pg_current_snapshot()) \
+               AND ($3::uuid IS NULL OR e.tenant_id = $3) \
+               AND ($4::text IS NULL OR e.aggregate_type = $4) \
+               AND ($5::text[] IS NULL OR e.event_type = ANY($5)))",
+            events = self.names.events
+        );
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(after.tx.to_string())
+            .bind(i64::try_from(after.position).unwrap_or(i64::MAX))
+            .bind(filter.tenant_id)
+            .bind(filter.aggregate_type.as_deref())
+            .bind(filter.event_types.as_deref())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)
+    }
+
     /// The LISTEN/NOTIFY channel notified after appends commit (by a task of the store, off the
     /// append's path; notifications after concurrent appends may be shared).
     pub fn events_channel(&self) -> &str {

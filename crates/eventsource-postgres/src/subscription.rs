@@ -104,6 +104,12 @@ pub struct SubscriptionOptions {
     pub breaker_cooldown: Duration,
     /// Longest wait for new events when no notification arrives. Default 1 s.
     pub poll_interval: Duration,
+    /// For projectors (at-least-once): how often the checkpoint is written while catching up,
+    /// as Kafka consumers commit offsets at an interval. It is also written whenever the
+    /// subscription has caught up, before it pauses, and when it stops; after a crash, up to
+    /// this much of the catch-up is delivered again. `Duration::ZERO`: after every page.
+    /// Read models ignore it (their checkpoint is in every page's transaction). Default 1 s.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for SubscriptionOptions {
@@ -117,6 +123,7 @@ impl Default for SubscriptionOptions {
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -330,6 +337,9 @@ impl SubscriptionManager {
     }
 }
 
+/// The first wait before looking again at events held behind the frontier.
+const HELD_BACK_FIRST_WAIT: Duration = Duration::from_millis(5);
+
 /// A page of the feed read ahead, not yet decoded.
 type FeedRows = Result<Vec<sqlx::postgres::PgRow>, StoreError>;
 
@@ -400,8 +410,14 @@ impl Subscription {
         let mut backoff = self.options.retry_min;
         // The next page, read ahead while a page is handled (catch-up only), and where from.
         let mut prefetched: Option<(StoreCursor, tokio::task::JoinHandle<FeedRows>)> = None;
+        // A projector's handled position not yet written as its checkpoint, and when the
+        // checkpoint was last written.
+        let mut unsaved: Option<StoreCursor> = None;
+        let mut held_back_wait = HELD_BACK_FIRST_WAIT;
+        let mut saved_at = tokio::time::Instant::now();
         while !stop.is_cancelled() {
             if self.paused.load(Ordering::SeqCst) {
+                self.flush_checkpoint(&mut unsaved).await;
                 self.set_state(SubscriptionState::Paused);
                 let changed = self.changed.notified();
                 tokio::pin!(changed);
@@ -415,6 +431,7 @@ impl Subscription {
                 continue;
             }
             if self.rebuild.swap(false, Ordering::SeqCst) {
+                unsaved = None;
                 match self.reset().await {
                     Ok(()) => {
                         cursor = StoreCursor::START;
@@ -474,20 +491,47 @@ impl Subscription {
                 }
             };
             let Some(&(last, _)) = page.last() else {
+                // Caught up: the checkpoint is written before the wait.
+                self.flush_checkpoint(&mut unsaved).await;
+                saved_at = tokio::time::Instant::now();
                 self.set_state(SubscriptionState::Live);
+                // Events committed but held behind the frontier (an older writing transaction
+                // still open) send no further notification when they become readable: look
+                // again soon, backing off to the poll interval.
+                let wait = if self
+                    .store
+                    .held_back(cursor, &self.options.filter)
+                    .await
+                    .unwrap_or(false)
+                {
+                    let wait = held_back_wait;
+                    held_back_wait = (held_back_wait * 2).min(self.options.poll_interval);
+                    wait
+                } else {
+                    held_back_wait = HELD_BACK_FIRST_WAIT;
+                    self.options.poll_interval
+                };
                 // Wait for an append (or the poll interval), a control change, or the stop.
                 let changed = self.changed.notified();
                 tokio::select! {
                     () = stop.cancelled() => break,
                     _ = woken.changed() => {}
                     () = changed => {}
-                    () = tokio::time::sleep(self.options.poll_interval) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
                 continue;
             };
             let events: Vec<StoredEvent> = page.into_iter().map(|(_, e)| e).collect();
-            match self.handle(&events, last).await {
+            let caught_up = events.len() < self.options.page_size;
+            let checkpoint = caught_up || saved_at.elapsed() >= self.options.checkpoint_interval;
+            match self.handle(&events, last, checkpoint).await {
                 Ok(()) => {
+                    if checkpoint {
+                        unsaved = None;
+                        saved_at = tokio::time::Instant::now();
+                    } else {
+                        unsaved = Some(last);
+                    }
                     cursor = last;
                     backoff = self.options.retry_min;
                     self.failures.store(0, Ordering::SeqCst);
@@ -523,7 +567,20 @@ impl Subscription {
         if let Some((_, task)) = prefetched {
             task.abort();
         }
+        self.flush_checkpoint(&mut unsaved).await;
         self.set_state(SubscriptionState::Idle);
+    }
+
+    /// Writes a projector's checkpoint that the interval held back (pause, stop). A failure
+    /// is logged: the events after the stored checkpoint are delivered again next time.
+    async fn flush_checkpoint(&self, unsaved: &mut Option<StoreCursor>) {
+        if let Some(cursor) = unsaved.take()
+            && let Err(e) =
+                save_checkpoint(self.store.pool(), &self.store, &self.name, cursor).await
+        {
+            tracing::warn!(subscription = %self.name, error = %e,
+                "checkpoint not written; events after the last one are delivered again");
+        }
     }
 
     /// Records a failure; returns the failures in a row.
@@ -558,16 +615,20 @@ impl Subscription {
         Ok(start)
     }
 
+    /// Handles a page; a projector's checkpoint is written only when `checkpoint` is set.
     async fn handle(
         &self,
         events: &[StoredEvent],
         last: StoreCursor,
+        checkpoint: bool,
     ) -> Result<(), ProjectionError> {
         match &self.target {
             Target::Projector(p) => {
                 p.handle(events).await?;
-                save_checkpoint_with(self.store.pool(), &self.store, &self.name, last, false)
-                    .await?;
+                if checkpoint {
+                    save_checkpoint_with(self.store.pool(), &self.store, &self.name, last, false)
+                        .await?;
+                }
             }
             Target::ReadModel(m) => {
                 let mut tx = self.store.pool().begin().await.map_err(backend)?;

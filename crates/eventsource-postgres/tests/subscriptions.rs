@@ -14,8 +14,8 @@ use eventsource_core::prelude::*;
 use eventsource_core::store::StoredEvent;
 use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
 use eventsource_postgres::{
-    FeedFilter, PostgresEventStore, ProjectionError, Projector, ReadModel, StartFrom,
-    SubscriptionManager, SubscriptionOptions, SubscriptionState,
+    FeedFilter, PostgresEventStore, ProjectionError, Projector, ReadModel, StartFrom, StoreCursor,
+    SubscriptionManager, SubscriptionOptions, SubscriptionState, load_checkpoint,
 };
 use sqlx::postgres::PgConnection;
 use uuid::Uuid;
@@ -326,7 +326,8 @@ async fn projector_filters_pause_breaker_and_rebuild() {
         created_of_tenant,
         "filtered, in order"
     );
-    assert_eq!(f.lag().await.unwrap(), 0);
+    // The position moves once the page's handling returned (just after the ids were seen).
+    wait_for(async || f.lag().await.unwrap() == 0).await;
 
     // The flaky one fails twice: its breaker opens (cooldown 10 minutes) until resumed.
     wait_for(async || b.status().state == SubscriptionState::BreakerOpen).await;
@@ -424,4 +425,159 @@ async fn live_events_wake_the_subscription_without_polling() {
         stop_tx.send(()).unwrap();
         run.await.unwrap();
     }
+}
+
+/// Handles two pages, asks the manager to stop, and fails every page after them (so where it
+/// stopped does not depend on when the stop is seen).
+struct StopAfterTwoPages {
+    pages: AtomicUsize,
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Projector for StopAfterTwoPages {
+    fn handle<'a>(
+        &'a self,
+        _events: &'a [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), ProjectionError>> {
+        Box::pin(async move {
+            let page = self.pages.fetch_add(1, Ordering::SeqCst) + 1;
+            if page > 2 {
+                return Err("stopping (test)".into());
+            }
+            if page == 2
+                && let Some(stop) = self.stop.lock().unwrap().take()
+            {
+                let _ = stop.send(());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A projector's checkpoint held back by `checkpoint_interval` is still written when the
+/// subscription catches up (even when the last page was full) and when it stops mid-way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projector_checkpoint_interval_flushes_at_catch_up_and_stop() {
+    let (store, _guard) = store("sub_interval", false).await;
+    for i in 0..30 {
+        let aggregate = Uuid::new_v4();
+        store
+            .append(
+                aggregate,
+                "Order",
+                &[created(aggregate, i)],
+                ExpectedVersion::NoStream,
+            )
+            .await
+            .unwrap();
+    }
+    // Other tests' open transactions may hold the frontier back for a moment.
+    let mut cursors: Vec<StoreCursor> = Vec::new();
+    wait_for(async || {
+        cursors = store
+            .read_feed(StoreCursor::START, &FeedFilter::default(), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        cursors.len() == 30
+    })
+    .await;
+    let options = SubscriptionOptions {
+        page_size: 10,
+        checkpoint_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+
+    // Three full pages, then an empty one: caught up, so the checkpoint is the 30th event.
+    let recorder = Arc::new(Recorder::default());
+    let mut manager = SubscriptionManager::new(store.clone());
+    let handle = manager.add_projector("caught-up", recorder.clone(), options.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        manager
+            .run_until(async {
+                let _ = stop_rx.await;
+            })
+            .await;
+    });
+    wait_for(async || {
+        handle.status().state == SubscriptionState::Live
+            && load_checkpoint(&store, "caught-up").await.unwrap() == Some(cursors[29])
+    })
+    .await;
+    stop_tx.send(()).unwrap();
+    run.await.unwrap();
+
+    // Stopped after the second page: the checkpoint is the 20th event, not the start.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut manager = SubscriptionManager::new(store.clone());
+    manager.add_projector(
+        "stopped",
+        StopAfterTwoPages {
+            pages: AtomicUsize::new(0),
+            stop: Mutex::new(Some(stop_tx)),
+        },
+        options,
+    );
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        manager.run_until(async {
+            let _ = stop_rx.await;
+        }),
+    )
+    .await
+    .expect("stops");
+    assert_eq!(
+        load_checkpoint(&store, "stopped").await.unwrap(),
+        Some(cursors[19])
+    );
+}
+
+/// An event whose notification came while an older writing transaction held the frontier
+/// back still arrives once that transaction ends, although nothing notifies again (the
+/// subscription polls once an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_held_back_by_an_open_transaction_arrives_when_it_ends() {
+    let (store, _guard) = store("sub_held", false).await;
+    let recorder = Arc::new(Recorder::default());
+    let mut manager = SubscriptionManager::new(store.clone());
+    let handle = manager.add_projector(
+        "held",
+        recorder.clone(),
+        SubscriptionOptions {
+            poll_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        manager
+            .run_until(async {
+                let _ = stop_rx.await;
+            })
+            .await;
+    });
+    wait_for(async || handle.status().state == SubscriptionState::Live).await;
+    // A writing transaction left open: it takes a transaction id older than the append's.
+    let mut blocker = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let aggregate = Uuid::new_v4();
+    let event = created(aggregate, 0);
+    let id = event.event_id();
+    store
+        .append(aggregate, "Order", &[event], ExpectedVersion::NoStream)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(recorder.ids.lock().unwrap().is_empty(), "held back");
+    blocker.rollback().await.unwrap();
+    wait_for(async || recorder.ids.lock().unwrap().len() == 1).await;
+    assert_eq!(recorder.ids.lock().unwrap()[0], id);
+    stop_tx.send(()).unwrap();
+    run.await.unwrap();
 }

@@ -184,6 +184,11 @@ pub trait EventStore: Send + Sync {
 
     /// Reads one page of all events in global order (see [`ReadAllOptions`]).
     ///
+    /// A store whose appends run in parallel may hold a just-appended event back from this
+    /// feed until every older writing transaction has ended (so that a reader paging by
+    /// position never skips an event that commits late); it never skips or reorders one.
+    /// To read your own write at once, read its stream.
+    ///
     /// # Errors
     /// Backend failures.
     fn read_all<'a>(

@@ -270,6 +270,23 @@ pub async fn read_all_pages_in_global_order_with_filters(store: &dyn EventStore)
         .append(other, "Invoice", &[invoice], ExpectedVersion::NoStream)
         .await
         .unwrap();
+    // The global feed may hold appended events back while an older writing transaction of
+    // another writer is still open (never skipping them, never reordering them): wait until
+    // all ten are readable, within a generous deadline. From then on they stay readable.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while store
+        .read_all(&ReadAllOptions::from_start(100))
+        .await
+        .unwrap()
+        .len()
+        < 10
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "appended events never became readable in the global feed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     let mut options = ReadAllOptions {
         limit: 2,
