@@ -45,6 +45,12 @@
 //!   skips it ([`retry_quarantined`], [`skip_quarantined`], or the relay binary's `status`,
 //!   `retry` and `skip` commands). The relay looks at its shutdown between rounds, also while
 //!   working off a backlog.
+//! - **Catch-up subscriptions** ([`SubscriptionManager`]) page through the feed from a
+//!   checkpoint stored in the same database, then follow live appends in the same loop, woken
+//!   by `LISTEN/NOTIFY` (sent after commit by a task of the store, so appends never queue on
+//!   PostgreSQL's notification lock): no gap and no duplicate between history and live. A
+//!   [`ReadModel`] stores each page and its checkpoint in one transaction (exactly once); a
+//!   [`Projector`] is at least once. [`PostgresSnapshotStore`] keeps aggregate snapshots.
 //! - Queries are built at run time (no database needed to build); table and schema names are
 //!   validated identifiers, every value is a bound parameter.
 

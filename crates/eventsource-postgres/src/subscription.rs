@@ -134,7 +134,7 @@ impl Default for SubscriptionOptions {
 pub enum SubscriptionState {
     /// Not started yet, or stopped.
     Idle,
-    /// Reading history: the last page was full.
+    /// Started and reading history (the last page was full, or none was read yet).
     CatchingUp,
     /// Caught up, following new appends.
     Live,
@@ -406,7 +406,11 @@ impl Subscription {
                 }
             }
         };
-        self.lock().1 = cursor;
+        {
+            let mut state = self.lock();
+            state.0 = SubscriptionState::CatchingUp;
+            state.1 = cursor;
+        }
         let mut backoff = self.options.retry_min;
         // The next page, read ahead while a page is handled (catch-up only), and where from.
         let mut prefetched: Option<(StoreCursor, tokio::task::JoinHandle<FeedRows>)> = None;
