@@ -208,6 +208,8 @@ pub(crate) struct Inner {
     pub(crate) registry: EventRegistry,
     pub(crate) subscribers: Subscribers,
     pub(crate) counters: Counters,
+    /// The same events through the `metrics` facade.
+    pub(crate) metrics: crate::metrics::BusMetrics,
     /// The multiplexed command connection (publish, ack, claim, info). Created on first use;
     /// reconnects by itself.
     pub(crate) commands: tokio::sync::Mutex<Option<ConnectionManager>>,
@@ -266,6 +268,10 @@ impl RedisEventBus {
                 registry,
                 subscribers: Subscribers::new(),
                 counters: Counters::default(),
+                metrics: crate::metrics::BusMetrics::new(
+                    &config.stream_name(),
+                    &config.consumer_group,
+                ),
                 commands: tokio::sync::Mutex::new(None),
                 commands_ready: std::sync::RwLock::new(None),
                 connected: AtomicBool::new(false),
@@ -523,7 +529,10 @@ impl RedisEventBus {
                 let mut failed = Vec::new();
                 for (event, result) in events.iter().zip(results) {
                     match result {
-                        Ok(id) => published.push((event.event_id(), id)),
+                        Ok(id) => {
+                            self.inner.metrics.published(event.event_type());
+                            published.push((event.event_id(), id));
+                        }
                         Err(e) => failed.push((event.event_id(), e)),
                     }
                 }
@@ -541,6 +550,9 @@ impl RedisEventBus {
                 return Ok(published.into_iter().map(|(_, id)| id).collect());
             };
             bump(&self.inner.counters.events_published, ids.len() as u64);
+            for event in events {
+                self.inner.metrics.published(event.event_type());
+            }
             Ok(ids)
         }
         .instrument(span)

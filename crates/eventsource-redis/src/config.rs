@@ -110,6 +110,9 @@ pub struct RedisEventBusConfig {
     /// How often the consumer runs pending recovery by itself, in milliseconds; 0 turns it
     /// off (then call `recover_pending_messages` yourself). Default 30000.
     pub recovery_interval_ms: u64,
+    /// How often a consuming bus refreshes its gauges (pending entries, group lag,
+    /// dead-letter depth; feature `metrics`), in milliseconds; 0 turns it off. Default 10000.
+    pub metrics_interval_ms: u64,
     /// Recovery also removes other consumers of the group that have nothing pending and have
     /// been idle longer than this, in milliseconds, so restarts with generated names do not
     /// grow the consumer list forever. A consumer holding pending entries is never removed (the
@@ -199,6 +202,7 @@ impl Default for RedisEventBusConfig {
             retry_key_expiry_seconds: 86_400,
             enable_tracing: true,
             recovery_interval_ms: 30_000,
+            metrics_interval_ms: 10_000,
             handler_concurrency: 1,
             dedupe_window: 0,
             prune_idle_consumers_ms: 86_400_000,
@@ -234,6 +238,7 @@ impl fmt::Debug for RedisEventBusConfig {
             .field("retry_key_expiry_seconds", &self.retry_key_expiry_seconds)
             .field("enable_tracing", &self.enable_tracing)
             .field("recovery_interval_ms", &self.recovery_interval_ms)
+            .field("metrics_interval_ms", &self.metrics_interval_ms)
             .field("handler_concurrency", &self.handler_concurrency)
             .field("dedupe_window", &self.dedupe_window)
             .field("prune_idle_consumers_ms", &self.prune_idle_consumers_ms)
@@ -649,6 +654,9 @@ impl RedisEventBusConfig {
         }
         if let Some(v) = parse("recovery_interval_ms", get("recovery_interval_ms"))? {
             c.recovery_interval_ms = v;
+        }
+        if let Some(v) = parse("metrics_interval_ms", get("metrics_interval_ms"))? {
+            c.metrics_interval_ms = v;
         }
         if let Some(v) = parse("prune_idle_consumers_ms", get("prune_idle_consumers_ms"))? {
             c.prune_idle_consumers_ms = v;

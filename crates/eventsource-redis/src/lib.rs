@@ -133,6 +133,7 @@ mod error;
 mod handle;
 pub mod info;
 mod lease;
+pub mod metrics;
 pub mod ops;
 mod reader;
 pub mod recovery;

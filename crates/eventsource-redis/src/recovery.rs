@@ -225,6 +225,7 @@ impl RedisEventBus {
             stats.dlq += report.dead_lettered;
             stats.deleted += report.deleted;
             bump(&self.inner.counters.messages_recovered, recovered);
+            self.inner.metrics.recovered(recovered);
         }
         Ok(full && !stop.is_cancelled())
     }

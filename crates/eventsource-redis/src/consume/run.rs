@@ -96,6 +96,9 @@ impl RedisEventBus {
         let mut group_ok = false;
         let mut last_batch = Duration::ZERO;
         let mut last_heartbeat: Option<Instant> = None;
+        let metrics_every =
+            (cfg.metrics_interval_ms > 0).then(|| Duration::from_millis(cfg.metrics_interval_ms));
+        let mut metrics_at: Option<Instant> = None;
         // Batches this consumer received are finished on a stop (never cancelled); only
         // recovery pages stop between entries.
         let finish = CancellationToken::new();
@@ -189,6 +192,12 @@ impl RedisEventBus {
                 self.heartbeat().await;
                 last_heartbeat = Some(Instant::now());
             }
+            if let Some(every) = metrics_every
+                && metrics_at.is_none_or(|at| at.elapsed() >= every)
+            {
+                self.refresh_gauges().await;
+                metrics_at = Some(Instant::now());
+            }
             let (back, read) = match read_ahead.take() {
                 Some(pending) => pending
                     .await
@@ -248,6 +257,7 @@ impl RedisEventBus {
                     self.flush_acks().await;
                     own_pending = Some("-".to_owned());
                     bump(&self.inner.counters.reconnections, 1);
+                    self.inner.metrics.reconnected();
                     self.inner.connected.store(false, Ordering::Relaxed);
                     let problem = Problem::from_read_error("XREADGROUP", &e);
                     if !self.wait_after(&problem, &mut backoff, &stop).await {
@@ -313,6 +323,24 @@ impl RedisEventBus {
             .await;
         if let Err(e) = result {
             tracing::debug!(error = %e, "consumer heartbeat failed");
+        }
+    }
+
+    /// Sets the gauges (pending, lag, dead-letter depth) from `XINFO GROUPS` and `XLEN`. A
+    /// failure leaves them as they were (the loop reports connection problems itself).
+    async fn refresh_gauges(&self) {
+        match self.try_stream_info().await {
+            Ok(info) => {
+                let lag = info
+                    .consumer_groups
+                    .iter()
+                    .find(|g| g.name == self.inner.config.consumer_group)
+                    .and_then(|g| g.lag);
+                self.inner
+                    .metrics
+                    .gauges(info.pending_messages, lag, info.dlq_messages);
+            }
+            Err(e) => tracing::debug!(error = %e, "gauges not refreshed"),
         }
     }
 

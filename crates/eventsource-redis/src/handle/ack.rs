@@ -28,7 +28,10 @@ impl RedisEventBus {
         let bus = self.clone();
         let task = tokio::spawn(async move {
             match bus.ack(&acks.ids).await {
-                Ok(()) => bump(&bus.inner.counters.events_consumed, acks.consumed),
+                Ok(()) => {
+                    bump(&bus.inner.counters.events_consumed, acks.consumed);
+                    bus.inner.metrics.consumed(acks.consumed);
+                }
                 Err(e) => {
                     // The entries stay pending and will be redelivered: at-least-once.
                     tracing::warn!(error = %e, count = acks.ids.len(), "acknowledging a batch failed; entries will be redelivered");
@@ -68,6 +71,7 @@ impl RedisEventBus {
             if missing > 0 {
                 // Another consumer claimed them meanwhile, or Redis lost the group.
                 bump(&self.inner.counters.acks_not_applied, missing);
+                self.inner.metrics.acks_not_applied(missing);
             }
         }
         Ok(())

@@ -114,6 +114,7 @@ impl RedisEventBus {
         if items.is_empty() {
             return BatchReport::default();
         }
+        self.inner.metrics.batch(items.len());
         let held = held.unwrap_or_else(|| Arc::new(self.hold_items(&items)));
         let settled = Arc::new(Mutex::new(Settled::default()));
         let aborted = tokio::select! {

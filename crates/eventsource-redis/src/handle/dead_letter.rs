@@ -88,6 +88,7 @@ impl RedisEventBus {
                     .and_then(crate::codec::into_text)
                     .unwrap_or_default();
                 bump(&c.messages_sent_to_dlq, 1);
+                self.inner.metrics.dead_lettered();
                 tracing::error!(message_id = %id, dlq = %self.inner.dlq_stream, dlq_id = %dlq_id, %reason, "entry dead-lettered");
                 DeadLettered::Written(dlq_id)
             }

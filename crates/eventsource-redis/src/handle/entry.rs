@@ -5,6 +5,7 @@ use tracing::Instrument;
 use super::Outcome;
 use crate::bus::{RedisEventBus, bump};
 use crate::codec::{self, DecodeFailure, REPLAY_GROUP_FIELD, StreamEntry};
+use crate::metrics::Skip;
 use crate::trace::TraceContext;
 
 impl RedisEventBus {
@@ -16,6 +17,7 @@ impl RedisEventBus {
             && target != group.as_bytes()
         {
             bump(&c.events_skipped_other_group, 1);
+            self.inner.metrics.skipped(Skip::OtherGroup);
             return Outcome::Skipped {
                 reason: "replayed for another consumer group",
                 consumed: false,
@@ -26,6 +28,7 @@ impl RedisEventBus {
             Err(DecodeFailure::Unregistered(event)) => {
                 if !self.inner.subscribers.has_handlers_for(event.event_type()) {
                     bump(&c.events_skipped_unregistered, 1);
+                    self.inner.metrics.skipped(Skip::Unregistered);
                     tracing::debug!(event_type = event.event_type(), message_id = %entry.id, "unregistered event type with no subscriber; skipped");
                     return Outcome::Skipped {
                         reason: "unregistered event type",
@@ -37,11 +40,13 @@ impl RedisEventBus {
             }
             Err(DecodeFailure::Malformed(reason)) => {
                 bump(&c.malformed_messages, 1);
+                self.inner.metrics.malformed();
                 tracing::error!(message_id = %entry.id, %reason, "malformed stream entry; dead-lettering");
                 return Outcome::Malformed(reason);
             }
             Err(DecodeFailure::Rejected { event_type, reason }) => {
                 bump(&c.events_rejected, 1);
+                self.inner.metrics.rejected();
                 tracing::error!(message_id = %entry.id, %event_type, %reason, "this version of the event type rejects the entry");
                 return Outcome::Rejected { event_type, reason };
             }
@@ -49,6 +54,7 @@ impl RedisEventBus {
         self.inner.note_decoded();
         if !self.inner.subscribers.has_handlers_for(event.event_type()) {
             bump(&c.events_skipped_no_subscriber, 1);
+            self.inner.metrics.skipped(Skip::NoSubscriber);
             return Outcome::Skipped {
                 reason: "no subscriber in this bus",
                 consumed: true,
@@ -56,6 +62,7 @@ impl RedisEventBus {
         }
         if self.inner.dedupe.seen(event.event_id()) {
             bump(&c.duplicates_skipped, 1);
+            self.inner.metrics.skipped(Skip::Duplicate);
             tracing::debug!(message_id = %entry.id, event_id = %event.event_id(), "event already handled by this consumer; skipped");
             return Outcome::Skipped {
                 reason: "duplicate event id",
@@ -63,6 +70,7 @@ impl RedisEventBus {
             };
         }
         bump(&c.events_dispatched, 1);
+        let started = std::time::Instant::now();
         let report = if self.inner.config.enable_tracing {
             let parent = entry
                 .get("traceparent")
@@ -91,6 +99,9 @@ impl RedisEventBus {
         } else {
             self.inner.subscribers.dispatch_with(&event, false).await
         };
+        self.inner
+            .metrics
+            .handled(event.event_type(), report.is_success(), started.elapsed());
         if report.is_success() {
             bump(&c.events_processed_success, 1);
             self.inner.dedupe.remember(event.event_id());
