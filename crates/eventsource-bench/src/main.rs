@@ -38,7 +38,7 @@ use serde_json::{Value as Json, json};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const WORKLOADS: [&str; 11] = [
+const WORKLOADS: [&str; 12] = [
     "publish_single",
     "publish_batch100",
     "publish_concurrent16",
@@ -47,6 +47,7 @@ const WORKLOADS: [&str; 11] = [
     "consume_2proc_slow",
     "consume_2proc_slowhandler_dup",
     "consume_1_tls",
+    "consume_1_metrics",
     "latency_500",
     "latency_5000",
     "rss",
@@ -70,6 +71,8 @@ workloads:
                         handler runs per event and unapplied acks (duplicates)
   consume_1_tls         consume_1 over TLS next to plain, on one redis-server with both ports
                         (certificates made with the openssl command)
+  consume_1_metrics     consume_1 with a Prometheus recorder installed next to none (the cost
+                        of the metrics the bus records)
   latency_500           publish-to-handler latency at 500 events/s
   latency_5000          the same at 5,000 events/s
   rss                   peak memory of a consumer over 200,000 events
@@ -689,6 +692,8 @@ struct Spec {
     consumer_url: Option<String>,
     /// CA file for a `rediss://` consumer URL.
     tls_ca_file: Option<String>,
+    /// The consumer installs a Prometheus recorder (metrics recorded, not scraped).
+    metrics: bool,
 }
 
 impl Spec {
@@ -703,6 +708,7 @@ impl Spec {
             redis_rs_reader: false,
             consumer_url: None,
             tls_ca_file: None,
+            metrics: false,
         }
     }
 
@@ -789,6 +795,9 @@ async fn consume_run(
             .kill_on_drop(true);
         if spec.redis_rs_reader {
             command.env("EVENTSOURCE_REDIS_READER", "redis-rs");
+        }
+        if spec.metrics {
+            command.env("EVENTSOURCE_BENCH_METRICS", "1");
         }
         children.push(command.spawn()?);
     }
@@ -883,6 +892,10 @@ async fn consumer_role(args: &[String]) -> Result<Json, Error> {
     }
     if let Ok(v) = get("--recovery-interval-ms") {
         config.recovery_interval_ms = v.parse()?;
+    }
+    if std::env::var("EVENTSOURCE_BENCH_METRICS").as_deref() == Ok("1") {
+        eventsource_redis::http::install_prometheus_recorder()
+            .ok_or("the Prometheus recorder did not install")?;
     }
     let bus = RedisEventBus::new(config, registry())?;
     let handled = Arc::new(AtomicU64::new(0));
@@ -1244,6 +1257,35 @@ async fn consume_tls_workload(o: &Options) -> Result<Json, Error> {
     Ok(out)
 }
 
+async fn consume_metrics_workload(o: &Options) -> Result<Json, Error> {
+    let n = o.n.unwrap_or(20_000);
+    let (mut off, mut on) = (vec![], vec![]);
+    for run in 1..=o.repeat {
+        off.push(
+            consume_run(o, n, 1, &Spec::new(Profile::Quick))
+                .await?
+                .events_per_sec,
+        );
+        let with = Spec {
+            metrics: true,
+            ..Spec::new(Profile::Quick)
+        };
+        on.push(consume_run(o, n, 1, &with).await?.events_per_sec);
+        eprintln!(
+            "  consume_1_metrics run {run}: recorder installed {:>9.0}/s   none {:>9.0}/s   ratio {:.3}",
+            on[run - 1],
+            off[run - 1],
+            on[run - 1] / off[run - 1]
+        );
+    }
+    let mut out = throughput_json(&on, Some(&off));
+    out["n"] = json!(n);
+    out["config"] = json!(
+        "workload settings (batch 100, block 100 ms, tracing off); the consumer process with a Prometheus recorder installed (every metric recorded, never scraped) vs without one; limit_* is the run without"
+    );
+    Ok(out)
+}
+
 async fn rss_workload(o: &Options) -> Result<Json, Error> {
     let n = o.n.unwrap_or(200_000);
     let mut rss = vec![];
@@ -1425,6 +1467,7 @@ fn main() -> std::process::ExitCode {
                     one(name, slow_two_consumers_workload(&options).await)
                 }
                 "consume_1_tls" => one(name, consume_tls_workload(&options).await),
+                "consume_1_metrics" => one(name, consume_metrics_workload(&options).await),
                 "latency_500" => one(name, latency_workload(&options, 500).await),
                 "latency_5000" => one(name, latency_workload(&options, 5000).await),
                 n if pg::WORKLOADS.contains(&n) => pg::workload(&options, n).await,

@@ -2,7 +2,8 @@
 //! from the bus configured by `EVENTSOURCE_REDIS_*` variables, records each handled event id
 //! in the Redis set `{stream_prefix}:handled` (and each handler start in the list
 //! `{stream_prefix}:started`), optionally sleeping per event (`WORKER_SLEEP_MS`), and shuts
-//! down gracefully on SIGTERM/SIGINT.
+//! down gracefully on SIGTERM/SIGINT. With `EVENTSOURCE_HTTP_LISTEN=127.0.0.1:9464` it also
+//! serves `/metrics`, `/healthz` and `/readyz` there.
 //!
 //! ```text
 //! EVENTSOURCE_REDIS_STREAM_PREFIX=orders EVENTSOURCE_REDIS_CONSUMER_NAME=w1 \
@@ -70,6 +71,18 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .map(drop)
         }
     });
+    let surface = match std::env::var("EVENTSOURCE_HTTP_LISTEN") {
+        Ok(addr) => {
+            eventsource_redis::http::install_prometheus_recorder();
+            let readiness = eventsource_redis::http::Readiness::new().consumer(bus.clone());
+            let surface = eventsource_redis::http::HttpSurface::start(addr.as_str(), readiness)
+                .await
+                .map_err(|e| format!("EVENTSOURCE_HTTP_LISTEN={addr}: {e}"))?;
+            println!("metrics and health on http://{}", surface.local_addr());
+            Some(surface)
+        }
+        Err(_) => None,
+    };
     println!(
         "worker {} consuming {}",
         bus.consumer_name(),
@@ -78,6 +91,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     RedisEventBusService::new(bus.clone())
         .run_until_signal()
         .await?;
+    if let Some(surface) = surface {
+        surface.shutdown().await;
+    }
     println!("worker stopped");
     println!("{}", serde_json::json!({ "stats": bus.stats() }));
     Ok(())

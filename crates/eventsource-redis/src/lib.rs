@@ -131,6 +131,8 @@ mod consume;
 pub mod dlq;
 mod error;
 mod handle;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod info;
 mod lease;
 pub mod metrics;

@@ -27,6 +27,8 @@ Configuration comes from the environment:
   EVENTSOURCE_PG_SCHEMA        the store's schema (default public)
   EVENTSOURCE_PG_TABLE         the store's table (default events)
   EVENTSOURCE_REDIS_*          the Redis bus (EVENTSOURCE_REDIS_URL, _STREAM_PREFIX, ...)
+  EVENTSOURCE_HTTP_LISTEN      serve /metrics, /healthz and /readyz at this address
+                               (e.g. 127.0.0.1:9465); ready = PostgreSQL and Redis answer
   RUST_LOG                     log filter (default info); logs go to standard error
 
 Several relays may run at once: one publishes at a time, the others stand by.
@@ -157,12 +159,39 @@ async fn run() -> Result<(), Error> {
         eventsource_core::EventRegistry::new(),
     )?;
     bus.connect().await?;
+    let surface = match std::env::var("EVENTSOURCE_HTTP_LISTEN") {
+        Ok(addr) => {
+            eventsource_redis::http::install_prometheus_recorder();
+            let pool = store.pool().clone();
+            let readiness = eventsource_redis::http::Readiness::new()
+                .publisher(bus.clone())
+                .check("postgres", move || {
+                    let pool = pool.clone();
+                    async move {
+                        sqlx::query("SELECT 1")
+                            .execute(&pool)
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    }
+                });
+            let surface = eventsource_redis::http::HttpSurface::start(addr.as_str(), readiness)
+                .await
+                .map_err(|e| format!("EVENTSOURCE_HTTP_LISTEN={addr}: {e}"))?;
+            println!("metrics and health on http://{}", surface.local_addr());
+            Some(surface)
+        }
+        Err(_) => None,
+    };
     let relay = OutboxRelay::new(store, Arc::new(bus), RelayConfig::default());
     println!("relay running");
     tracing::info!("outbox relay running");
     relay
         .run_until(eventsource_redis::service::shutdown_signal())
         .await;
+    if let Some(surface) = surface {
+        surface.shutdown().await;
+    }
     println!("relay stopped");
     Ok(())
 }
