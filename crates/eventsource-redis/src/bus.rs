@@ -487,14 +487,17 @@ impl RedisEventBus {
                         event_id: event.event_id(),
                         source,
                     })?;
-                let trace = traced.then(TraceContext::next_hop);
-                let parent = trace.as_ref().map(TraceContext::traceparent);
+                let trace = traced.then(|| {
+                    #[cfg(feature = "otel")]
+                    if let Some(current) = crate::otel::inject_current() {
+                        return current;
+                    }
+                    let hop = TraceContext::next_hop();
+                    (hop.traceparent(), hop.state)
+                });
                 let fields = codec::encode_fields(
                     event,
-                    trace
-                        .as_ref()
-                        .zip(parent.as_deref())
-                        .map(|(t, p)| (p, t.state.as_deref())),
+                    trace.as_ref().map(|(p, s)| (p.as_str(), s.as_deref())),
                 )
                 .map_err(|source| RedisBusError::InvalidEvent {
                     event_id: event.event_id(),

@@ -137,6 +137,8 @@ pub mod info;
 mod lease;
 pub mod metrics;
 pub mod ops;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod reader;
 pub mod recovery;
 mod scripts;

@@ -92,6 +92,10 @@ impl RedisEventBus {
                 span_id = %context.span_id_hex(),
                 parent_span_id = parent.as_ref().map(TraceContext::span_id_hex).unwrap_or_default(),
             );
+            #[cfg(feature = "otel")]
+            if let Some(p) = entry.get("traceparent") {
+                crate::otel::set_parent(&span, p, entry.get("tracestate"));
+            }
             context
                 .scope(self.inner.subscribers.dispatch_with(&event, true))
                 .instrument(span)
