@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use crate::cli::{DlqCommand, Selection};
 use crate::commands::confirm;
-use crate::output::{Out, progress};
+use crate::output::{Out, Progress};
 use crate::{Failure, Outcome};
 
 /// Whether a dead letter belongs to `scope` (`None`: every group).
@@ -216,7 +216,8 @@ async fn act(
     }
     let (mut done, mut missing, mut other) = (0u64, 0u64, 0u64);
     let mut results = Vec::with_capacity(ids.len());
-    for (i, id) in ids.iter().enumerate() {
+    let mut progress = Progress::new(verb, ids.len() as u64);
+    for id in &ids {
         let result = match action {
             Action::Replay => match bus.replay_dlq_message_scoped(id, scope).await? {
                 ReplayOutcome::Replayed { new_id } => {
@@ -248,10 +249,9 @@ async fn act(
             },
         };
         results.push(result);
-        if ids.len() >= 100 && (i + 1) % 100 == 0 {
-            progress(&format!("{verb}: {} of {}", i + 1, ids.len()));
-        }
+        progress.inc();
     }
+    drop(progress);
     if out.json {
         out.json(&json!({
             "dry_run": false,

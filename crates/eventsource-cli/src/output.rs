@@ -87,7 +87,62 @@ pub(crate) fn warn(text: &str) {
     let _ = writeln!(std::io::stderr(), "warning: {text}");
 }
 
-/// Progress on standard error (a line per step; quiet with --json unless on a terminal).
-pub(crate) fn progress(text: &str) {
-    let _ = writeln!(std::io::stderr(), "{text}");
+/// Progress of a long operation on standard error: a bar when standard error is a terminal,
+/// otherwise a plain line every 100 items and at the end (for logs and CI).
+pub(crate) struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    verb: &'static str,
+    total: u64,
+    done: u64,
+}
+
+impl Progress {
+    /// `total` items to `verb`; quiet below 100 items.
+    pub(crate) fn new(verb: &'static str, total: u64) -> Self {
+        use std::io::IsTerminal;
+        let bar = (total >= 100 && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta} left)",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(verb);
+            bar
+        });
+        Self {
+            bar,
+            verb,
+            total,
+            done: 0,
+        }
+    }
+
+    /// One more item done.
+    pub(crate) fn inc(&mut self) {
+        self.done += 1;
+        match &self.bar {
+            Some(bar) => bar.inc(1),
+            None if self.total >= 100 && (self.done.is_multiple_of(100) || self.done == self.total) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{}: {} of {}",
+                    self.verb,
+                    self.done,
+                    self.total
+                );
+            }
+            None => {}
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
