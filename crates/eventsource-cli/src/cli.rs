@@ -103,6 +103,13 @@ pub(crate) enum Command {
         #[arg(long, short = 'y')]
         yes: bool,
     },
+    /// A web page per stream prefix: groups, consumers, lag, throughput, pending entries by
+    /// age, dead letters with replay and purge. Serves until Ctrl-C / SIGTERM.
+    Dashboard {
+        /// Address to listen on (port 0: any free port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:9180")]
+        listen: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -16,6 +16,7 @@
 
 mod cli;
 mod commands;
+mod dashboard;
 mod dlq;
 mod output;
 
@@ -118,5 +119,6 @@ async fn run(cli: Cli, out: Out) -> Outcome {
         } => commands::recover(&bus, out, min_idle, max_retries).await,
         Command::Dlq(command) => dlq::run(&bus, out, command).await,
         Command::Trim { dry_run, yes } => commands::trim(&bus, out, dry_run, yes).await,
+        Command::Dashboard { listen } => dashboard::run(&cli.url, &cli.prefix, &listen).await,
     }
 }

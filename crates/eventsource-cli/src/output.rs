@@ -125,7 +125,9 @@ impl Progress {
         self.done += 1;
         match &self.bar {
             Some(bar) => bar.inc(1),
-            None if self.total >= 100 && (self.done.is_multiple_of(100) || self.done == self.total) => {
+            None if self.total >= 100
+                && (self.done.is_multiple_of(100) || self.done == self.total) =>
+            {
                 let _ = writeln!(
                     std::io::stderr(),
                     "{}: {} of {}",
