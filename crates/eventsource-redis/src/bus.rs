@@ -140,6 +140,40 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// Entries to ask for in the next read (see `read_count`).
+    pub(crate) fn read_count(&self) -> usize {
+        self.read_count.load(Ordering::Relaxed).max(1)
+    }
+
+    /// A reply timed out: ask for half as many entries next time, so a batch too large for
+    /// the link (a slow network, large events) cannot fail the same way for ever.
+    pub(crate) fn reply_timed_out(&self, what: &str) {
+        let before = self.read_count();
+        let after = (before / 2).max(1);
+        self.read_count.store(after, Ordering::Relaxed);
+        if after < before {
+            tracing::warn!(
+                stream = %self.stream,
+                read_count = after,
+                "{what}: the reply for {before} entries did not arrive within socket_timeout \
+                 ({:?}); reading {after} at a time until replies arrive in time (raise \
+                 socket_timeout for a slow link)",
+                self.config.socket_timeout()
+            );
+        }
+    }
+
+    /// A reply arrived in time: after one that carried entries, grow back towards
+    /// `batch_size` by one (halve on timeout, add one on success, as TCP's congestion window
+    /// does: a link that cannot carry a full batch costs one timeout per `batch_size / 2`
+    /// reads, not one per read).
+    pub(crate) fn reply_arrived(&self, carried_entries: bool) {
+        let now = self.read_count.load(Ordering::Relaxed);
+        if carried_entries && now < self.config.batch_size {
+            self.read_count.store(now + 1, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn is_paused(&self) -> bool {
         lock(&self.control.paused).is_some()
     }
@@ -224,6 +258,9 @@ pub(crate) struct Inner {
     pub(crate) dedupe: Dedupe,
     /// The acknowledgement of the last handled batch, sent while the next one is handled.
     pub(crate) ack_in_flight: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Entries asked for per read: `batch_size`, halved after a reply that did not arrive
+    /// within the response timeout, one more after each reply with entries that did.
+    pub(crate) read_count: std::sync::atomic::AtomicUsize,
 }
 
 /// A distributed event bus on Redis Streams, wire-compatible with eventsource-py.
@@ -277,6 +314,7 @@ impl RedisEventBus {
                 connected: AtomicBool::new(false),
                 control: Control::new(),
                 lease: crate::lease::Lease::default(),
+                read_count: std::sync::atomic::AtomicUsize::new(config.batch_size),
                 ack_in_flight: tokio::sync::Mutex::new(None),
                 dedupe: Dedupe::new(config.dedupe_window),
                 config,

@@ -139,7 +139,7 @@ impl Problem {
                 let (transient, message) = classify_server_text(what, text);
                 Self { transient, message }
             }
-            ReadError::Connection(text) => Self {
+            ReadError::Connection(text) | ReadError::TimedOut(text) => Self {
                 transient: true,
                 message: format!("{what}: {text}"),
             },
@@ -223,6 +223,11 @@ pub(crate) fn is_nogroup(e: &redis::RedisError) -> bool {
 }
 
 /// As [`is_nogroup`], for a bus error.
+/// Whether a bus error is a command that timed out.
+pub(crate) fn bus_error_is_timeout(e: &RedisBusError) -> bool {
+    matches!(e, RedisBusError::Command { source, .. } if source.is_timeout())
+}
+
 pub(crate) fn bus_error_is_nogroup(e: &RedisBusError) -> bool {
     match e {
         RedisBusError::Command { source, .. } => is_nogroup(source),

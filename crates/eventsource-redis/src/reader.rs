@@ -29,8 +29,11 @@ const MAX_BULK: i64 = 512 * 1024 * 1024;
 pub(crate) enum ReadError {
     /// The group (or stream) is gone: recreate it.
     NoGroup(String),
-    /// The connection is broken or timed out: reconnect with backoff.
+    /// The connection is broken: reconnect with backoff.
     Connection(String),
+    /// The reply did not arrive within the response timeout: reconnect with backoff (and
+    /// read fewer entries at a time).
+    TimedOut(String),
     /// The reply broke the protocol: the connection cannot be trusted; reconnect.
     Protocol(String),
     /// Redis refused the command otherwise (UNBLOCKED, OOM, NOPERM, WRONGPASS, ...).
@@ -40,7 +43,9 @@ pub(crate) enum ReadError {
 impl std::fmt::Display for ReadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::NoGroup(m) | Self::Connection(m) | Self::Server(m) => f.write_str(m),
+            Self::NoGroup(m) | Self::Connection(m) | Self::TimedOut(m) | Self::Server(m) => {
+                f.write_str(m)
+            }
             Self::Protocol(m) => write!(f, "RESP protocol error: {m}"),
         }
     }
@@ -50,6 +55,8 @@ impl From<redis::RedisError> for ReadError {
     fn from(e: redis::RedisError) -> Self {
         if crate::error::is_nogroup(&e) {
             Self::NoGroup(e.to_string())
+        } else if e.is_timeout() {
+            Self::TimedOut(e.to_string())
         } else if crate::error::is_connection_error(&e) {
             Self::Connection(e.to_string())
         } else {
@@ -173,7 +180,7 @@ impl Reader {
                     Ok(Err(e)) => (None, Err(e)),
                     Err(_) => (
                         None,
-                        Err(ReadError::Connection(format!(
+                        Err(ReadError::TimedOut(format!(
                             "XREADGROUP timed out after {timeout:?}"
                         ))),
                     ),
@@ -191,7 +198,7 @@ impl Reader {
                     ),
                     Err(e) => {
                         let e = ReadError::from(e);
-                        let keep = !matches!(e, ReadError::Connection(_));
+                        let keep = !matches!(e, ReadError::Connection(_) | ReadError::TimedOut(_));
                         (keep.then_some(Self::Multiplexed(conn)), Err(e))
                     }
                 }

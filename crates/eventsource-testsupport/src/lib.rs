@@ -5,6 +5,10 @@
 //!   process. Without any, the process stops with one sentence saying what to install.
 //! - [`OwnRedis`]: a `redis-server` of a test's own (restarts, misconfiguration, ACL users).
 //! - [`DelayProxy`]: a TCP proxy that slows one client down, to widen a race window.
+//! - [`proxy::FaultProxy`]: a TCP fault proxy (latency with jitter, loss, blackhole, sliced
+//!   replies, resets) for the network rows of the fault matrix.
+//! - [`ledger`]: the ledger and checker every fault and load test shares (lost, duplicated,
+//!   unexpected, order, dead letters, time to recover).
 //! - [`postgres`] (feature `postgres`): the PostgreSQL the tests use, created or started the
 //!   same way.
 //! - [`python`]: a Python ≥ 3.13 for the interop tests, or a loud skip.
@@ -20,8 +24,10 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod ledger;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod proxy;
 pub mod python;
 
 /// Stops the test process with one sentence on standard error (written past the test

@@ -19,7 +19,7 @@ use crate::handle::{Item, ItemBody};
 use crate::scripts;
 
 impl RedisEventBus {
-    /// One page (`batch_size`) of this consumer's own pending entries after `after` (`-` or
+    /// One page (`batch_size`, fewer after replies that timed out) of this consumer's own pending entries after `after` (`-` or
     /// `(id`), renewed so no other consumer takes them meanwhile. Entries this bus already
     /// holds (another batch in progress) are left out. Returns the page and the last id read
     /// (`None` when there was nothing left).
@@ -34,7 +34,7 @@ impl RedisEventBus {
             .arg(&cfg.consumer_group)
             .arg(&self.inner.consumer_name)
             .arg(after)
-            .arg(cfg.batch_size)
+            .arg(self.inner.read_count())
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.command_error("EVALSHA (read own pending)", e))?;

@@ -129,8 +129,14 @@ impl RedisEventBus {
                     read = self.read_own_pending(after).await;
                 }
                 let (page, last) = match read {
-                    Ok(read) => read,
+                    Ok(read) => {
+                        self.inner.reply_arrived(read.1.is_some());
+                        read
+                    }
                     Err(e) => {
+                        if crate::error::bus_error_is_timeout(&e) {
+                            self.inner.reply_timed_out("reading own pending entries");
+                        }
                         if crate::error::bus_error_is_nogroup(&e) {
                             group_ok = false;
                             own_pending = None;
@@ -223,6 +229,7 @@ impl RedisEventBus {
             match read {
                 Ok((items, held)) => {
                     self.recovered_from_problem(&mut backoff);
+                    self.inner.reply_arrived(!items.is_empty());
                     if items.is_empty() {
                         continue;
                     }
@@ -249,7 +256,13 @@ impl RedisEventBus {
                     bump(&self.inner.counters.group_recreations, 1);
                     group_ok = false;
                 }
-                Err(e @ (ReadError::Connection(_) | ReadError::Protocol(_))) => {
+                Err(
+                    e
+                    @ (ReadError::Connection(_) | ReadError::TimedOut(_) | ReadError::Protocol(_)),
+                ) => {
+                    if matches!(e, ReadError::TimedOut(_)) {
+                        self.inner.reply_timed_out("XREADGROUP");
+                    }
                     reader = None;
                     group_ok = false;
                     // Entries Redis delivered in a reply we never saw are ours and pending:
@@ -350,7 +363,7 @@ impl RedisEventBus {
         let request = ReadRequest {
             group: cfg.consumer_group.clone(),
             consumer: self.inner.consumer_name.clone(),
-            count: cfg.batch_size,
+            count: self.inner.read_count(),
             block_ms: Some(cfg.block_ms),
             stream: self.inner.stream.clone(),
             id: ">".to_owned(),

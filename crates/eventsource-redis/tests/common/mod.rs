@@ -276,3 +276,68 @@ pub fn worker_exe() -> std::path::PathBuf {
         })
         .clone()
 }
+
+pub use eventsource_testsupport::ledger::{Expect, Ledger, Outcome, Report};
+pub use eventsource_testsupport::proxy::FaultProxy;
+
+/// Subscribes a handler to every event type that records each handling in `ledger` as
+/// consumer `consumer` of the bus's group.
+pub fn ledger_handler(bus: &RedisEventBus, ledger: &std::sync::Arc<Ledger>) {
+    let ledger = ledger.clone();
+    let group = bus.config().consumer_group.clone();
+    let consumer = bus.consumer_name().to_owned();
+    bus.subscribe_to_all_events(move |e: EventEnvelope| {
+        ledger.handled(&group, &consumer, e.event_id());
+        async {}
+    });
+}
+
+/// Publishes `events` in one batch and records each event's outcome in `ledger`: written,
+/// definitely not written (a refusal, an invalid event), or indeterminate (a timeout or a
+/// dropped connection after sending). Returns the bus's result.
+pub async fn publish_recorded(
+    bus: &RedisEventBus,
+    ledger: &Ledger,
+    events: &[EventEnvelope],
+) -> Result<(), eventsource_redis::RedisBusError> {
+    use eventsource_redis::RedisBusError;
+    let result = bus.publish_events(events).await;
+    let aggregate = |id: uuid::Uuid| {
+        events
+            .iter()
+            .find(|e| e.event_id() == id)
+            .map(|e| e.aggregate_id().to_string())
+            .unwrap_or_default()
+    };
+    match &result {
+        Ok(_) => {
+            for e in events {
+                ledger.published(e.event_id(), e.aggregate_id(), Outcome::Ok);
+            }
+        }
+        Err(RedisBusError::PartialPublish { published, failed }) => {
+            for (id, _) in published {
+                ledger.published(id, aggregate(*id), Outcome::Ok);
+            }
+            for (id, e) in failed {
+                let outcome = if e.is_timeout() || e.is_connection_dropped() || e.is_io_error() {
+                    Outcome::Indeterminate
+                } else {
+                    Outcome::Failed
+                };
+                ledger.published(id, aggregate(*id), outcome);
+            }
+        }
+        Err(e) => {
+            let outcome = if e.is_transient() {
+                Outcome::Indeterminate
+            } else {
+                Outcome::Failed
+            };
+            for ev in events {
+                ledger.published(ev.event_id(), ev.aggregate_id(), outcome);
+            }
+        }
+    }
+    result.map(drop)
+}
