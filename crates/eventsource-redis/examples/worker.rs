@@ -1,7 +1,8 @@
 //! A consumer process for demos and fault tests: consumes `OrderCreated` / `OrderShipped`
 //! from the bus configured by `EVENTSOURCE_REDIS_*` variables, records each handled event id
-//! in the Redis set `{stream_prefix}:handled` (and each handler start in the list
-//! `{stream_prefix}:started`), optionally sleeping per event (`WORKER_SLEEP_MS`), and shuts
+//! in the Redis set `{stream_prefix}:handled` (each handler start in the list
+//! `{stream_prefix}:started`, and each handling as a `group consumer id micros` line in the
+//! list `{stream_prefix}:ledger`, which the fault tests' ledger reads), optionally sleeping per event (`WORKER_SLEEP_MS`), and shuts
 //! down gracefully on SIGTERM/SIGINT. With `EVENTSOURCE_HTTP_LISTEN=127.0.0.1:9464` it also
 //! serves `/metrics`, `/healthz` and `/readyz` there.
 //!
@@ -49,13 +50,18 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     registry.register::<OrderShipped>()?;
     let handled_key = format!("{}:handled", config.stream_prefix);
     let started_key = format!("{}:started", config.stream_prefix);
+    let ledger_key = format!("{}:ledger", config.stream_prefix);
+    let group = config.consumer_group.clone();
     let client = redis::Client::open(config.redis_url.as_str())?;
     let conn = client.get_multiplexed_async_connection().await?;
     let bus = RedisEventBus::new(config, registry)?;
+    let me = bus.consumer_name().to_owned();
     bus.subscribe_to_all_events(move |event: EventEnvelope| {
         let mut conn = conn.clone();
         let key = handled_key.clone();
         let started = started_key.clone();
+        let ledger = ledger_key.clone();
+        let line = format!("{group} {me} {}", event.event_id());
         async move {
             redis::cmd("RPUSH")
                 .arg(&started)
@@ -63,12 +69,21 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .query_async::<i64>(&mut conn)
                 .await?;
             tokio::time::sleep(sleep).await;
-            redis::cmd("SADD")
+            let micros = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros())
+                .unwrap_or(0);
+            redis::pipe()
+                .cmd("SADD")
                 .arg(&key)
                 .arg(event.event_id().to_string())
-                .query_async::<i64>(&mut conn)
+                .ignore()
+                .cmd("RPUSH")
+                .arg(&ledger)
+                .arg(format!("{line} {micros}"))
+                .ignore()
+                .query_async::<()>(&mut conn)
                 .await
-                .map(drop)
         }
     });
     let surface = match std::env::var("EVENTSOURCE_HTTP_LISTEN") {

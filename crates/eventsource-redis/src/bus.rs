@@ -358,7 +358,10 @@ impl RedisEventBus {
     }
 
     /// Connects (PING) and creates the consumer group with MKSTREAM if it does not exist
-    /// (a new group reads the stream's whole history, as in eventsource-py).
+    /// (a new group reads the stream's whole history, as in eventsource-py). Logs a warning
+    /// when the server's eviction policy can evict streams (`allkeys-*`), and an error when
+    /// it refuses writes (a failing append-only file); [`health_check`](Self::health_check)
+    /// reports both.
     ///
     /// # Errors
     /// [`RedisBusError::Connect`] when Redis cannot be reached.
@@ -367,8 +370,21 @@ impl RedisEventBus {
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
-            .map_err(|source| self.connect_error(source))?;
+            .map_err(|source| {
+                if source.code() == Some("MISCONF") {
+                    self.command_error("PING", source)
+                } else {
+                    self.connect_error(source)
+                }
+            })?;
         self.ensure_group(&mut conn).await?;
+        let risks = self.server_risks().await;
+        for warning in &risks.warnings {
+            tracing::warn!(stream = %self.inner.stream, "{warning}");
+        }
+        if let Some(problem) = &risks.refusing_writes {
+            tracing::error!(stream = %self.inner.stream, "{problem}");
+        }
         Ok(())
     }
 

@@ -147,6 +147,57 @@ pub struct Health {
     pub dlq_messages: u64,
     /// The error, when unhealthy.
     pub error: Option<String>,
+    /// What the server's configuration or state puts at risk although the bus works: an
+    /// eviction policy that can evict streams (events, groups and pending lists would vanish
+    /// under memory pressure). Empty when `INFO` is not allowed for this user.
+    pub warnings: Vec<String>,
+}
+
+/// What `INFO memory` and `INFO persistence` say puts the bus at risk.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct ServerRisks {
+    /// Works now, may lose data later (an `allkeys-*` eviction policy).
+    pub(crate) warnings: Vec<String>,
+    /// Redis refuses writes now (the append-only file or a snapshot cannot be written).
+    pub(crate) refusing_writes: Option<String>,
+}
+
+impl ServerRisks {
+    /// Reads the `INFO` text (any sections; unknown lines are ignored).
+    pub(crate) fn from_info(text: &str) -> Self {
+        let mut risks = Self::default();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        if let Some(policy) = field("maxmemory_policy")
+            && policy.starts_with("allkeys-")
+        {
+            risks.warnings.push(format!(
+                "Redis may evict streams: maxmemory-policy is {policy}, so under memory \
+                 pressure it can delete this stream, its consumer groups and pending lists \
+                 (events lost); set `maxmemory-policy noeviction` (publishes then fail with OOM \
+                 instead) or a volatile-* policy"
+            ));
+        }
+        if field("aof_enabled") == Some("1") && field("aof_last_write_status") == Some("err") {
+            risks.refusing_writes = Some(
+                "Redis cannot write its append-only file (disk full or read-only?) and refuses \
+                 every write with MISCONF until it can; free disk space where Redis keeps its \
+                 AOF (`CONFIG GET dir`)"
+                    .to_owned(),
+            );
+        } else if field("rdb_last_bgsave_status") == Some("err") {
+            risks.refusing_writes = Some(
+                "Redis's last snapshot (BGSAVE) failed; with stop-writes-on-bgsave-error (the \
+                 default) it refuses writes with MISCONF; free disk space where Redis keeps its \
+                 snapshot (`CONFIG GET dir`)"
+                    .to_owned(),
+            );
+        }
+        risks
+    }
 }
 
 /// One entry of this group's pending list (delivered, not yet acknowledged).
@@ -312,25 +363,53 @@ impl RedisEventBus {
             .collect())
     }
 
+    /// What the server's configuration or state puts at risk (`INFO memory` and
+    /// `INFO persistence`). A user without `+info` gets no report (logged at debug).
+    pub(crate) async fn server_risks(&self) -> ServerRisks {
+        let Ok(mut conn) = self.commands().await else {
+            return ServerRisks::default();
+        };
+        let text: Result<String, redis::RedisError> = redis::cmd("INFO")
+            .arg("memory")
+            .arg("persistence")
+            .query_async(&mut conn)
+            .await;
+        match text {
+            Ok(text) => ServerRisks::from_info(&text),
+            Err(e) => {
+                tracing::debug!(error = %e, "INFO not available; server risks not checked");
+                ServerRisks::default()
+            }
+        }
+    }
+
     /// Health for liveness/readiness probes: `healthy` when Redis answers and the consumer
     /// runs without a problem, `degraded` when Redis answers but nothing consumes,
-    /// `unhealthy` when Redis cannot be reached, the consumer is paused (see
+    /// `unhealthy` when Redis cannot be reached or refuses writes (a failing append-only
+    /// file: `MISCONF`), the consumer is paused (see
     /// `pause_after_rejections`), or it is stuck on a problem an operator must fix (a missing
     /// ACL permission, a wrong password) — `error` then says what and what to do.
     pub async fn health_check(&self) -> Health {
         let info = self.get_stream_info().await;
+        let risks = if info.connected {
+            self.server_risks().await
+        } else {
+            ServerRisks::default()
+        };
         let consuming = self.is_consuming();
         let paused = self.paused_reason();
         let problem = crate::bus::lock(&self.inner.control.problem).clone();
         let stuck = problem.as_ref().is_some_and(|p| !p.transient);
         let status = match (info.connected, consuming) {
             (false, _) => "unhealthy",
+            (true, _) if risks.refusing_writes.is_some() => "unhealthy",
             (true, true) if paused.is_some() || stuck => "unhealthy",
             (true, true) => "healthy",
             (true, false) => "degraded",
         };
-        let error = paused
-            .map(|reason| format!("consumer paused: {reason}"))
+        let error = risks
+            .refusing_writes
+            .or(paused.map(|reason| format!("consumer paused: {reason}")))
             .or_else(|| consuming.then(|| problem.map(|p| p.message)).flatten())
             .or(info.error);
         Health {
@@ -340,6 +419,32 @@ impl RedisEventBus {
             pending_messages: info.pending_messages,
             dlq_messages: info.dlq_messages,
             error,
+            warnings: risks.warnings,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerRisks;
+
+    #[test]
+    fn info_text_is_read_for_risks() {
+        let safe = "# Memory\r\nmaxmemory_policy:noeviction\r\n# Persistence\r\naof_enabled:1\r\n\
+                    aof_last_write_status:ok\r\nrdb_last_bgsave_status:ok\r\n";
+        assert_eq!(ServerRisks::from_info(safe), ServerRisks::default());
+        let lru = "maxmemory_policy:allkeys-lru\r\n";
+        let risks = ServerRisks::from_info(lru);
+        assert_eq!(risks.warnings.len(), 1);
+        assert!(risks.refusing_writes.is_none());
+        assert!(
+            ServerRisks::from_info("maxmemory_policy:volatile-lru\r\n")
+                .warnings
+                .is_empty()
+        );
+        let full = "aof_enabled:1\r\naof_last_write_status:err\r\n";
+        assert!(ServerRisks::from_info(full).refusing_writes.is_some());
+        let bgsave = "aof_enabled:0\r\nrdb_last_bgsave_status:err\r\n";
+        assert!(ServerRisks::from_info(bgsave).refusing_writes.is_some());
     }
 }

@@ -18,7 +18,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// The README's consumer rule (keys `~{prefix}:*`), word for word.
 const CONSUMER_RULE: &str = "+ping +client|setname +xgroup|create \
      +xgroup|delconsumer +xreadgroup +xack +xclaim +xpending +xrange +xrevrange +xadd +xdel \
-     +xinfo|consumers +xinfo|groups +xlen +exists +get +set +del +evalsha +script|load";
+     +xinfo|consumers +xinfo|groups +xlen +exists +get +set +del +evalsha +script|load +info";
 
 /// The README's publisher rule.
 const PUBLISHER_RULE: &str = "+ping +client|setname +xadd";

@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -23,16 +24,18 @@ async fn handled_by_process(prefix: &str) -> HashSet<String> {
 
 /// A consumer process killed with `kill -9` in the middle of its work loses nothing: a
 /// surviving consumer of the group recovers its pending entries, and every event is handled
-/// at least once.
+/// at least once; the duplicates are at most the batch the killed one held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_killed_mid_batch_loses_nothing() {
     let prefix = unique_prefix("kill9");
     let _c = Cleanup(prefix.clone());
+    let ledger = Arc::new(Ledger::new());
     let publisher = bus(config(&prefix, "workers", "publisher"));
     publisher.connect().await.unwrap();
     let events: Vec<EventEnvelope> = (0..200).map(created).collect();
-    let all: HashSet<String> = events.iter().map(|e| e.event_id().to_string()).collect();
-    publisher.publish_events(&events).await.unwrap();
+    publish_recorded(&publisher, &ledger, &events)
+        .await
+        .unwrap();
 
     let mut victim = tokio::process::Command::new(worker_exe())
         .env("EVENTSOURCE_REDIS_URL", redis_url())
@@ -55,23 +58,26 @@ async fn consumer_killed_mid_batch_loses_nothing() {
     );
     victim.start_kill().unwrap(); // SIGKILL
     victim.wait().await.unwrap();
-    let by_victim = handled_by_process(&prefix).await;
-    assert!(by_victim.len() < 200, "killed before it finished");
+    ledger.import_redis_list(&redis_url(), &format!("{prefix}:ledger"));
+    assert!(
+        ledger.handled_ids("workers").len() < 200,
+        "killed before it finished"
+    );
     assert!(
         pending(publisher.stream_name(), "workers").await > 0,
         "it died holding pending entries"
     );
+    ledger.healed();
 
     let survivor = bus(RedisEventBusConfig {
         pending_idle_ms: 300,
         recovery_interval_ms: 100,
         ..config(&prefix, "workers", "survivor")
     });
-    let seen = collecting_ids(&survivor);
+    ledger_handler(&survivor, &ledger);
     let task = spawn_consumer(&survivor);
     let complete = wait_until(Duration::from_secs(30), || async {
-        let union: HashSet<String> = seen.lock().unwrap().union(&by_victim).cloned().collect();
-        union == all
+        ledger.complete(&["workers"])
     })
     .await;
     assert!(
@@ -81,8 +87,15 @@ async fn consumer_killed_mid_batch_loses_nothing() {
         .await
     );
     stop(&survivor, task).await;
-    let union: HashSet<String> = seen.lock().unwrap().union(&by_victim).cloned().collect();
-    assert!(complete, "lost {} events", all.difference(&union).count());
+    assert!(complete, "the survivor did not finish");
+    ledger
+        .check(
+            &Expect::new("R-1/R-3 consumer killed with SIGKILL", &["workers"]).duplicates_at_most(
+                50,
+                "entries the killed consumer handled but had not acknowledged: at most its batch",
+            ),
+        )
+        .assert_ok();
     assert!(
         survivor.stats().messages_recovered > 0,
         "some came back through recovery"
@@ -339,10 +352,13 @@ async fn redis_kill_9_with_aof_loses_nothing() {
         socket_timeout: 1.0,
         ..config("aof", "g", "worker-1")
     };
+    let ledger = Arc::new(Ledger::new());
     let publisher = bus(cfg.clone());
     publisher.connect().await.unwrap();
     let events: Vec<EventEnvelope> = (0..50).map(created).collect();
-    publisher.publish_events(&events).await.unwrap();
+    publish_recorded(&publisher, &ledger, &events)
+        .await
+        .unwrap();
     // worker-1 read 20 and crashed before acking them.
     let mut conn = redis::Client::open(first.url())
         .unwrap()
@@ -365,20 +381,22 @@ async fn redis_kill_9_with_aof_loses_nothing() {
 
     first.kill(); // SIGKILL
     let second = OwnRedis::start(port, &dir, &aof);
+    ledger.healed();
     let restarted = bus(cfg);
-    let seen = collecting_ids(&restarted);
+    ledger_handler(&restarted, &ledger);
     let task = spawn_consumer(&restarted);
     assert!(
         wait_until(Duration::from_secs(15), || async {
-            seen.lock().unwrap().len() == 50
+            ledger.complete(&["g"])
         })
         .await,
         "handled {}",
-        seen.lock().unwrap().len()
+        ledger.handled_ids("g").len()
     );
     stop(&restarted, task).await;
-    let all: HashSet<String> = events.iter().map(|e| e.event_id().to_string()).collect();
-    assert_eq!(*seen.lock().unwrap(), all, "lost 0");
+    ledger
+        .check(&Expect::new("R-16 Redis kill -9 with AOF", &["g"]))
+        .assert_ok();
     assert_eq!(
         restarted.stats().group_recreations,
         0,
@@ -402,8 +420,9 @@ async fn connections_killed_repeatedly_under_load() {
         recovery_interval_ms: 200,
         ..config("killall", "g", "c1")
     };
+    let ledger = Arc::new(Ledger::new());
     let consumer = bus(cfg.clone());
-    let seen = collecting_ids(&consumer);
+    ledger_handler(&consumer, &ledger);
     consumer.connect().await.unwrap();
     let task = spawn_consumer(&consumer);
     let publisher = bus(RedisEventBusConfig {
@@ -427,33 +446,28 @@ async fn connections_killed_repeatedly_under_load() {
             }
         }
     });
-    let mut acknowledged = HashSet::new();
-    let mut failures = 0;
     let started = std::time::Instant::now();
     let mut i = 0;
     while started.elapsed() < Duration::from_millis(3200) {
-        let e = created(i);
+        let _ = publish_recorded(&publisher, &ledger, &[created(i)]).await;
         i += 1;
-        match publisher.publish_events(std::slice::from_ref(&e)).await {
-            Ok(_) => {
-                acknowledged.insert(e.event_id().to_string());
-            }
-            Err(_) => failures += 1,
-        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     killer.await.unwrap();
+    ledger.healed();
     let complete = wait_until(Duration::from_secs(20), || async {
-        acknowledged.is_subset(&seen.lock().unwrap())
+        ledger.complete(&["g"])
     })
     .await;
     stop(&consumer, task).await;
-    let missing = acknowledged.difference(&seen.lock().unwrap()).count();
-    assert!(
-        complete,
-        "lost {missing} of {} acknowledged events",
-        acknowledged.len()
+    assert!(complete, "not every acknowledged event was handled");
+    let report = ledger.check(
+        &Expect::new("R-11 all connections killed every 300 ms", &["g"]).duplicates_at_most(
+            10 * 100,
+            "an ack lost with its connection leaves the entry pending: at most one batch per kill",
+        ),
     );
+    report.assert_ok();
     let stats = consumer.stats();
     assert!(
         stats.reconnections >= 3,
@@ -465,9 +479,11 @@ async fn connections_killed_repeatedly_under_load() {
         stats.reconnections
     );
     assert!(
-        acknowledged.len() > 100,
-        "publishing kept going ({} ok, {failures} failed)",
-        acknowledged.len()
+        report.published_ok > 100,
+        "publishing kept going ({} ok, {} indeterminate, {} failed)",
+        report.published_ok,
+        report.indeterminate,
+        report.failed
     );
     drop(server);
 }
@@ -479,11 +495,14 @@ async fn connections_killed_repeatedly_under_load() {
 async fn frozen_consumer_is_survived_and_its_late_acks_are_counted() {
     let prefix = unique_prefix("zombie");
     let _c = Cleanup(prefix.clone());
+    let ledger = Arc::new(Ledger::new());
     let publisher = bus(config(&prefix, "workers", "publisher"));
     publisher.connect().await.unwrap();
     let events: Vec<EventEnvelope> = (0..100).map(created).collect();
     let all: HashSet<String> = events.iter().map(|e| e.event_id().to_string()).collect();
-    publisher.publish_events(&events).await.unwrap();
+    publish_recorded(&publisher, &ledger, &events)
+        .await
+        .unwrap();
 
     let zombie = tokio::process::Command::new(worker_exe())
         .env("EVENTSOURCE_REDIS_URL", redis_url())
@@ -520,6 +539,7 @@ async fn frozen_consumer_is_survived_and_its_late_acks_are_counted() {
         ..config(&prefix, "workers", "survivor")
     });
     let seen = collecting_ids(&survivor);
+    ledger_handler(&survivor, &ledger);
     let task = spawn_consumer(&survivor);
     let by_zombie_before = handled_by_process(&prefix).await;
     let covered = wait_until(Duration::from_secs(30), || async {
@@ -554,6 +574,16 @@ async fn frozen_consumer_is_survived_and_its_late_acks_are_counted() {
         "its late acks were counted: {stats}"
     );
     assert_eq!(pending(survivor.stream_name(), "workers").await, 0);
+    ledger.import_redis_list(&redis_url(), &format!("{prefix}:ledger"));
+    ledger
+        .check(
+            &Expect::new("R-5 consumer frozen past the idle time", &["workers"])
+                .duplicates_at_most(
+                    50,
+                    "the zombie finishes the batch it held when it resumes: at most one batch",
+                ),
+        )
+        .assert_ok();
 }
 
 /// Two processes started with the same consumer name: the second one notices that the name

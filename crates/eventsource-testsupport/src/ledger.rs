@@ -168,6 +168,24 @@ impl Ledger {
             .collect()
     }
 
+    /// When `id` was first handled in `group` (microseconds since the Unix epoch).
+    pub fn first_handled_at(&self, group: &str, id: &str) -> Option<u64> {
+        self.lock()
+            .handlings
+            .iter()
+            .find(|h| h.group == group && h.id == id)
+            .map(|h| h.at)
+    }
+
+    /// Handler runs per consumer of `group`.
+    pub fn handlings_per_consumer(&self, group: &str) -> HashMap<String, usize> {
+        let mut out: HashMap<String, usize> = HashMap::new();
+        for h in self.lock().handlings.iter().filter(|h| h.group == group) {
+            *out.entry(h.consumer.clone()).or_default() += 1;
+        }
+        out
+    }
+
     /// Ids published with outcome ok.
     pub fn published_ok(&self) -> HashSet<String> {
         self.lock()

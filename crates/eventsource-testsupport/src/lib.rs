@@ -188,6 +188,47 @@ impl OwnRedis {
     /// # Panics
     /// When `redis-server` is not installed or does not come up (its log is in `dir`).
     pub fn start(port: u16, dir: &Path, extra: &[&str]) -> Self {
+        Self::start_in(port, dir, extra, None)
+    }
+
+    /// As [`start`](Self::start), with `dir` a tmpfs of `size` (e.g. `"2m"`) mounted in a
+    /// mount namespace of the server's own (`unshare -m`, needs root): a disk that fills up.
+    /// [`resize_tmpfs`](Self::resize_tmpfs) gives it room again.
+    pub fn start_on_tmpfs(port: u16, dir: &Path, size: &str, extra: &[&str]) -> Self {
+        Self::start_in(port, dir, extra, Some(size))
+    }
+
+    /// Remounts the server's tmpfs with `size` (`nsenter` into its mount namespace).
+    ///
+    /// # Panics
+    /// When the server was not started with [`start_on_tmpfs`](Self::start_on_tmpfs) or the
+    /// remount fails.
+    pub fn resize_tmpfs(&self, size: &str) {
+        let pid = self.server_pid().expect("the server runs");
+        let status = Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m", "mount", "-o"])
+            .arg(format!("remount,size={size}"))
+            .arg(&self.dir)
+            .status()
+            .expect("nsenter runs");
+        assert!(status.success(), "remounting the tmpfs failed");
+    }
+
+    /// The server's process id (the watchdog's child).
+    pub fn server_pid(&self) -> Option<u32> {
+        let out = Command::new("pgrep")
+            .args(["-P", &self.watchdog.id().to_string()])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn start_in(port: u16, dir: &Path, extra: &[&str], tmpfs: Option<&str>) -> Self {
         assert!(
             installed("redis-server"),
             "this test starts a redis-server of its own: install Redis (Debian: apt install redis-server)"
@@ -208,7 +249,26 @@ impl OwnRedis {
         .collect();
         args.push(dir.display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
-        let watchdog = spawn_watched("redis-server", &args, dir);
+        let watchdog = match tmpfs {
+            None => spawn_watched("redis-server", &args, dir),
+            Some(size) => {
+                let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+                let server: Vec<String> = args.iter().map(|a| quote(a)).collect();
+                let script = format!(
+                    "mount -t tmpfs -o size={size} tmpfs {dir} && exec redis-server {args}",
+                    dir = quote(&dir.display().to_string()),
+                    args = server.join(" ")
+                );
+                let wrapped: Vec<String> = ["-m", "--propagation", "private", "sh", "-c"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain([script])
+                    .collect();
+                // The watchdog opens the log outside the namespace: it lands in the host's
+                // `dir`, under the tmpfs, not in it.
+                spawn_watched("unshare", &wrapped, dir)
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         let up = loop {
             let up = if port == 0 {

@@ -94,6 +94,7 @@ impl RedisEventBus {
             cursor: "-".to_owned(),
         };
         let mut group_ok = false;
+        let mut ensured_once = false;
         let mut last_batch = Duration::ZERO;
         let mut last_heartbeat: Option<Instant> = None;
         let metrics_every =
@@ -111,7 +112,22 @@ impl RedisEventBus {
             if !group_ok {
                 let checked = self.ensure_group_now().await;
                 match checked {
-                    Ok(()) => group_ok = true,
+                    Ok(created) => {
+                        // Created again after this loop had it: a restart without
+                        // persistence, an eviction, a deletion (however the loss showed:
+                        // NOGROUP, UNBLOCKED, a reconnect).
+                        if created && ensured_once {
+                            tracing::warn!(
+                                stream = %self.inner.stream,
+                                group = %cfg.consumer_group,
+                                "consumer group was missing (Redis restart, eviction or \
+                                 deletion); recreated it"
+                            );
+                            bump(&self.inner.counters.group_recreations, 1);
+                        }
+                        ensured_once = true;
+                        group_ok = true;
+                    }
                     Err(e) => {
                         let problem = Problem::from_bus_error(&e);
                         if !self.wait_after(&problem, &mut backoff, &stop).await {
@@ -248,12 +264,7 @@ impl RedisEventBus {
                     last_batch = started.elapsed();
                 }
                 Err(ReadError::NoGroup(_)) => {
-                    tracing::warn!(
-                        stream = %self.inner.stream,
-                        group = %cfg.consumer_group,
-                        "consumer group missing (Redis restart, eviction or deletion); recreating it"
-                    );
-                    bump(&self.inner.counters.group_recreations, 1);
+                    // Recreated (and counted) at the top of the loop.
                     group_ok = false;
                 }
                 Err(
@@ -301,11 +312,12 @@ impl RedisEventBus {
 
     /// Makes sure the group exists; a dropped command connection (which reconnects on its
     /// first failure) is tried a second time before backing off.
-    async fn ensure_group_now(&self) -> Result<(), RedisBusError> {
+    /// Returns whether it was created now.
+    async fn ensure_group_now(&self) -> Result<bool, RedisBusError> {
         let mut result = Err(RedisBusError::AlreadyConsuming);
         for _ in 0..2 {
             result = match self.commands().await {
-                Ok(mut conn) => self.ensure_group(&mut conn).await.map(drop),
+                Ok(mut conn) => self.ensure_group(&mut conn).await,
                 Err(e) => Err(e),
             };
             if !result.as_ref().is_err_and(RedisBusError::is_transient) {

@@ -252,8 +252,9 @@ pub async fn kill_client_named(url: &str, name: &str) -> usize {
     killed
 }
 
-/// The demo worker (`examples/worker.rs`): built by `cargo test`; built here when a single
-/// test target runs without it.
+/// The demo worker (`examples/worker.rs`), built (or found up to date) once per test
+/// process: `cargo test --test X` does not build examples, and a stale worker would test old
+/// code.
 pub fn worker_exe() -> std::path::PathBuf {
     static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     BUILT
@@ -264,14 +265,20 @@ pub fn worker_exe() -> std::path::PathBuf {
             path.pop();
             path.push("examples");
             path.push("worker");
-            if !path.exists() {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let built = std::process::Command::new(cargo)
-                    .args(["build", "-p", "eventsource-redis", "--example", "worker"])
-                    .status()
-                    .expect("cargo runs");
-                assert!(built.success(), "building the worker example failed");
-            }
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let built = std::process::Command::new(cargo)
+                .args([
+                    "build",
+                    "-q",
+                    "-p",
+                    "eventsource-redis",
+                    "--example",
+                    "worker",
+                ])
+                .status()
+                .expect("cargo runs");
+            assert!(built.success(), "building the worker example failed");
+            assert!(path.exists(), "no worker at {}", path.display());
             path
         })
         .clone()
