@@ -241,6 +241,7 @@ impl OutboxRelay {
                 });
         match published {
             Ok(()) => {
+                crate::failpoint("after_publish").await;
                 let sql = format!(
                     "UPDATE {outbox} SET published_at = now(), attempts = attempts + 1, last_error = NULL \
                      WHERE id = ANY($1)",

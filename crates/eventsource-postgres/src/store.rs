@@ -885,6 +885,12 @@ pub(crate) fn parse_xid(text: &str) -> Result<u64, StoreError> {
 }
 
 pub(crate) fn backend(e: sqlx::Error) -> StoreError {
+    if connection_lost(&e) {
+        return StoreError::ConnectionLost {
+            operation: "a store operation",
+            source: Box::new(e),
+        };
+    }
     match &e {
         // lock_not_available (lock_timeout), query_canceled (statement_timeout)
         sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("55P03" | "57014")) => {
@@ -894,6 +900,19 @@ pub(crate) fn backend(e: sqlx::Error) -> StoreError {
             StoreError::Timeout("no database connection became free in time".into())
         }
         _ => StoreError::Backend(Box::new(e)),
+    }
+}
+
+/// Whether the connection (not the statement) failed: I/O, a closed pool, or the server
+/// ending the session (SQLSTATE class 08 connection exception, 57P01 admin_shutdown,
+/// 57P02 crash_shutdown, 57P03 cannot_connect_now).
+pub(crate) fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
     }
 }
 
@@ -949,13 +968,20 @@ impl EventStore for PostgresEventStore {
         expected: ExpectedVersion,
     ) -> BoxFuture<'a, Result<AppendResult, StoreError>> {
         Box::pin(async move {
-            if self.serialize_appends {
+            let result = if self.serialize_appends {
                 self.append_tx(aggregate_id, aggregate_type, events, expected)
                     .await
             } else {
                 self.append_one_statement(aggregate_id, aggregate_type, events, expected)
                     .await
-            }
+            };
+            result.map_err(|e| match e {
+                StoreError::ConnectionLost { source, .. } => StoreError::ConnectionLost {
+                    operation: "append",
+                    source,
+                },
+                other => other,
+            })
         })
     }
 

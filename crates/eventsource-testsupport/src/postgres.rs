@@ -143,14 +143,26 @@ fn start_private_cluster() -> String {
         );
     };
     let dir = crate::temp_dir("pg");
+    if let Err(e) = init_cluster(&bin, &dir) {
+        crate::fail_setup(&e);
+    }
+    let port = crate::free_port();
+    // Lives as long as the process; the watchdog stops it when the process ends.
+    std::mem::forget(spawn_postgres(&bin, &dir, port));
+    wait_listening(port);
+    format!("postgres://postgres@127.0.0.1:{port}/test")
+}
+
+/// `initdb` into `dir/data` (owned by `postgres` when we are root).
+fn init_cluster(bin: &Path, dir: &Path) -> Result<(), String> {
     let data = dir.join("data");
     if running_as_root() {
         let _ = Command::new("chown")
             .args(["-R", "postgres:postgres"])
-            .arg(&dir)
+            .arg(dir)
             .status();
     }
-    let init = pg_command(&bin, "initdb")
+    let init = pg_command(bin, "initdb")
         .args([
             "-U",
             "postgres",
@@ -163,18 +175,21 @@ fn start_private_cluster() -> String {
         .arg(&data)
         .output();
     match init {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => crate::fail_setup(&format!(
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
             "initdb failed for the tests' private PostgreSQL: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )),
-        Err(e) => crate::fail_setup(&format!("initdb could not run: {e}")),
+        Err(e) => Err(format!("initdb could not run: {e}")),
     }
-    let port = crate::free_port();
+}
+
+/// Starts `postgres` on `dir/data` and `port` under a watchdog (as `postgres` when root).
+fn spawn_postgres(bin: &Path, dir: &Path, port: u16) -> std::process::Child {
     let postgres = bin.join("postgres");
     let args = [
         "-D".to_owned(),
-        data.display().to_string(),
+        dir.join("data").display().to_string(),
         "-p".to_owned(),
         port.to_string(),
         "-k".to_owned(),
@@ -186,7 +201,7 @@ fn start_private_cluster() -> String {
         "-c".to_owned(),
         "max_connections=300".to_owned(),
     ];
-    let program = if running_as_root() {
+    if running_as_root() {
         // The watchdog runs `runuser -u postgres -- postgres ...`.
         let mut all = vec![
             "-u".to_owned(),
@@ -195,23 +210,103 @@ fn start_private_cluster() -> String {
             postgres.display().to_string(),
         ];
         all.extend(args);
-        std::mem::forget(crate::spawn_watched("runuser", &all, &dir));
-        port
+        crate::spawn_watched("runuser", &all, dir)
     } else {
-        std::mem::forget(crate::spawn_watched(
-            &postgres.display().to_string(),
-            &args,
-            &dir,
-        ));
-        port
-    };
+        crate::spawn_watched(&postgres.display().to_string(), &args, dir)
+    }
+}
+
+fn wait_listening(port: u16) -> bool {
     for _ in 0..300 {
-        if std::net::TcpStream::connect(("127.0.0.1", program)).is_ok() {
-            break;
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    format!("postgres://postgres@127.0.0.1:{port}/test")
+    false
+}
+
+/// A PostgreSQL cluster of a test's own, for faults that need a restart: `initdb` in a
+/// temporary directory, `postgres` on a free loopback port, stopped (and removed) when
+/// dropped and, by its watchdog, when the test process ends.
+pub struct OwnPostgres {
+    watchdog: Option<std::process::Child>,
+    /// Its port.
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl OwnPostgres {
+    /// Creates and starts the cluster.
+    ///
+    /// # Panics
+    /// When the PostgreSQL binaries are missing or the server does not come up.
+    pub fn start() -> Self {
+        let bin = pg_bin().expect("this test starts a PostgreSQL of its own: install PostgreSQL");
+        let dir = crate::temp_dir("own-pg");
+        init_cluster(&bin, &dir).unwrap_or_else(|e| panic!("{e}"));
+        let mut me = Self {
+            watchdog: None,
+            port: crate::free_port(),
+            dir,
+            bin,
+        };
+        me.start_again();
+        me
+    }
+
+    /// `postgres://postgres@127.0.0.1:{port}/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops it at once (SIGQUIT to the postmaster: an immediate shutdown, as a crash;
+    /// the next start recovers from the WAL) and waits until the port is closed.
+    pub fn kill(&mut self) {
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_owned))
+        {
+            let _ = Command::new("kill").args(["-QUIT", pid.trim()]).status();
+        }
+        if let Some(mut w) = self.watchdog.take() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = w.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts it (again, after [`kill`](Self::kill)) and waits until it listens.
+    ///
+    /// # Panics
+    /// When it does not come up within 15 s (its log is `server.log` in its directory).
+    pub fn start_again(&mut self) {
+        self.watchdog = Some(spawn_postgres(&self.bin, &self.dir, self.port));
+        assert!(
+            wait_listening(self.port),
+            "PostgreSQL on port {} did not come up; see {}",
+            self.port,
+            self.dir.join("server.log").display()
+        );
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The URL with any password replaced by `***`.

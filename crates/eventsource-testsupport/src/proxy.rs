@@ -14,7 +14,8 @@
 //! - **slicing** replies into writes of 1..=n bytes (the client's parser sees every
 //!   fragmentation);
 //! - **resets**: every open connection reset (RST) now, or the next replies cut in the middle
-//!   and then reset, or new connections reset as soon as they arrive.
+//!   and then reset, or new connections reset as soon as they arrive, or a connection reset
+//!   right after a chosen request reached the server (its reply never arrives).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -42,6 +43,8 @@ struct Faults {
 
 struct Shared {
     faults: watch::Sender<Faults>,
+    /// Reset the connection right after forwarding a request containing these bytes.
+    reset_after: std::sync::Mutex<Option<Vec<u8>>>,
     /// Replies still to be cut in the middle (then the connection is reset).
     cut_replies: AtomicUsize,
     accepted: AtomicU64,
@@ -68,6 +71,7 @@ impl FaultProxy {
         let (tx, _) = watch::channel(Faults::default());
         let shared = Arc::new(Shared {
             faults: tx,
+            reset_after: std::sync::Mutex::new(None),
             cut_replies: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             resets: AtomicU64::new(0),
@@ -131,6 +135,27 @@ impl FaultProxy {
     /// connection is reset.
     pub fn cut_next_replies(&self, n: usize) {
         self.shared.cut_replies.store(n, Ordering::SeqCst);
+    }
+
+    /// The next request (client to server chunk) containing `pattern` is forwarded, and so
+    /// is what the client sends in the next 200 ms; every reply from then on is swallowed
+    /// and the connection is reset: "the connection was lost right after COMMIT was sent".
+    pub fn reset_after_request_containing(&self, pattern: &[u8]) {
+        *self
+            .shared
+            .reset_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(pattern.to_vec());
+    }
+
+    /// Whether the armed [`reset_after_request_containing`](Self::reset_after_request_containing)
+    /// has fired.
+    pub fn reset_after_fired(&self) -> bool {
+        self.shared
+            .reset_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
     }
 
     /// While on, a new connection is reset as soon as it arrives (like a port with an
@@ -264,12 +289,14 @@ async fn connection(client: TcpStream, upstream: u16, shared: Arc<Shared>) {
     let mut cbuf = vec![0u8; 64 * 1024];
     let mut sbuf = vec![0u8; 64 * 1024];
     let (mut client_open, mut server_open) = (true, true);
+    // Set when a request armed with `reset_after_request_containing` went through.
+    let mut doom: Option<Instant> = None;
     loop {
         let faults = ctl.borrow().clone();
         if faults.stop {
             return;
         }
-        if faults.reset_generation != generation {
+        if faults.reset_generation != generation || doom.is_some_and(|d| d <= Instant::now()) {
             shared.resets.fetch_add(1, Ordering::SeqCst);
             reset(client);
             reset(server);
@@ -284,6 +311,24 @@ async fn connection(client: TcpStream, upstream: u16, shared: Arc<Shared>) {
                     reset(client);
                     return;
                 }
+                let hit = {
+                    let mut armed = shared.reset_after.lock().unwrap_or_else(|p| p.into_inner());
+                    let hit = armed.as_deref().is_some_and(|p| {
+                        !p.is_empty() && chunk.bytes.windows(p.len()).any(|w| w == p)
+                    });
+                    if hit {
+                        *armed = None;
+                    }
+                    hit
+                };
+                if hit {
+                    // Requests keep flowing for 200 ms (a protocol's sync message that
+                    // makes the server act), replies are swallowed, then the reset.
+                    doom = Some(Instant::now() + Duration::from_millis(200));
+                }
+            }
+            if doom.is_some() {
+                down.clear();
             }
             while down.front().is_some_and(|c| c.due <= now) {
                 let chunk = down.pop_front().expect("checked");
@@ -322,6 +367,7 @@ async fn connection(client: TcpStream, upstream: u16, shared: Arc<Shared>) {
                 .into_iter()
                 .flatten()
                 .map(|c| c.due)
+                .chain(doom)
                 .min()
         };
         tokio::select! {

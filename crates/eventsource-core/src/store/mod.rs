@@ -150,7 +150,25 @@ pub enum StoreError {
     /// persists.
     #[error("event store operation timed out: {0}")]
     Timeout(String),
-    /// The backend failed (connection, timeout, ...). Often transient: retry with backoff.
+    /// The connection to the database was lost during the operation (the server restarted,
+    /// the backend was terminated, the network dropped). Transient: retry with backoff. Read
+    /// operations are safe to retry. An append is all or nothing, but when the connection
+    /// dropped after the commit was sent its outcome is unknown: retry it with the same
+    /// events (same ids) — if the first attempt committed, the retry fails with
+    /// [`StoreError::DuplicateEventId`] or [`StoreError::Concurrency`] and nothing is stored
+    /// twice.
+    #[error(
+        "lost the database connection during {operation}: {source}; retry with backoff (an \
+         append retried with the same event ids cannot be stored twice)"
+    )]
+    ConnectionLost {
+        /// What was running, e.g. `append`.
+        operation: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The backend failed otherwise. Often transient: retry with backoff.
     #[error("event store backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
