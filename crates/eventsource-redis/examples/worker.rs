@@ -2,7 +2,8 @@
 //! from the bus configured by `EVENTSOURCE_REDIS_*` variables, records each handled event id
 //! in the Redis set `{stream_prefix}:handled` (each handler start in the list
 //! `{stream_prefix}:started`, and each handling as a `group consumer id micros` line in the
-//! list `{stream_prefix}:ledger`, which the fault tests' ledger reads), optionally sleeping per event (`WORKER_SLEEP_MS`), and shuts
+//! list `{stream_prefix}:ledger`, which the fault tests' ledger reads; in the Redis at
+//! `WORKER_LEDGER_URL` when set, else the bus's), optionally sleeping per event (`WORKER_SLEEP_MS`), and shuts
 //! down gracefully on SIGTERM/SIGINT. With `EVENTSOURCE_HTTP_LISTEN=127.0.0.1:9464` it also
 //! serves `/metrics`, `/healthz` and `/readyz` there.
 //!
@@ -52,7 +53,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let started_key = format!("{}:started", config.stream_prefix);
     let ledger_key = format!("{}:ledger", config.stream_prefix);
     let group = config.consumer_group.clone();
-    let client = redis::Client::open(config.redis_url.as_str())?;
+    // The records may go to another Redis (`WORKER_LEDGER_URL`), so that a fault test that
+    // kills the bus's Redis does not lose them with it.
+    let ledger_url =
+        std::env::var("WORKER_LEDGER_URL").unwrap_or_else(|_| config.redis_url.clone());
+    let client = redis::Client::open(ledger_url.as_str())?;
     let conn = client.get_multiplexed_async_connection().await?;
     let bus = RedisEventBus::new(config, registry)?;
     let me = bus.consumer_name().to_owned();

@@ -42,7 +42,7 @@ impl Serialize for DlqMessage {
 }
 
 impl DlqMessage {
-    fn from_entry(entry: StreamEntry) -> Self {
+    pub(crate) fn from_entry(entry: StreamEntry) -> Self {
         Self {
             message_id: entry.id,
             fields: entry.fields,

@@ -130,6 +130,9 @@ pub mod config;
 mod consume;
 pub mod dlq;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handle;
 #[cfg(feature = "http")]
 pub mod http;

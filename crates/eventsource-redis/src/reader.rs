@@ -487,11 +487,7 @@ fn server_error(line: &[u8]) -> ReadError {
 
 #[cfg(test)]
 mod tests {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
     use proptest::prelude::*;
-    use tokio::io::ReadBuf;
 
     use super::*;
     use crate::codec::Fields;
@@ -499,56 +495,8 @@ mod tests {
     /// Entries as (id, fields).
     type Entries = Vec<(String, Fields)>;
 
-    /// A stream that hands out `data` in pieces ending at `cuts` (and swallows writes).
-    struct Chunked {
-        data: Vec<u8>,
-        cuts: Vec<usize>,
-        pos: usize,
-    }
-
-    impl AsyncRead for Chunked {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            let pos = self.pos;
-            let end = self
-                .cuts
-                .iter()
-                .copied()
-                .find(|&c| c > pos)
-                .unwrap_or(self.data.len())
-                .min(self.data.len())
-                .min(pos + buf.remaining());
-            buf.put_slice(&self.data[pos..end]);
-            self.pos = end;
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for Chunked {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            b: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            Poll::Ready(Ok(b.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     fn parse(data: &[u8], cuts: Vec<usize>, max: usize) -> Result<Vec<ReadEntry>, ReadError> {
-        let mut reader = RespReader::new(Chunked {
-            data: data.to_vec(),
-            cuts,
-            pos: 0,
-        });
+        let mut reader = RespReader::new(crate::fuzzing::Chunked::new(data, &cuts));
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()

@@ -266,17 +266,20 @@ pub fn worker_exe() -> std::path::PathBuf {
             path.push("examples");
             path.push("worker");
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let built = std::process::Command::new(cargo)
-                .args([
-                    "build",
-                    "-q",
-                    "-p",
-                    "eventsource-redis",
-                    "--example",
-                    "worker",
-                ])
-                .status()
-                .expect("cargo runs");
+            let mut build = std::process::Command::new(cargo);
+            build.args([
+                "build",
+                "-q",
+                "-p",
+                "eventsource-redis",
+                "--example",
+                "worker",
+            ]);
+            // A release test run (the long runs) uses a release worker.
+            if path.components().any(|c| c.as_os_str() == "release") {
+                build.arg("--release");
+            }
+            let built = build.status().expect("cargo runs");
             assert!(built.success(), "building the worker example failed");
             assert!(path.exists(), "no worker at {}", path.display());
             path
