@@ -36,15 +36,29 @@ impl RedisEventBusService {
     /// are acknowledged; entries not started go back to the group). A `shutdown` that has
     /// already completed stops it at once.
     ///
+    /// A Redis that is not there yet (refused, timed out, still loading its data after a
+    /// restart) does not stop the service: it logs a warning and consumes as soon as Redis
+    /// answers, retrying with backoff (its health and `/readyz` say unready meanwhile), as a
+    /// service started before its Redis — or restarted during a Redis restart — should.
+    ///
     /// # Errors
-    /// [`RedisBusError::Connect`] when Redis cannot be reached at start;
+    /// Problems an operator must fix, at start: [`RedisBusError::Authentication`],
+    /// [`RedisBusError::NoPermission`], an invalid configuration;
     /// [`RedisBusError::AlreadyConsuming`] if the bus is consuming elsewhere — that consumer
     /// keeps running and the bus stays connected.
     pub async fn run_until(&self, shutdown: impl Future<Output = ()>) -> Result<(), RedisBusError> {
         if self.bus.is_consuming() {
             return Err(RedisBusError::AlreadyConsuming);
         }
-        self.bus.connect().await?;
+        match self.bus.connect().await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => tracing::warn!(
+                error = %crate::codec::error_chain(&e),
+                "Redis is not reachable yet; consuming starts when it answers (retrying with \
+                 backoff; check that Redis runs at the configured redis_url)"
+            ),
+            Err(e) => return Err(e),
+        }
         let result = self
             .bus
             .consume_until(async {

@@ -535,3 +535,54 @@ async fn l5_fifty_consumers_each_get_a_fair_share() {
         "a consumer got less than half its fair share: {shares:?}"
     );
 }
+
+/// A service started while nothing listens on its Redis port — Redis starts later, or the
+/// service restarts while Redis restarts or loads its data — waits for Redis (unhealthy
+/// meanwhile) instead of exiting, then consumes. Before, `run_until` returned the connect
+/// error and the worker process exited (seen in the L-2 long run: a worker restarted while
+/// Redis loaded its AOF died with `BusyLoading`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_started_before_its_redis_waits_for_it() {
+    let port = free_port();
+    let ledger = Arc::new(Ledger::new());
+    let consumer = bus(RedisEventBusConfig {
+        redis_url: format!("redis://127.0.0.1:{port}"),
+        reconnect_max_delay_ms: 300,
+        socket_connect_timeout: 0.5,
+        ..config("late", "g", "c1")
+    });
+    ledger_handler(&consumer, &ledger);
+    let service = eventsource_redis::RedisEventBusService::new(consumer.clone());
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let task = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { service.run_until(shutdown.notified()).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!task.is_finished(), "the service gave up without Redis");
+    assert_eq!(consumer.health_check().await.status, "unhealthy");
+    let server = OwnRedis::start(port, &temp_dir("late"), &[]);
+    ledger.healed();
+    let publisher = bus(RedisEventBusConfig {
+        redis_url: server.url(),
+        ..config("late", "g", "publisher")
+    });
+    let events: Vec<_> = (0..20).map(created).collect();
+    publish_recorded(&publisher, &ledger, &events)
+        .await
+        .unwrap();
+    let done = wait_until(Duration::from_secs(15), || async {
+        ledger.complete(&["g"])
+    })
+    .await;
+    shutdown.notify_one();
+    let result = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the service stops")
+        .expect("no panic");
+    assert!(result.is_ok(), "{result:?}");
+    assert!(done, "events published once Redis was up were not handled");
+    ledger
+        .check(&Expect::new("service started before Redis", &["g"]))
+        .assert_ok();
+}
