@@ -14,7 +14,8 @@
 //! **Attempts are handler starts.** The same scripts keep Redis's delivery count equal to the
 //! number of times a handler *started* on the entry: a fresh read counts one (the entry will
 //! start within milliseconds), but an entry that still waits after
-//! [`UNMARK_AFTER`] gets its count set back to its true starts, and its start is recorded
+//! [`UNMARK_AFTER`] (or three round trips to Redis, when Redis is far away) gets its count set
+//! back to its true starts, and its start is recorded
 //! (count + 1, awaited) right before its handler runs. A consumer killed with a batch in hand
 //! thus leaves true counts behind, and a crash loop dead-letters only the entry that was
 //! running, not the ones that merely waited behind it.
@@ -22,7 +23,7 @@
 //! Entries are registered in batches; dropping a batch's [`HeldBatch`] guard forgets them
 //! (no more renewals), so a cancelled consumer never keeps entries alive by accident.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -102,6 +103,9 @@ pub(crate) struct Lease {
     /// were decided (a start mark never overtaken by an older "not started" reset).
     gate: tokio::sync::Mutex<()>,
     renewer_running: AtomicBool,
+    /// Round trips to Redis (renewal scripts, heartbeats), smoothed; microseconds, 0 until
+    /// measured.
+    rtt_micros: AtomicU64,
 }
 
 /// A batch of held entries. Dropping it forgets them.
@@ -132,6 +136,30 @@ impl Lease {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How long a queued entry's delivery keeps counting as its start: [`UNMARK_AFTER`], or
+    /// three round trips to Redis when that is longer. Recording a start costs a round trip;
+    /// with a far-away Redis (tens or hundreds of milliseconds) a fixed 100 ms would unmark a
+    /// read-ahead batch while the batch before it is acknowledged, and then every entry's
+    /// start would cost a round trip of its own: a batch of 16 took 7 s at 400 ms round trips.
+    pub(crate) fn unmark_after(&self) -> Duration {
+        let rtt = Duration::from_micros(self.rtt_micros.load(Ordering::Relaxed));
+        UNMARK_AFTER.max(rtt * 3)
+    }
+
+    /// Takes a measured round trip into the estimate (an exponential average, 1/8 weight).
+    pub(crate) fn observe_rtt(&self, rtt: Duration) {
+        let sample = rtt.as_micros().min(u128::from(u32::MAX)) as u64;
+        let _ = self
+            .rtt_micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    (old * 7 + sample) / 8
+                })
+            });
+    }
+
     /// For [`RedisEventBus::begin`]: `Err(outcome)` when the outcome is known without Redis
     /// (forgotten or lost; with `fast`, also a fresh delivery that counts as its start, now
     /// marked running), else the entry's id and the count to record.
@@ -150,7 +178,7 @@ impl Lease {
             return Err(lost);
         }
         let now = Instant::now();
-        if fast && held.marked && now.duration_since(held.renewed) < UNMARK_AFTER {
+        if fast && held.marked && now.duration_since(held.renewed) < self.unmark_after() {
             held.state = State::Running(now);
             return Err(Begin::Run);
         }
@@ -316,9 +344,13 @@ impl RedisEventBus {
         for (id, count) in items {
             call.arg(*id).arg(*count);
         }
-        call.invoke_async(&mut conn)
+        let sent = Instant::now();
+        let codes = call
+            .invoke_async(&mut conn)
             .await
-            .map_err(|e| self.command_error("EVALSHA (renew held entries)", e))
+            .map_err(|e| self.command_error("EVALSHA (renew held entries)", e))?;
+        self.inner.lease.observe_rtt(sent.elapsed());
+        Ok(codes)
     }
 }
 
@@ -349,6 +381,7 @@ async fn renewer(inner: Weak<Inner>) {
             }
             idle_ticks = 0;
             let now = Instant::now();
+            let unmark_after = lease.unmark_after();
             let mut due = Vec::new();
             for (key, entries) in &mut table.batches {
                 for (index, held) in entries.iter_mut().enumerate() {
@@ -357,7 +390,7 @@ async fn renewer(inner: Weak<Inner>) {
                     }
                     let age = now.duration_since(held.renewed);
                     let wanted = match held.state {
-                        State::Queued if held.marked && age >= UNMARK_AFTER => {
+                        State::Queued if held.marked && age >= unmark_after => {
                             held.marked = false;
                             true
                         }

@@ -36,6 +36,7 @@ async fn four_plus_one_consumers_lose_nothing() {
     }
     let tasks: Vec<_> = buses.iter().map(spawn_consumer).collect();
     let events: Vec<EventEnvelope> = (0..n).map(created).collect();
+    let started = std::time::Instant::now();
     for chunk in events.chunks(500) {
         publish_recorded(&buses[0], &ledger, chunk).await.unwrap();
     }
@@ -43,10 +44,17 @@ async fn four_plus_one_consumers_lose_nothing() {
         ledger.complete(&["workers", "audit"])
     })
     .await;
+    let elapsed = started.elapsed();
     for (bus, task) in buses.iter().zip(tasks) {
         stop(bus, task).await;
     }
     assert!(done, "not complete");
+    // The rate the L-3 soak runs at half of (release build): published and handled by both
+    // groups, per second.
+    eprintln!(
+        "L-1 rate: {n} events through both groups in {elapsed:?} = {:.0} events/s",
+        n as f64 / elapsed.as_secs_f64()
+    );
     ledger
         .check(&Expect::new(
             "L-1 (20,000 events, 4 + 1 consumers)",

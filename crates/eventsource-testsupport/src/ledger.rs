@@ -177,6 +177,27 @@ impl Ledger {
             .map(|h| h.at)
     }
 
+    /// For each event published ok and handled in `group`: from its publish to its first
+    /// handling, in publish order.
+    pub fn delivery_times(&self, group: &str) -> Vec<Duration> {
+        let s = self.lock();
+        let mut first: HashMap<&str, u64> = HashMap::new();
+        for h in s.handlings.iter().filter(|h| h.group == group) {
+            first.entry(h.id.as_str()).or_insert(h.at);
+        }
+        let mut out: Vec<(u64, Duration)> = s
+            .published
+            .iter()
+            .filter(|(_, p)| p.outcome == Outcome::Ok)
+            .filter_map(|(id, p)| {
+                let at = first.get(id.as_str())?;
+                Some((p.seq, Duration::from_micros(at.saturating_sub(p.at))))
+            })
+            .collect();
+        out.sort();
+        out.into_iter().map(|(_, d)| d).collect()
+    }
+
     /// Handler runs per consumer of `group`.
     pub fn handlings_per_consumer(&self, group: &str) -> HashMap<String, usize> {
         let mut out: HashMap<String, usize> = HashMap::new();

@@ -334,6 +334,7 @@ impl RedisEventBus {
         let Ok(mut conn) = self.commands().await else {
             return;
         };
+        let sent = Instant::now();
         let result: redis::RedisResult<redis::Value> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.inner.config.consumer_group)
@@ -346,8 +347,9 @@ impl RedisEventBus {
             .arg("18446744073709551615-18446744073709551614")
             .query_async(&mut conn)
             .await;
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "consumer heartbeat failed");
+        match result {
+            Ok(_) => self.inner.lease.observe_rtt(sent.elapsed()),
+            Err(e) => tracing::debug!(error = %e, "consumer heartbeat failed"),
         }
     }
 
