@@ -443,3 +443,89 @@ async fn idle_consumers_without_pending_entries_are_pruned() {
         "their entries are still claimable"
     );
 }
+
+/// R-29 at scale, judged by the ledger: 1,000 events, 1 % of them poison (their handler
+/// always fails), `max_retries` 3, two consumers. Each poison event runs exactly
+/// `1 + max_retries` times and its dead letter names the reason and the group; the dead-letter
+/// queue holds exactly the poison set; every healthy event is handled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r29_one_percent_poison_is_dead_lettered_exactly() {
+    let prefix = unique_prefix("r29");
+    let _c = Cleanup(prefix.clone());
+    let ledger = Arc::new(Ledger::new());
+    let attempts: Arc<Mutex<std::collections::HashMap<String, u32>>> = Default::default();
+    let is_poison = |customer: &str| customer.ends_with("37");
+    let mut buses = Vec::new();
+    for name in ["c1", "c2"] {
+        let b = bus(RedisEventBusConfig {
+            max_retries: 3,
+            pending_idle_ms: 300,
+            recovery_interval_ms: 50,
+            ..config(&prefix, "billing", name)
+        });
+        let (ledger, attempts) = (ledger.clone(), attempts.clone());
+        b.subscribe(named("charge-card", move |e: Event<OrderCreated>| {
+            let (ledger, attempts) = (ledger.clone(), attempts.clone());
+            async move {
+                let id = e.metadata.event_id.to_string();
+                if is_poison(&e.customer_id) {
+                    *attempts.lock().unwrap().entry(id).or_default() += 1;
+                    return Err::<(), HandlerError>("card declined".into());
+                }
+                ledger.handled("billing", name, &id);
+                Ok(())
+            }
+        }));
+        b.connect().await.unwrap();
+        buses.push(b);
+    }
+    let tasks: Vec<_> = buses.iter().map(spawn_consumer).collect();
+    let events: Vec<EventEnvelope> = (0..1000).map(created).collect();
+    // `created(i)` is customer `cust-{i}`.
+    let poison: HashSet<String> = events
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| is_poison(&format!("cust-{i}")))
+        .map(|(_, e)| e.event_id().to_string())
+        .collect();
+    assert_eq!(poison.len(), 10);
+    for chunk in events.chunks(100) {
+        publish_recorded(&buses[0], &ledger, chunk).await.unwrap();
+    }
+    let dead_lettered = wait_until(Duration::from_secs(60), || async {
+        buses
+            .iter()
+            .map(|b| b.stats().messages_sent_to_dlq)
+            .sum::<u64>()
+            == 10
+    })
+    .await;
+    let complete = wait_until(Duration::from_secs(60), || async {
+        ledger.handled_ids("billing").len() == 990
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (b, t) in buses.iter().zip(tasks) {
+        stop(b, t).await;
+    }
+    assert!(dead_lettered && complete);
+    for letter in buses[0].get_dlq_messages(100).await.unwrap() {
+        assert_eq!(letter.consumer_group(), Some("billing"));
+        assert!(
+            letter.error().is_some_and(|e| e.contains("card declined")),
+            "{letter:?}"
+        );
+        assert_eq!(letter.retry_count(), Some(3));
+        ledger.dead_lettered("billing", letter.get("event_id").unwrap());
+    }
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 10);
+    assert!(
+        attempts.values().all(|&n| n == 4),
+        "each poison event ran exactly 1 + max_retries times: {attempts:?}"
+    );
+    ledger
+        .check(&Expect::new("R-29 1 % poison, max_retries 3", &["billing"]).poison(&poison))
+        .assert_ok();
+    assert_eq!(pending(buses[0].stream_name(), "billing").await, 0);
+}
