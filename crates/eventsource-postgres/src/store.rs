@@ -903,12 +903,12 @@ pub(crate) fn backend(e: sqlx::Error) -> StoreError {
     }
 }
 
-/// Whether the connection (not the statement) failed: I/O, a closed pool, or the server
-/// ending the session (SQLSTATE class 08 connection exception, 57P01 admin_shutdown,
-/// 57P02 crash_shutdown, 57P03 cannot_connect_now).
+/// Whether the connection (not the statement) failed: I/O, or the server ending the session
+/// (SQLSTATE class 08 connection exception, 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03
+/// cannot_connect_now). A pool the application closed is not: retrying cannot help.
 pub(crate) fn connection_lost(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
             c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
         }),

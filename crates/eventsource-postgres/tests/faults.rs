@@ -260,23 +260,6 @@ async fn stream_ids(stream: &str) -> Vec<String> {
         .collect()
 }
 
-async fn del_stream(prefix: &str) {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
-}
-
 /// P-5: PostgreSQL is restarted (an immediate shutdown, then a start with WAL recovery)
 /// while four writers append and the outbox relay publishes to Redis. Appends during the
 /// outage fail with `ConnectionLost` (or a timeout waiting for a connection); the pool and the
@@ -286,6 +269,7 @@ async fn del_stream(prefix: &str) {
 async fn p5_postgres_restarted_under_load_pool_and_relay_recover() {
     let mut pg = OwnPostgres::start();
     let prefix = format!("es-test:p5:{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let _keys = eventsource_testsupport::Cleanup(prefix.clone());
     let store = PostgresEventStore::connect(
         &pg.url(),
         PostgresStoreConfig {
@@ -412,7 +396,6 @@ async fn p5_postgres_restarted_under_load_pool_and_relay_recover() {
     for id in stream_ids(&stream).await {
         ledger.handled("stream", "relay", id);
     }
-    del_stream(&prefix).await;
     eprintln!(
         "appends ok {}, connection lost {}, no connection in time {}",
         totals.0, totals.1, totals.2
@@ -441,6 +424,7 @@ async fn p6_relay_killed_between_publish_and_mark_duplicates_never_loses() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let (store, guard) = store("p6", true).await;
     let prefix = format!("es-test:p6:{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let _keys = eventsource_testsupport::Cleanup(prefix.clone());
     let stream = format!("{prefix}:stream");
     let ledger = Ledger::new();
     for _ in 0..20 {
@@ -507,7 +491,6 @@ async fn p6_relay_killed_between_publish_and_mark_duplicates_never_loses() {
     for id in stream_ids(&stream).await {
         ledger.handled("stream", "relay", id);
     }
-    del_stream(&prefix).await;
     assert!(done, "the restarted relay marked everything published");
     let report = ledger
         .check(

@@ -156,21 +156,27 @@ impl Inner {
                 stream = %self.stream,
                 read_count = after,
                 "{what}: the reply for {before} entries did not arrive within socket_timeout \
-                 ({:?}); reading {after} at a time until replies arrive in time (raise \
-                 socket_timeout for a slow link)",
+                 ({:?}); reading {after} at a time until replies arrive in time (after an \
+                 outage this recovers by itself; on a slow link or with large entries, raise \
+                 socket_timeout)",
                 self.config.socket_timeout()
             );
         }
     }
 
-    /// A reply arrived in time: after one that carried entries, grow back towards
-    /// `batch_size` by one (halve on timeout, add one on success, as TCP's congestion window
-    /// does: a link that cannot carry a full batch costs one timeout per `batch_size / 2`
-    /// reads, not one per read).
-    pub(crate) fn reply_arrived(&self, carried_entries: bool) {
+    /// A reply arrived in time (`took` from sending the read): after one that carried
+    /// entries, grow back towards `batch_size` — doubling when it came back quickly (under a
+    /// quarter of `socket_timeout`: the timeouts were an outage, not the link), else by one
+    /// (halve on timeout, add one on success, as TCP's congestion window does: a link that
+    /// cannot carry a full batch costs one timeout per `batch_size / 2` reads, not one per
+    /// read).
+    pub(crate) fn reply_arrived(&self, carried_entries: bool, took: Duration) {
         let now = self.read_count.load(Ordering::Relaxed);
         if carried_entries && now < self.config.batch_size {
-            self.read_count.store(now + 1, Ordering::Relaxed);
+            let quick = took < self.config.socket_timeout() / 4;
+            let next = if quick { now * 2 } else { now + 1 };
+            self.read_count
+                .store(next.min(self.config.batch_size), Ordering::Relaxed);
         }
     }
 

@@ -222,12 +222,18 @@ pub(crate) fn is_nogroup(e: &redis::RedisError) -> bool {
     e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
 }
 
-/// As [`is_nogroup`], for a bus error.
 /// Whether a bus error is a command that timed out.
 pub(crate) fn bus_error_is_timeout(e: &RedisBusError) -> bool {
     matches!(e, RedisBusError::Command { source, .. } if source.is_timeout())
 }
 
+/// Whether Redis refused a command for lack of memory or disk (`OOM`, `MISCONF`): not
+/// transient by itself, but it passes when an operator frees memory or disk.
+pub(crate) fn bus_error_is_refusal(e: &RedisBusError) -> bool {
+    matches!(e, RedisBusError::Command { source, .. } if matches!(source.code(), Some("OOM" | "MISCONF")))
+}
+
+/// As [`is_nogroup`], for a bus error.
 pub(crate) fn bus_error_is_nogroup(e: &RedisBusError) -> bool {
     match e {
         RedisBusError::Command { source, .. } => is_nogroup(source),

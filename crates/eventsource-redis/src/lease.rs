@@ -137,13 +137,16 @@ impl Lease {
     }
 
     /// How long a queued entry's delivery keeps counting as its start: [`UNMARK_AFTER`], or
-    /// three round trips to Redis when that is longer. Recording a start costs a round trip;
-    /// with a far-away Redis (tens or hundreds of milliseconds) a fixed 100 ms would unmark a
-    /// read-ahead batch while the batch before it is acknowledged, and then every entry's
-    /// start would cost a round trip of its own: a batch of 16 took 7 s at 400 ms round trips.
-    pub(crate) fn unmark_after(&self) -> Duration {
+    /// three round trips to Redis when that is longer, but never longer than the renewal
+    /// interval (`renew_after`, a third of `pending_idle_ms`: past that the entry's lease is
+    /// what matters, and another consumer may take an entry whose renewals failed). Recording
+    /// a start costs a round trip; with a far-away Redis (tens or hundreds of milliseconds) a
+    /// fixed 100 ms would unmark a read-ahead batch while the batch before it is acknowledged,
+    /// and then every entry's start would cost a round trip of its own: a batch of 16 took
+    /// 7 s at 400 ms round trips.
+    pub(crate) fn unmark_after(&self, renew_after: Duration) -> Duration {
         let rtt = Duration::from_micros(self.rtt_micros.load(Ordering::Relaxed));
-        UNMARK_AFTER.max(rtt * 3)
+        UNMARK_AFTER.max((rtt * 3).min(renew_after))
     }
 
     /// Takes a measured round trip into the estimate (an exponential average, 1/8 weight).
@@ -161,13 +164,13 @@ impl Lease {
     }
 
     /// For [`RedisEventBus::begin`]: `Err(outcome)` when the outcome is known without Redis
-    /// (forgotten or lost; with `fast`, also a fresh delivery that counts as its start, now
-    /// marked running), else the entry's id and the count to record.
+    /// (forgotten or lost; with `fast` (the renewal interval), also a fresh delivery that
+    /// counts as its start, now marked running), else the entry's id and the count to record.
     fn still_held(
         &self,
         batch: &HeldBatch,
         index: usize,
-        fast: bool,
+        fast: Option<Duration>,
     ) -> Result<(String, u32), Begin> {
         let mut table = self.lock();
         let Some(held) = table.entry(batch.key, index) else {
@@ -178,7 +181,10 @@ impl Lease {
             return Err(lost);
         }
         let now = Instant::now();
-        if fast && held.marked && now.duration_since(held.renewed) < self.unmark_after() {
+        if let Some(renew_after) = fast
+            && held.marked
+            && now.duration_since(held.renewed) < self.unmark_after(renew_after)
+        {
             held.state = State::Running(now);
             return Err(Begin::Run);
         }
@@ -246,11 +252,12 @@ impl RedisEventBus {
         // Counted by its delivery and renewed moments ago (the common, fast case): no round
         // trip. Otherwise (it waited, or this process was frozen) record the start and check
         // it is still ours.
-        if let Err(known) = self.inner.lease.still_held(batch, index, true) {
+        let renew_after = Duration::from_millis(self.inner.config.pending_idle_ms / 3);
+        if let Err(known) = self.inner.lease.still_held(batch, index, Some(renew_after)) {
             return Ok(known);
         }
         let _gate = self.inner.lease.gate.lock().await;
-        let (id, count) = match self.inner.lease.still_held(batch, index, false) {
+        let (id, count) = match self.inner.lease.still_held(batch, index, None) {
             Ok(next) => next,
             Err(known) => return Ok(known),
         };
@@ -381,7 +388,7 @@ async fn renewer(inner: Weak<Inner>) {
             }
             idle_ticks = 0;
             let now = Instant::now();
-            let unmark_after = lease.unmark_after();
+            let unmark_after = lease.unmark_after(renew_after);
             let mut due = Vec::new();
             for (key, entries) in &mut table.batches {
                 for (index, held) in entries.iter_mut().enumerate() {

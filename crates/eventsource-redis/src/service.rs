@@ -37,9 +37,10 @@ impl RedisEventBusService {
     /// already completed stops it at once.
     ///
     /// A Redis that is not there yet (refused, timed out, still loading its data after a
-    /// restart) does not stop the service: it logs a warning and consumes as soon as Redis
-    /// answers, retrying with backoff (its health and `/readyz` say unready meanwhile), as a
-    /// service started before its Redis — or restarted during a Redis restart — should.
+    /// restart) or refuses writes for now (`OOM`, `MISCONF`: full memory or disk) does not stop
+    /// the service: it logs it and consumes as soon as Redis answers and accepts writes,
+    /// retrying with backoff (its health and `/readyz` say unready meanwhile), as a service
+    /// started before its Redis — or restarted during a Redis restart — should.
     ///
     /// # Errors
     /// Problems an operator must fix, at start: [`RedisBusError::Authentication`],
@@ -56,6 +57,11 @@ impl RedisEventBusService {
                 error = %crate::codec::error_chain(&e),
                 "Redis is not reachable yet; consuming starts when it answers (retrying with \
                  backoff; check that Redis runs at the configured redis_url)"
+            ),
+            // A full disk or memory: the running consumer waits these out too (unhealthy).
+            Err(e) if crate::error::bus_error_is_refusal(&e) => tracing::error!(
+                error = %crate::codec::error_chain(&e),
+                "Redis refuses writes; consuming starts when it accepts them again"
             ),
             Err(e) => return Err(e),
         }

@@ -384,8 +384,9 @@ async fn r36_publishing_faster_than_handling_keeps_consumer_memory_bounded() {
     eprintln!(
         "published {published}, handled by the slow consumer {handled}; its RSS (KiB) {samples:?}"
     );
+    // Relative, so a busy machine (slower publishing and handling alike) does not fail it.
     assert!(
-        published - handled > 5_000,
+        published >= 2 * handled && published - handled > 2_000,
         "the backlog built up ({published} published, {handled} handled)"
     );
     let baseline = baseline.unwrap();

@@ -64,6 +64,8 @@ struct State {
     next_seq: u64,
     handlings: Vec<Handling>,
     attempts: HashMap<(String, String), u32>,
+    /// Per group: each handled id and its earliest handling time.
+    first: HashMap<String, HashMap<String, u64>>,
     dead: HashMap<String, HashSet<String>>,
     healed: Option<u64>,
 }
@@ -125,6 +127,13 @@ impl Ledger {
             .and_modify(|n| *n += 1)
             .or_insert(1);
         let attempt = *attempt;
+        let first = s
+            .first
+            .entry(group.to_owned())
+            .or_default()
+            .entry(id.clone())
+            .or_insert(at);
+        *first = (*first).min(at);
         s.handlings.push(Handling {
             id,
             group: group.to_owned(),
@@ -161,30 +170,23 @@ impl Ledger {
     /// Distinct ids handled in `group`.
     pub fn handled_ids(&self, group: &str) -> HashSet<String> {
         self.lock()
-            .handlings
-            .iter()
-            .filter(|h| h.group == group)
-            .map(|h| h.id.clone())
-            .collect()
+            .first
+            .get(group)
+            .map(|ids| ids.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// When `id` was first handled in `group` (microseconds since the Unix epoch).
     pub fn first_handled_at(&self, group: &str, id: &str) -> Option<u64> {
-        self.lock()
-            .handlings
-            .iter()
-            .find(|h| h.group == group && h.id == id)
-            .map(|h| h.at)
+        self.lock().first.get(group)?.get(id).copied()
     }
 
     /// For each event published ok and handled in `group`: from its publish to its first
     /// handling, in publish order.
     pub fn delivery_times(&self, group: &str) -> Vec<Duration> {
         let s = self.lock();
-        let mut first: HashMap<&str, u64> = HashMap::new();
-        for h in s.handlings.iter().filter(|h| h.group == group) {
-            first.entry(h.id.as_str()).or_insert(h.at);
-        }
+        let empty = HashMap::new();
+        let first = s.first.get(group).unwrap_or(&empty);
         let mut out: Vec<(u64, Duration)> = s
             .published
             .iter()
@@ -218,22 +220,24 @@ impl Ledger {
     }
 
     /// Whether every id published ok has been handled (or dead-lettered) in each group.
+    /// Cheap enough to poll: a count comparison first, the ids only when the counts match.
     pub fn complete(&self, groups: &[&str]) -> bool {
         let s = self.lock();
-        let mut seen: HashMap<&str, HashSet<&str>> = HashMap::new();
-        for h in &s.handlings {
-            seen.entry(h.group.as_str())
-                .or_default()
-                .insert(h.id.as_str());
-        }
+        let ok: Vec<&String> = s
+            .published
+            .iter()
+            .filter(|(_, p)| p.outcome == Outcome::Ok)
+            .map(|(id, _)| id)
+            .collect();
         groups.iter().all(|g| {
-            let handled = seen.get(g);
+            let handled = s.first.get(*g);
             let dead = s.dead.get(*g);
-            s.published.iter().all(|(id, p)| {
-                p.outcome != Outcome::Ok
-                    || handled.is_some_and(|h| h.contains(id.as_str()))
-                    || dead.is_some_and(|d| d.contains(id))
-            })
+            let known = handled.map_or(0, HashMap::len) + dead.map_or(0, HashSet::len);
+            known >= ok.len()
+                && ok.iter().all(|id| {
+                    handled.is_some_and(|h| h.contains_key(*id))
+                        || dead.is_some_and(|d| d.contains(*id))
+                })
         })
     }
 
@@ -297,16 +301,14 @@ impl Ledger {
 
 fn check_group(s: &State, group: &str, expect: &Expect) -> GroupReport {
     let mut times: HashMap<&str, u32> = HashMap::new();
-    let mut first_at: HashMap<&str, u64> = HashMap::new();
+    let empty = HashMap::new();
+    let first_at = s.first.get(group).unwrap_or(&empty);
     let mut unexpected = BTreeMap::new();
-    // Per aggregate, the publish positions in the order of first handling.
-    let mut order: HashMap<&str, Vec<(u64, &str)>> = HashMap::new();
+    // Per aggregate, (first handling time, publish position, id), sorted by time below.
+    let mut order: HashMap<&str, Vec<(u64, u64, &str)>> = HashMap::new();
     for h in s.handlings.iter().filter(|h| h.group == group) {
         let n = times.entry(h.id.as_str()).or_default();
         *n += 1;
-        if *n == 1 {
-            first_at.insert(h.id.as_str(), h.at);
-        }
         match s.published.get(&h.id) {
             None => {
                 unexpected.insert(h.id.clone(), "handled but never published");
@@ -316,10 +318,11 @@ fn check_group(s: &State, group: &str, expect: &Expect) -> GroupReport {
             }
             Some(p) => {
                 if *n == 1 {
-                    order
-                        .entry(p.aggregate.as_str())
-                        .or_default()
-                        .push((p.seq, h.id.as_str()));
+                    order.entry(p.aggregate.as_str()).or_default().push((
+                        first_at[&h.id],
+                        p.seq,
+                        h.id.as_str(),
+                    ));
                 }
             }
         }
@@ -348,12 +351,13 @@ fn check_group(s: &State, group: &str, expect: &Expect) -> GroupReport {
         .count();
     let mut order_violations = Vec::new();
     if expect.ordered {
-        for (aggregate, handled) in &order {
+        for (aggregate, handled) in &mut order {
+            handled.sort();
             for pair in handled.windows(2) {
-                if pair[1].0 < pair[0].0 {
+                if pair[1].1 < pair[0].1 {
                     order_violations.push(format!(
                         "aggregate {aggregate}: {} (published later) handled before {}",
-                        pair[0].1, pair[1].1
+                        pair[0].2, pair[1].2
                     ));
                 }
             }
@@ -361,6 +365,15 @@ fn check_group(s: &State, group: &str, expect: &Expect) -> GroupReport {
         order_violations.sort();
     }
     let mut dead_letter_mismatch = Vec::new();
+    if expect.poison.is_none() {
+        let mut unexpected_dead: Vec<&String> = dead.iter().collect();
+        unexpected_dead.sort();
+        for id in unexpected_dead {
+            dead_letter_mismatch.push(format!(
+                "{id}: dead-lettered, and the scenario names no poison"
+            ));
+        }
+    }
     if let Some(poison) = &expect.poison {
         for id in dead.difference(poison) {
             dead_letter_mismatch.push(format!("{id}: dead-lettered but not poison"));
@@ -377,7 +390,7 @@ fn check_group(s: &State, group: &str, expect: &Expect) -> GroupReport {
             .published
             .iter()
             .filter(|(_, p)| p.outcome == Outcome::Ok && p.at <= healed)
-            .filter_map(|(id, _)| first_at.get(id.as_str()))
+            .filter_map(|(id, _)| first_at.get(id))
             .max()
             .copied()
             .unwrap_or(healed);
@@ -648,12 +661,17 @@ mod tests {
         l.published("c1", "C", Outcome::Indeterminate);
         l.published("d1", "D", Outcome::Failed);
         l.published("p1", "P", Outcome::Ok);
-        l.handled("g", "w1", "a2");
-        l.handled("g", "w1", "a1");
-        l.handled("g", "w2", "a1");
-        l.handled("g", "w1", "c1");
-        l.handled("g", "w1", "d1");
-        l.handled("g", "w1", "zz");
+        // Explicit times: a2 (published later) is handled before a1.
+        for (at, consumer, id) in [
+            (10, "w1", "a2"),
+            (20, "w1", "a1"),
+            (30, "w2", "a1"),
+            (40, "w1", "c1"),
+            (50, "w1", "d1"),
+            (60, "w1", "zz"),
+        ] {
+            l.handled_at("g", consumer, id.to_owned(), at);
+        }
         l.dead_lettered("g", "p1");
         let r = l.check(
             &Expect::new("self-test", &["g"])
@@ -668,6 +686,13 @@ mod tests {
         assert_eq!(g.order_violations.len(), 1);
         assert!(g.dead_letter_mismatch.is_empty());
         assert_eq!(r.problems().len(), 4, "{:?}", r.problems());
+        // Without a poison set, a dead letter is itself a problem.
+        let r = l.check(&Expect::new("no poison named", &["g"]));
+        assert!(
+            r.group("g").dead_letter_mismatch[0].contains("p1"),
+            "{:?}",
+            r.group("g")
+        );
     }
 
     #[test]

@@ -282,7 +282,10 @@ impl OwnPostgres {
             let _ = w.kill();
             let _ = w.wait();
         }
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -139,6 +139,7 @@ impl RedisEventBus {
             }
             // 1. This consumer's own pending entries (after a start or a reconnect).
             if let Some(after) = &own_pending {
+                let sent = Instant::now();
                 let mut read = self.read_own_pending(after).await;
                 if read.as_ref().is_err_and(RedisBusError::is_transient) {
                     // The command connection reconnects after its first failure: try again.
@@ -146,7 +147,7 @@ impl RedisEventBus {
                 }
                 let (page, last) = match read {
                     Ok(read) => {
-                        self.inner.reply_arrived(read.1.is_some());
+                        self.inner.reply_arrived(read.1.is_some(), sent.elapsed());
                         read
                     }
                     Err(e) => {
@@ -245,7 +246,6 @@ impl RedisEventBus {
             match read {
                 Ok((items, held)) => {
                     self.recovered_from_problem(&mut backoff);
-                    self.inner.reply_arrived(!items.is_empty());
                     if items.is_empty() {
                         continue;
                     }
@@ -271,9 +271,6 @@ impl RedisEventBus {
                     e
                     @ (ReadError::Connection(_) | ReadError::TimedOut(_) | ReadError::Protocol(_)),
                 ) => {
-                    if matches!(e, ReadError::TimedOut(_)) {
-                        self.inner.reply_timed_out("XREADGROUP");
-                    }
                     reader = None;
                     group_ok = false;
                     // Entries Redis delivered in a reply we never saw are ours and pending:
@@ -383,7 +380,15 @@ impl RedisEventBus {
             id: ">".to_owned(),
             max_entry_bytes: cfg.max_entry_bytes,
         };
+        let sent = Instant::now();
         let (back, read) = reader.read(request, timeout).await;
+        match &read {
+            Ok(entries) => self
+                .inner
+                .reply_arrived(!entries.is_empty(), sent.elapsed()),
+            Err(ReadError::TimedOut(_)) => self.inner.reply_timed_out("XREADGROUP"),
+            Err(_) => {}
+        }
         let read = read.map(|entries| {
             let items: Vec<Item> = entries
                 .into_iter()
