@@ -142,7 +142,7 @@ impl Readiness {
             let bus = bus.clone();
             async move {
                 let health = bus.health_check().await;
-                if health.status == "healthy" {
+                if health.status == crate::HealthStatus::Healthy {
                     Ok(())
                 } else {
                     Err(format!(

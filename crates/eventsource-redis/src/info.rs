@@ -131,12 +131,43 @@ pub struct StreamInfo {
     pub error: Option<String>,
 }
 
+/// The verdict of a [`Health`] check; serialised (and displayed) as the tutorial's
+/// `"healthy"`, `"degraded"`, `"unhealthy"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum HealthStatus {
+    /// Redis answers and the consumer runs without a problem.
+    Healthy,
+    /// Redis answers, but nothing consumes (a publisher, or a stopped consumer).
+    Degraded,
+    /// Redis cannot be reached or refuses writes, or the consumer is paused or stuck on a
+    /// problem an operator must fix (`Health::error` says which).
+    Unhealthy,
+}
+
+impl HealthStatus {
+    /// `"healthy"`, `"degraded"` or `"unhealthy"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Degraded => "degraded",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+impl std::fmt::Display for HealthStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What [`RedisEventBus::health_check`] reports (the tutorial's "Health Check").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Health {
-    /// `healthy` (connected and consuming), `degraded` (connected, not consuming) or
-    /// `unhealthy` (Redis unreachable).
-    pub status: &'static str,
+    /// Healthy (connected and consuming), degraded (connected, not consuming) or unhealthy.
+    pub status: HealthStatus,
     /// Whether Redis answered.
     pub connected: bool,
     /// Whether the consume loop runs.
@@ -397,11 +428,11 @@ impl RedisEventBus {
         let problem = crate::bus::lock(&self.inner.control.problem).clone();
         let stuck = problem.as_ref().is_some_and(|p| !p.transient);
         let status = match (info.connected, consuming) {
-            (false, _) => "unhealthy",
-            (true, _) if risks.refusing_writes.is_some() => "unhealthy",
-            (true, true) if paused.is_some() || stuck => "unhealthy",
-            (true, true) => "healthy",
-            (true, false) => "degraded",
+            (false, _) => HealthStatus::Unhealthy,
+            (true, _) if risks.refusing_writes.is_some() => HealthStatus::Unhealthy,
+            (true, true) if paused.is_some() || stuck => HealthStatus::Unhealthy,
+            (true, true) => HealthStatus::Healthy,
+            (true, false) => HealthStatus::Degraded,
         };
         let error = risks
             .refusing_writes

@@ -7,8 +7,15 @@
 //!
 //! ```no_run
 //! use eventsource_core::prelude::*;
-//! use eventsource_core::testkit::orders::OrderCreated;
 //! use eventsource_redis::{RedisEventBus, RedisEventBusConfig};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize)]
+//! struct OrderCreated {
+//!     customer_id: String,
+//!     total_amount: f64,
+//! }
+//! eventsource_core::domain_event!(OrderCreated, "OrderCreated", aggregate = "Order");
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! let registry = EventRegistry::new();
@@ -154,7 +161,9 @@ pub use config::{ConfigError, RedisEventBusConfig, RejectedPolicy};
 pub use consume::ShutdownReport;
 pub use dlq::{DlqMessage, HistoryError, HistorySummary, ReplayOutcome};
 pub use error::RedisBusError;
-pub use info::{BusStats, GroupInfo, Health, PendingEntry, StreamDetails, StreamInfo};
+pub use info::{
+    BusStats, GroupInfo, Health, HealthStatus, PendingEntry, StreamDetails, StreamInfo,
+};
 pub use ops::{ConsumerInfo, PurgeOutcome};
 pub use recovery::{RecoveryOptions, RecoveryStats};
 pub use service::RedisEventBusService;

@@ -66,23 +66,22 @@ pub struct RecoveryStats {
     pub deleted: u64,
 }
 
-impl std::ops::Index<&str> for RecoveryStats {
-    type Output = u64;
-    /// The tutorial's dictionary access: `stats["reprocessed"]`. Panics on an unknown key.
-    fn index(&self, key: &str) -> &u64 {
-        match key {
-            "checked" => &self.checked,
-            "claimed" => &self.claimed,
-            "reprocessed" => &self.reprocessed,
-            "dlq" => &self.dlq,
-            "failed" => &self.failed,
-            "deleted" => &self.deleted,
-            other => panic!("RecoveryStats has no field {other:?}"),
-        }
-    }
-}
-
 impl RecoveryStats {
+    /// A counter by the tutorial's name (`"checked"`, `"claimed"`, `"reprocessed"`, `"dlq"`,
+    /// `"failed"`, `"deleted"`), for code ported from eventsource-py's `stats["reprocessed"]`;
+    /// `None` for an unknown name. Rust code reads the fields.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        Some(match name {
+            "checked" => self.checked,
+            "claimed" => self.claimed,
+            "reprocessed" => self.reprocessed,
+            "dlq" => self.dlq,
+            "failed" => self.failed,
+            "deleted" => self.deleted,
+            _ => return None,
+        })
+    }
+
     pub(crate) fn log(&self) {
         if self.claimed > 0 || self.dlq > 0 || self.deleted > 0 {
             tracing::info!(

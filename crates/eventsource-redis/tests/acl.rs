@@ -79,7 +79,10 @@ async fn the_documented_rules_run_the_whole_flow() {
         .unwrap();
     let task = spawn_consumer(&consumer);
     assert!(wait_until(WAIT, || async { handled.load(Ordering::SeqCst) == 4 }).await);
-    assert_eq!(consumer.health_check().await.status, "healthy");
+    assert_eq!(
+        consumer.health_check().await.status,
+        eventsource_redis::HealthStatus::Healthy
+    );
     // The failed entry: recovery dead-letters it (max_retries 0), replay brings it back.
     let stats = consumer
         .recover_pending_messages(RecoveryOptions {
@@ -133,7 +136,7 @@ async fn a_missing_permission_names_the_command_and_the_grant() {
     assert!(
         wait_until(WAIT, || async {
             let health = consumer.health_check().await;
-            health.status == "unhealthy"
+            health.status == eventsource_redis::HealthStatus::Unhealthy
                 && health
                     .error
                     .as_deref()

@@ -186,7 +186,10 @@ async fn unresponsive_redis_gives_typed_timeouts_then_recovers() {
     );
     assert!(matches!(err, RedisBusError::Command { .. }), "{err:?}");
     assert!(err.is_transient(), "{err}");
-    assert_eq!(bus.health_check().await.status, "unhealthy");
+    assert_eq!(
+        bus.health_check().await.status,
+        eventsource_redis::HealthStatus::Unhealthy
+    );
     sleeper.await.unwrap();
     let mut recovered = false;
     for _ in 0..50 {
@@ -199,7 +202,7 @@ async fn unresponsive_redis_gives_typed_timeouts_then_recovers() {
     assert!(recovered, "publishing works again");
     assert_eq!(
         bus.health_check().await.status,
-        "degraded",
+        eventsource_redis::HealthStatus::Degraded,
         "connected, not consuming"
     );
 }

@@ -772,7 +772,7 @@ async fn a_bad_deploy_pauses_instead_of_draining_the_stream_into_the_dlq() {
     let task = spawn_consumer(&new_version);
     assert!(
         wait_until(WAIT, || async {
-            new_version.health_check().await.status == "unhealthy"
+            new_version.health_check().await.status == eventsource_redis::HealthStatus::Unhealthy
         })
         .await
     );

@@ -102,11 +102,14 @@ async fn stream_info_and_stats() {
             health.consuming,
             health.pending_messages
         ),
-        ("degraded", true, false, 4)
+        (eventsource_redis::HealthStatus::Degraded, true, false, 4)
     );
     let task = spawn_consumer(&bus);
     assert!(wait_until(WAIT, || async { bus.is_consuming() }).await);
-    assert_eq!(bus.health_check().await.status, "healthy");
+    assert_eq!(
+        bus.health_check().await.status,
+        eventsource_redis::HealthStatus::Healthy
+    );
     stop(&bus, task).await;
 }
 

@@ -54,7 +54,10 @@ async fn unreachable_redis_is_a_clear_error() {
     let info = bus.get_stream_info().await;
     assert!(!info.connected);
     assert!(info.error.is_some());
-    assert_eq!(bus.health_check().await.status, "unhealthy");
+    assert_eq!(
+        bus.health_check().await.status,
+        eventsource_redis::HealthStatus::Unhealthy
+    );
 }
 
 /// A batch is published in one pipelined call; entries have the wire fields in order; ids

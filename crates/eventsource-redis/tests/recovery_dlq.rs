@@ -58,7 +58,13 @@ async fn recovery_reprocesses_a_crashed_consumers_entries() {
         ),
         (3, 3, 3, 0, 0)
     );
-    assert_eq!(stats["reprocessed"], 3);
+    assert_eq!(stats.reprocessed, 3);
+    assert_eq!(stats.get("reprocessed"), Some(3), "the tutorial's name");
+    assert_eq!(
+        stats.get("no such counter"),
+        None,
+        "an unknown name is None, not a panic"
+    );
     assert_eq!(handled.load(Ordering::SeqCst), 3);
     assert_eq!(pending(bus.stream_name(), "g").await, 0);
     assert_eq!(bus.stats().messages_recovered, 3);

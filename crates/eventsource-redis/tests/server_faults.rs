@@ -170,7 +170,7 @@ async fn r19_a_full_aof_disk_is_unhealthy_until_space_returns() {
     let refused = refused.expect("the disk filled up");
     assert!(refused.contains("MISCONF"), "{refused}");
     let unhealthy = wait_until(Duration::from_secs(10), || async {
-        consumer.health_check().await.status == "unhealthy"
+        consumer.health_check().await.status == eventsource_redis::HealthStatus::Unhealthy
     })
     .await;
     let health = consumer.health_check().await;
@@ -186,7 +186,7 @@ async fn r19_a_full_aof_disk_is_unhealthy_until_space_returns() {
     ledger.healed();
     assert!(
         wait_until(Duration::from_secs(15), || async {
-            consumer.health_check().await.status == "healthy"
+            consumer.health_check().await.status == eventsource_redis::HealthStatus::Healthy
         })
         .await,
         "healthy again: {:?}",
@@ -561,7 +561,10 @@ async fn a_service_started_before_its_redis_waits_for_it() {
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!task.is_finished(), "the service gave up without Redis");
-    assert_eq!(consumer.health_check().await.status, "unhealthy");
+    assert_eq!(
+        consumer.health_check().await.status,
+        eventsource_redis::HealthStatus::Unhealthy
+    );
     let server = OwnRedis::start(port, &temp_dir("late"), &[]);
     ledger.healed();
     let publisher = bus(RedisEventBusConfig {
