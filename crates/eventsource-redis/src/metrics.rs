@@ -1,6 +1,6 @@
 //! Metrics through the [`metrics`](https://docs.rs/metrics) facade (feature `metrics`, on by
 //! default): the bus records, the application chooses the exporter (for Prometheus,
-//! `metrics-exporter-prometheus`, or the `http` feature's [`crate::http`] surface). Without a
+//! `metrics-exporter-prometheus`, or the `http` feature's surface, module `http`). Without a
 //! recorder installed every call is a no-op.
 //!
 //! | name | kind | labels |

@@ -9,7 +9,7 @@
 //!   replies, resets) for the network rows of the fault matrix.
 //! - [`ledger`]: the ledger and checker every fault and load test shares (lost, duplicated,
 //!   unexpected, order, dead letters, time to recover).
-//! - [`postgres`] (feature `postgres`): the PostgreSQL the tests use, created or started the
+//! - `postgres` (feature `postgres`): the PostgreSQL the tests use, created or started the
 //!   same way.
 //! - [`python`]: a Python ≥ 3.13 for the interop tests, or a loud skip.
 //!
