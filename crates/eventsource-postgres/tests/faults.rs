@@ -238,28 +238,6 @@ async fn p4_connection_lost_after_commit_sent_retry_neither_duplicates_nor_loses
     }
 }
 
-/// The event ids in a Redis stream, in order (duplicates kept).
-async fn stream_ids(stream: &str) -> Vec<String> {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .filter_map(|(_, fields)| {
-            fields
-                .into_iter()
-                .find(|(k, _)| k == "event_id")
-                .map(|(_, v)| v)
-        })
-        .collect()
-}
-
 /// P-5: PostgreSQL is restarted (an immediate shutdown, then a start with WAL recovery)
 /// while four writers append and the outbox relay publishes to Redis. Appends during the
 /// outage fail with `ConnectionLost` (or a timeout waiting for a connection); the pool and the
@@ -380,7 +358,7 @@ async fn p5_postgres_restarted_under_load_pool_and_relay_recover() {
         let mut ok = false;
         for _ in 0..300 {
             let ids: std::collections::HashSet<String> =
-                stream_ids(&stream).await.into_iter().collect();
+                stream_event_ids(&stream).await.into_iter().collect();
             if published_ok.is_subset(&ids) {
                 ok = true;
                 break;
@@ -393,7 +371,7 @@ async fn p5_postgres_restarted_under_load_pool_and_relay_recover() {
     let _ = tokio::time::timeout(Duration::from_secs(10), relay_task).await;
     // Indeterminate appends (ConnectionLost) that committed are in the outbox too: they
     // reach the stream as "recovered" publishes.
-    for id in stream_ids(&stream).await {
+    for id in stream_event_ids(&stream).await {
         ledger.handled("stream", "relay", id);
     }
     eprintln!(
@@ -468,7 +446,7 @@ async fn p6_relay_killed_between_publish_and_mark_duplicates_never_loses() {
     );
     first.start_kill().unwrap();
     first.wait().await.unwrap();
-    let before = stream_ids(&stream).await;
+    let before = stream_event_ids(&stream).await;
     assert_eq!(before.len(), 40, "the batch was published before the kill");
     let mut second = relay(None);
     let mut done = false;
@@ -488,7 +466,7 @@ async fn p6_relay_killed_between_publish_and_mark_duplicates_never_loses() {
         .args(["-TERM", &second.id().unwrap().to_string()])
         .status();
     let _ = tokio::time::timeout(Duration::from_secs(10), second.wait()).await;
-    for id in stream_ids(&stream).await {
+    for id in stream_event_ids(&stream).await {
         ledger.handled("stream", "relay", id);
     }
     assert!(done, "the restarted relay marked everything published");

@@ -175,24 +175,7 @@ async fn two_relays_publish_each_row_once_in_order() {
 }
 
 async fn stream_event_ids(stream: &str) -> HashSet<String> {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .filter_map(|(_, fields)| {
-            fields
-                .into_iter()
-                .find(|(k, _)| k == "event_id")
-                .map(|(_, v)| v)
-        })
-        .collect()
+    common::stream_event_ids(stream).await.into_iter().collect()
 }
 
 fn relay_process(schema: &str, prefix: &str, failpoint: Option<&str>) -> tokio::process::Child {

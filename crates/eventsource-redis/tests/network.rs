@@ -45,6 +45,32 @@ impl Net {
     }
 }
 
+/// A consumer recording into a fresh ledger, running, and a connected publisher, both
+/// talking to Redis through the proxy.
+struct Flow {
+    ledger: Arc<Ledger>,
+    consumer: RedisEventBus,
+    publisher: RedisEventBus,
+    task: tokio::task::JoinHandle<Result<(), eventsource_redis::RedisBusError>>,
+}
+
+impl Net {
+    async fn flow(&self, tweak: impl Fn(&mut RedisEventBusConfig)) -> Flow {
+        let ledger = Arc::new(Ledger::new());
+        let consumer = self.bus("c1", &tweak);
+        ledger_handler(&consumer, &ledger);
+        let publisher = self.bus("publisher", &tweak);
+        publisher.connect().await.unwrap();
+        let task = spawn_consumer(&consumer);
+        Flow {
+            ledger,
+            consumer,
+            publisher,
+            task,
+        }
+    }
+}
+
 /// Publishes one event at a time from `tasks` concurrent tasks until `stop` is set (or
 /// `limit` events each), recording every outcome; returns the slowest single publish.
 fn publish_loop(
@@ -89,18 +115,19 @@ async fn wait_complete(ledger: &Ledger, timeout: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r23_latency_with_jitter_causes_no_spurious_failures() {
     let net = Net::start("r23");
-    let ledger = Arc::new(Ledger::new());
-    let defaults = |c: &mut RedisEventBusConfig| {
-        let d = RedisEventBusConfig::default();
-        c.socket_timeout = d.socket_timeout;
-        c.socket_connect_timeout = d.socket_connect_timeout;
-        c.block_ms = d.block_ms;
-    };
-    let consumer = net.bus("c1", defaults);
-    ledger_handler(&consumer, &ledger);
-    let publisher = net.bus("publisher", defaults);
-    publisher.connect().await.unwrap();
-    let task = spawn_consumer(&consumer);
+    let Flow {
+        ledger,
+        consumer,
+        publisher,
+        task,
+    } = net
+        .flow(|c: &mut RedisEventBusConfig| {
+            let d = RedisEventBusConfig::default();
+            c.socket_timeout = d.socket_timeout;
+            c.socket_connect_timeout = d.socket_connect_timeout;
+            c.block_ms = d.block_ms;
+        })
+        .await;
     let halt = Arc::new(AtomicBool::new(false));
     for (base, jitter) in [(50, 25), (200, 100)] {
         net.proxy
@@ -160,12 +187,12 @@ async fn stop_and_check_quiet(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r24_blackhole_is_detected_within_the_response_timeout() {
     let net = Net::start("r24");
-    let ledger = Arc::new(Ledger::new());
-    let consumer = net.bus("c1", |_| {});
-    ledger_handler(&consumer, &ledger);
-    let publisher = net.bus("publisher", |_| {});
-    publisher.connect().await.unwrap();
-    let task = spawn_consumer(&consumer);
+    let Flow {
+        ledger,
+        consumer,
+        publisher,
+        task,
+    } = net.flow(|_| {}).await;
     let halt = Arc::new(AtomicBool::new(false));
     let publishing = publish_loop(
         &publisher,
@@ -231,12 +258,12 @@ async fn r24_blackhole_is_detected_within_the_response_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r26_drop_then_reset_reconnects_with_backoff() {
     let net = Net::start("r26");
-    let ledger = Arc::new(Ledger::new());
-    let consumer = net.bus("c1", |_| {});
-    ledger_handler(&consumer, &ledger);
-    let publisher = net.bus("publisher", |_| {});
-    publisher.connect().await.unwrap();
-    let task = spawn_consumer(&consumer);
+    let Flow {
+        ledger,
+        consumer,
+        publisher,
+        task,
+    } = net.flow(|_| {}).await;
     let halt = Arc::new(AtomicBool::new(false));
     let publishing = publish_loop(
         &publisher,
@@ -288,13 +315,13 @@ async fn r26_drop_then_reset_reconnects_with_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r28_packet_loss_is_latency_only() {
     let net = Net::start("r28");
-    let ledger = Arc::new(Ledger::new());
-    let consumer = net.bus("c1", |_| {});
-    ledger_handler(&consumer, &ledger);
-    let publisher = net.bus("publisher", |_| {});
-    publisher.connect().await.unwrap();
+    let Flow {
+        ledger,
+        consumer,
+        publisher,
+        task,
+    } = net.flow(|_| {}).await;
     net.proxy.loss(0.05);
-    let task = spawn_consumer(&consumer);
     let halt = Arc::new(AtomicBool::new(false));
     publish_loop(&publisher, &ledger, 8, 40, Duration::ZERO, &halt)
         .await
@@ -385,13 +412,13 @@ async fn a_link_too_slow_for_a_full_batch_still_makes_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_cut_mid_way_lose_nothing() {
     let net = Net::start("cut");
-    let ledger = Arc::new(Ledger::new());
     let batch = 20;
-    let consumer = net.bus("c1", |c| c.batch_size = batch);
-    ledger_handler(&consumer, &ledger);
-    let publisher = net.bus("publisher", |_| {});
-    publisher.connect().await.unwrap();
-    let task = spawn_consumer(&consumer);
+    let Flow {
+        ledger,
+        consumer,
+        publisher,
+        task,
+    } = net.flow(|c| c.batch_size = batch).await;
     let halt = Arc::new(AtomicBool::new(false));
     let publishing = publish_loop(
         &publisher,

@@ -63,3 +63,25 @@ pub async fn store_with(
     .expect("the tests' PostgreSQL answers");
     (store, DropSchema(schema))
 }
+
+/// The `event_id` of each entry of a Redis stream, in stream order (duplicates kept).
+pub async fn stream_event_ids(stream: &str) -> Vec<String> {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .filter_map(|(_, fields)| {
+            fields
+                .into_iter()
+                .find(|(k, _)| k == "event_id")
+                .map(|(_, v)| v)
+        })
+        .collect()
+}
