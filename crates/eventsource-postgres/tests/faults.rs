@@ -399,7 +399,6 @@ async fn p5_postgres_restarted_under_load_pool_and_relay_recover() {
 /// never a loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p6_relay_killed_between_publish_and_mark_duplicates_never_loses() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let (store, guard) = store("p6", true).await;
     let prefix = format!("es-test:p6:{}", &Uuid::new_v4().simple().to_string()[..12]);
     let _keys = eventsource_testsupport::Cleanup(prefix.clone());
@@ -415,31 +414,8 @@ async fn p6_relay_killed_between_publish_and_mark_duplicates_never_loses() {
             ledger.published(e.event_id(), id, Outcome::Ok);
         }
     }
-    let relay = |failpoint: Option<&str>| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventsource-outbox-relay"));
-        cmd.env("DATABASE_URL", database_url())
-            .env("EVENTSOURCE_PG_SCHEMA", &guard.0)
-            .env("EVENTSOURCE_REDIS_URL", redis_url())
-            .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(f) = failpoint {
-            cmd.env("EVENTSOURCE_FAILPOINT", f);
-        }
-        cmd.spawn().expect("relay binary starts")
-    };
-    let mut first = relay(Some("after_publish:30000"));
-    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
-    let reached = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.starts_with("failpoint after_publish") {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .unwrap_or(false);
+    let mut first = relay_process(&guard.0, &prefix, Some("after_publish:30000"));
+    let reached = reached_failpoint(&mut first, "after_publish").await;
     assert!(
         reached,
         "the relay reached the point between publish and mark"
@@ -448,7 +424,7 @@ async fn p6_relay_killed_between_publish_and_mark_duplicates_never_loses() {
     first.wait().await.unwrap();
     let before = stream_event_ids(&stream).await;
     assert_eq!(before.len(), 40, "the batch was published before the kill");
-    let mut second = relay(None);
+    let mut second = relay_process(&guard.0, &prefix, None);
     let mut done = false;
     for _ in 0..200 {
         if eventsource_postgres::outbox_stats(&store)

@@ -178,25 +178,10 @@ async fn stream_event_ids(stream: &str) -> HashSet<String> {
     common::stream_event_ids(stream).await.into_iter().collect()
 }
 
-fn relay_process(schema: &str, prefix: &str, failpoint: Option<&str>) -> tokio::process::Child {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventsource-outbox-relay"));
-    cmd.env("DATABASE_URL", database_url())
-        .env("EVENTSOURCE_PG_SCHEMA", schema)
-        .env("EVENTSOURCE_REDIS_URL", redis_url())
-        .env("EVENTSOURCE_REDIS_STREAM_PREFIX", prefix)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(f) = failpoint {
-        cmd.env("EVENTSOURCE_FAILPOINT", f);
-    }
-    cmd.spawn().expect("relay binary starts")
-}
-
 /// A relay process killed with SIGKILL after the commit and before publishing: after a
 /// restart every committed event reaches the Redis stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_killed_before_publishing_loses_nothing() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let (store, guard) = store("outbox_kill", true).await;
     let prefix = format!(
         "es-test:relay:{}",
@@ -210,17 +195,7 @@ async fn relay_killed_before_publishing_loses_nothing() {
         .collect();
 
     let mut relay = relay_process(&guard.0, &prefix, Some("before_publish:30000"));
-    let mut lines = BufReader::new(relay.stdout.take().unwrap()).lines();
-    let reached = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.starts_with("failpoint before_publish") {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .unwrap_or(false);
+    let reached = reached_failpoint(&mut relay, "before_publish").await;
     assert!(
         reached,
         "the relay reached the point between commit and publish"

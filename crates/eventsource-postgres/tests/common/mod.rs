@@ -85,3 +85,36 @@ pub async fn stream_event_ids(stream: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// The relay binary for `schema`, publishing to the shared Redis under `prefix`, optionally
+/// pausing at a failpoint (`EVENTSOURCE_FAILPOINT=name:ms`); stdout piped.
+pub fn relay_process(schema: &str, prefix: &str, failpoint: Option<&str>) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventsource-outbox-relay"));
+    cmd.env("DATABASE_URL", database_url())
+        .env("EVENTSOURCE_PG_SCHEMA", schema)
+        .env("EVENTSOURCE_REDIS_URL", redis_url())
+        .env("EVENTSOURCE_REDIS_STREAM_PREFIX", prefix)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(f) = failpoint {
+        cmd.env("EVENTSOURCE_FAILPOINT", f);
+    }
+    cmd.spawn().expect("relay binary starts")
+}
+
+/// Reads `relay`'s stdout until it reports reaching failpoint `name` (at most 30 s).
+pub async fn reached_failpoint(relay: &mut tokio::process::Child, name: &str) -> bool {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut lines = BufReader::new(relay.stdout.take().expect("stdout piped")).lines();
+    let wanted = format!("failpoint {name}");
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.starts_with(&wanted) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false)
+}
