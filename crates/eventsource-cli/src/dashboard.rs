@@ -500,7 +500,7 @@ async fn dead_letters(
         }
         _ => "-".to_owned(),
     };
-    let page = match bus.get_dlq_messages_range(&start, "+", count + 1).await {
+    let page = match bus.dlq_messages_range(&start, "+", count + 1).await {
         Ok(p) => p,
         Err(e) => return Err(redis_down(e)),
     };

@@ -33,7 +33,7 @@ async fn walk(
     let mut found = Vec::new();
     let mut start = "-".to_owned();
     loop {
-        let page = bus.get_dlq_messages_range(&start, &end, 500).await?;
+        let page = bus.dlq_messages_range(&start, &end, 500).await?;
         let full = page.len() == 500;
         if let Some(last) = page.last() {
             start = format!("({}", last.message_id);
@@ -121,7 +121,7 @@ pub(crate) async fn run(bus: &RedisEventBus, out: Out, command: DlqCommand) -> O
         }
         DlqCommand::Show { id } => {
             let Some(letter) = bus
-                .get_dlq_messages_range(&id, &id, 1)
+                .dlq_messages_range(&id, &id, 1)
                 .await?
                 .into_iter()
                 .next()

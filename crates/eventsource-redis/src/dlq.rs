@@ -126,15 +126,36 @@ impl RedisEventBus {
     ///
     /// # Errors
     /// [`RedisBusError`] when Redis fails (unlike eventsource-py, which returns an empty list).
+    pub async fn dlq_messages(&self, count: usize) -> Result<Vec<DlqMessage>, RedisBusError> {
+        self.dlq_messages_range("-", "+", count).await
+    }
+
+    /// eventsource-py's name for [`dlq_messages`](Self::dlq_messages).
+    ///
+    /// # Errors
+    /// As [`dlq_messages`](Self::dlq_messages).
     pub async fn get_dlq_messages(&self, count: usize) -> Result<Vec<DlqMessage>, RedisBusError> {
-        self.get_dlq_messages_range("-", "+", count).await
+        self.dlq_messages(count).await
+    }
+
+    /// eventsource-py's name for [`dlq_messages_range`](Self::dlq_messages_range).
+    ///
+    /// # Errors
+    /// As [`dlq_messages_range`](Self::dlq_messages_range).
+    pub async fn get_dlq_messages_range(
+        &self,
+        start: &str,
+        end: &str,
+        count: usize,
+    ) -> Result<Vec<DlqMessage>, RedisBusError> {
+        self.dlq_messages_range(start, end, count).await
     }
 
     /// Dead letters with ids in `[start, end]` (`-` and `+` for the ends), at most `count`.
     ///
     /// # Errors
     /// [`RedisBusError`] when Redis fails.
-    pub async fn get_dlq_messages_range(
+    pub async fn dlq_messages_range(
         &self,
         start: &str,
         end: &str,

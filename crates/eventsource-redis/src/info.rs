@@ -112,7 +112,7 @@ pub struct GroupInfo {
     pub lag: Option<u64>,
 }
 
-/// What [`RedisEventBus::get_stream_info`] reports (the tutorial's keys).
+/// What [`RedisEventBus::stream_info`] reports (the tutorial's keys).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StreamInfo {
     /// Whether Redis answered.
@@ -273,14 +273,25 @@ impl RedisEventBus {
         }
     }
 
-    /// The counters as an ordered map: `stats["events_published"]`, as in the tutorial.
-    pub fn get_stats_dict(&self) -> Map<String, Json> {
+    /// The counters as an ordered map (`map["events_published"]`), for JSON and for code
+    /// ported from eventsource-py's dictionary.
+    pub fn stats_map(&self) -> Map<String, Json> {
         self.stats().to_map()
+    }
+
+    /// eventsource-py's name for [`stats_map`](Self::stats_map).
+    pub fn get_stats_dict(&self) -> Map<String, Json> {
+        self.stats_map()
+    }
+
+    /// eventsource-py's name for [`stream_info`](Self::stream_info).
+    pub async fn get_stream_info(&self) -> StreamInfo {
+        self.stream_info().await
     }
 
     /// Stream, groups, pending and DLQ counts. Never fails: when Redis cannot be asked it
     /// returns `connected: false` with the error. Correct on an empty or missing stream.
-    pub async fn get_stream_info(&self) -> StreamInfo {
+    pub async fn stream_info(&self) -> StreamInfo {
         match self.try_stream_info().await {
             Ok(info) => info,
             Err(e) => StreamInfo {
@@ -295,7 +306,7 @@ impl RedisEventBus {
         }
     }
 
-    /// As [`get_stream_info`](Self::get_stream_info), failing instead of reporting.
+    /// As [`stream_info`](Self::stream_info), failing instead of reporting.
     ///
     /// # Errors
     /// [`RedisBusError`] when Redis cannot be reached or answers oddly.
@@ -417,7 +428,7 @@ impl RedisEventBus {
     /// `pause_after_rejections`), or it is stuck on a problem an operator must fix (a missing
     /// ACL permission, a wrong password) — `error` then says what and what to do.
     pub async fn health_check(&self) -> Health {
-        let info = self.get_stream_info().await;
+        let info = self.stream_info().await;
         let risks = if info.connected {
             self.server_risks().await
         } else {
