@@ -304,6 +304,7 @@ impl RedisEventBus {
 
 /// What [`RedisEventBus::replay_history`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct HistorySummary {
     /// Events handed to the callback.
     pub applied: u64,

@@ -13,6 +13,7 @@ use crate::error::RedisBusError;
 
 /// Counters of one bus instance since it was created. The first eight are the tutorial's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct BusStats {
     /// Events written to the stream by this bus.
     pub events_published: u64,
@@ -86,6 +87,7 @@ impl BusStats {
 
 /// The main stream's details.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct StreamDetails {
     /// The stream key.
     pub name: String,
@@ -99,6 +101,7 @@ pub struct StreamDetails {
 
 /// One consumer group on the stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct GroupInfo {
     /// Group name.
     pub name: String,
@@ -114,6 +117,7 @@ pub struct GroupInfo {
 
 /// What [`RedisEventBus::stream_info`] reports (the tutorial's keys).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct StreamInfo {
     /// Whether Redis answered.
     pub connected: bool,
@@ -165,6 +169,7 @@ impl std::fmt::Display for HealthStatus {
 
 /// What [`RedisEventBus::health_check`] reports (the tutorial's "Health Check").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Health {
     /// Healthy (connected and consuming), degraded (connected, not consuming) or unhealthy.
     pub status: HealthStatus,
@@ -229,6 +234,7 @@ impl ServerRisks {
 
 /// One entry of this group's pending list (delivered, not yet acknowledged).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct PendingEntry {
     /// The entry id in the main stream.
     pub message_id: String,

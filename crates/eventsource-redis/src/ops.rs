@@ -15,6 +15,7 @@ use crate::scripts;
 
 /// One consumer of a group, as Redis reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ConsumerInfo {
     /// The consumer's name.
     pub name: String,

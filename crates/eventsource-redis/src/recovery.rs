@@ -49,6 +49,7 @@ pub struct RecoveryOptions {
 /// What one recovery run did. Counts are honest: a retry that failed again is `failed`, not
 /// `reprocessed`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct RecoveryStats {
     /// Pending entries idle long enough to be examined.
     pub checked: u64,

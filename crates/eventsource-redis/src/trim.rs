@@ -15,6 +15,7 @@ use crate::error::RedisBusError;
 
 /// What a safe trim did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct TrimReport {
     /// Entries removed.
     pub removed: u64,
