@@ -105,6 +105,15 @@ fn publish_loop(
     })
 }
 
+/// Two tasks publishing one event every 20 ms each until `halt`.
+fn publish_steadily(
+    bus: &RedisEventBus,
+    ledger: &Arc<Ledger>,
+    halt: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Duration> {
+    publish_loop(bus, ledger, 2, 100_000, Duration::from_millis(20), halt)
+}
+
 async fn wait_complete(ledger: &Ledger, timeout: Duration) -> bool {
     wait_until(timeout, || async { ledger.complete(&["workers"]) }).await
 }
@@ -194,14 +203,7 @@ async fn r24_blackhole_is_detected_within_the_response_timeout() {
         task,
     } = net.flow(|_| {}).await;
     let halt = Arc::new(AtomicBool::new(false));
-    let publishing = publish_loop(
-        &publisher,
-        &ledger,
-        2,
-        100_000,
-        Duration::from_millis(20),
-        &halt,
-    );
+    let publishing = publish_steadily(&publisher, &ledger, &halt);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = consumer.stats().reconnections;
     net.proxy.blackhole(true);
@@ -265,14 +267,7 @@ async fn r26_drop_then_reset_reconnects_with_backoff() {
         task,
     } = net.flow(|_| {}).await;
     let halt = Arc::new(AtomicBool::new(false));
-    let publishing = publish_loop(
-        &publisher,
-        &ledger,
-        2,
-        100_000,
-        Duration::from_millis(20),
-        &halt,
-    );
+    let publishing = publish_steadily(&publisher, &ledger, &halt);
     tokio::time::sleep(Duration::from_millis(500)).await;
     net.proxy.blackhole(true);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -288,14 +283,7 @@ async fn r26_drop_then_reset_reconnects_with_backoff() {
     net.proxy.heal();
     ledger.healed();
     let halt = Arc::new(AtomicBool::new(false));
-    let publishing = publish_loop(
-        &publisher,
-        &ledger,
-        2,
-        100_000,
-        Duration::from_millis(20),
-        &halt,
-    );
+    let publishing = publish_steadily(&publisher, &ledger, &halt);
     tokio::time::sleep(Duration::from_secs(1)).await;
     halt.store(true, Ordering::SeqCst);
     publishing.await.unwrap();
