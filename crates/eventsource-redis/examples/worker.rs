@@ -58,16 +58,22 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let ledger_url =
         std::env::var("WORKER_LEDGER_URL").unwrap_or_else(|_| config.redis_url.clone());
     let client = redis::Client::open(ledger_url.as_str())?;
-    let conn = client.get_multiplexed_async_connection().await?;
+    // Connected on first use, so the worker starts (and waits for its Redis, as the service
+    // does) when Redis is not up yet; a handler that cannot record fails and is retried.
+    let records = std::sync::Arc::new(tokio::sync::OnceCell::new());
     let bus = RedisEventBus::new(config, registry)?;
     let me = bus.consumer_name().to_owned();
     bus.subscribe_to_all_events(move |event: EventEnvelope| {
-        let mut conn = conn.clone();
+        let (client, records) = (client.clone(), records.clone());
         let key = handled_key.clone();
         let started = started_key.clone();
         let ledger = ledger_key.clone();
         let line = format!("{group} {me} {}", event.event_id());
         async move {
+            let mut conn = records
+                .get_or_try_init(|| client.get_multiplexed_async_connection())
+                .await?
+                .clone();
             redis::cmd("RPUSH")
                 .arg(&started)
                 .arg(event.event_id().to_string())
