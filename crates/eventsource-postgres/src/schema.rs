@@ -55,6 +55,15 @@ fn migrations(n: &Names) -> Vec<(i32, String)> {
     let table = n.events.rsplit('.').next().unwrap_or("events");
     vec![
         (
+            6,
+            // A subscription started "at the end" keeps the snapshot it started in: what was
+            // visible then is skipped even where it sorts after the start position.
+            format!(
+                "ALTER TABLE {checkpoints} ADD COLUMN IF NOT EXISTS start_snapshot pg_snapshot NULL;",
+                checkpoints = n.checkpoints
+            ),
+        ),
+        (
             1,
             format!(
                 "CREATE TABLE IF NOT EXISTS {events} (

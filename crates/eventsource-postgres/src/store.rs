@@ -664,16 +664,18 @@ impl PostgresEventStore {
         filter: &FeedFilter,
         limit: usize,
     ) -> Result<Vec<(StoreCursor, StoredEvent)>, StoreError> {
-        let rows = self.read_feed_rows(after, filter, limit).await?;
+        let rows = self.read_feed_rows(after, filter, None, limit).await?;
         decode_feed_rows(&rows)
     }
 
     /// One page of the feed as rows, not yet decoded (a subscription decodes a page while the
-    /// next one is being read).
+    /// next one is being read). `skip_visible_in`: a snapshot (`pg_snapshot` text) whose
+    /// visible transactions are left out (see `FEED_FILTER`).
     pub(crate) async fn read_feed_rows(
         &self,
         after: StoreCursor,
         filter: &FeedFilter,
+        skip_visible_in: Option<&str>,
         limit: usize,
     ) -> Result<Vec<PgRow>, StoreError> {
         let sql = format!(
@@ -682,11 +684,8 @@ impl PostgresEventStore {
             "SELECT e.position, e.stored_at, e.payload::text AS payload, e.tx::text AS tx_text \
              FROM {events} e \
              WHERE (e.tx, e.position) > (($1::text)::xid8, $2) \
-               AND e.tx < pg_snapshot_xmin(pg_current_snapshot()) \
-               AND ($3::uuid IS NULL OR e.tenant_id = $3) \
-               AND ($4::text IS NULL OR e.aggregate_type = $4) \
-               AND ($5::text[] IS NULL OR e.event_type = ANY($5)) \
-             ORDER BY e.tx, e.position LIMIT $6",
+               AND e.tx < pg_snapshot_xmin(pg_current_snapshot()) {FEED_FILTER} \
+             ORDER BY e.tx, e.position LIMIT $7",
             events = self.names.events
         );
         sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -695,6 +694,7 @@ impl PostgresEventStore {
             .bind(filter.tenant_id)
             .bind(filter.aggregate_type.as_deref())
             .bind(filter.event_types.as_deref())
+            .bind(skip_visible_in)
             .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await
@@ -707,23 +707,34 @@ impl PostgresEventStore {
     /// # Errors
     /// [`StoreError::Backend`].
     pub async fn head(&self) -> Result<StoreCursor, StoreError> {
+        Ok(self.head_and_snapshot().await?.0)
+    }
+
+    /// [`head`](Self::head) and the snapshot (`pg_snapshot` text) it was taken in, read in
+    /// one statement: the events of transactions not visible in that snapshot are exactly
+    /// those committed after it, wherever they sort.
+    pub(crate) async fn head_and_snapshot(&self) -> Result<(StoreCursor, String), StoreError> {
         let sql = format!(
-            "SELECT e.tx::text, e.position FROM {events} e \
-             WHERE e.tx < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY e.tx DESC, e.position DESC LIMIT 1",
+            "SELECT s.snap::text, h.tx::text, h.position \
+             FROM (SELECT pg_current_snapshot() AS snap) s \
+             LEFT JOIN LATERAL (SELECT e.tx, e.position FROM {events} e \
+                 WHERE e.tx < pg_snapshot_xmin(s.snap) \
+                 ORDER BY e.tx DESC, e.position DESC LIMIT 1) h ON true",
             events = self.names.events
         );
-        let row: Option<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
-        Ok(match row {
-            Some((tx, position)) => StoreCursor {
+        let (snapshot, tx, position): (String, Option<String>, Option<i64>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(backend)?;
+        let head = match (tx, position) {
+            (Some(tx), Some(position)) => StoreCursor {
                 tx: parse_xid(&tx)?,
                 position: position as u64,
             },
-            None => StoreCursor::START,
-        })
+            _ => StoreCursor::START,
+        };
+        Ok((head, snapshot))
     }
 
     /// How many events lie between `after` and the frontier (a subscription's lag).
@@ -735,13 +746,20 @@ impl PostgresEventStore {
         after: StoreCursor,
         filter: &FeedFilter,
     ) -> Result<u64, StoreError> {
+        self.count_feed(after, filter, None).await
+    }
+
+    /// [`count_after`](Self::count_after), leaving out what `skip_visible_in` shows.
+    pub(crate) async fn count_feed(
+        &self,
+        after: StoreCursor,
+        filter: &FeedFilter,
+        skip_visible_in: Option<&str>,
+    ) -> Result<u64, StoreError> {
         let sql = format!(
-            "SELECT COUNT(*) FROM {events} \
-             WHERE (tx, position) > (($1::text)::xid8, $2) \
-               AND tx < pg_snapshot_xmin(pg_current_snapshot()) \
-               AND ($3::uuid IS NULL OR tenant_id = $3) \
-               AND ($4::text IS NULL OR aggregate_type = $4) \
-               AND ($5::text[] IS NULL OR event_type = ANY($5))",
+            "SELECT COUNT(*) FROM {events} e \
+             WHERE (e.tx, e.position) > (($1::text)::xid8, $2) \
+               AND e.tx < pg_snapshot_xmin(pg_current_snapshot()) {FEED_FILTER}",
             events = self.names.events
         );
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
@@ -750,6 +768,7 @@ impl PostgresEventStore {
             .bind(filter.tenant_id)
             .bind(filter.aggregate_type.as_deref())
             .bind(filter.event_types.as_deref())
+            .bind(skip_visible_in)
             .fetch_one(&self.pool)
             .await
             .map_err(backend)?;
@@ -767,13 +786,20 @@ impl PostgresEventStore {
         after: StoreCursor,
         filter: &FeedFilter,
     ) -> Result<bool, StoreError> {
+        self.feed_held_back(after, filter, None).await
+    }
+
+    /// [`held_back`](Self::held_back), leaving out what `skip_visible_in` shows.
+    pub(crate) async fn feed_held_back(
+        &self,
+        after: StoreCursor,
+        filter: &FeedFilter,
+        skip_visible_in: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {events} e \
              WHERE (e.tx, e.position) > (($1::text)::xid8, $2) \
-               AND e.tx >= pg_snapshot_xmin(pg_current_snapshot()) \
-               AND ($3::uuid IS NULL OR e.tenant_id = $3) \
-               AND ($4::text IS NULL OR e.aggregate_type = $4) \
-               AND ($5::text[] IS NULL OR e.event_type = ANY($5)))",
+               AND e.tx >= pg_snapshot_xmin(pg_current_snapshot()) {FEED_FILTER})",
             events = self.names.events
         );
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
@@ -782,6 +808,7 @@ impl PostgresEventStore {
             .bind(filter.tenant_id)
             .bind(filter.aggregate_type.as_deref())
             .bind(filter.event_types.as_deref())
+            .bind(skip_visible_in)
             .fetch_one(&self.pool)
             .await
             .map_err(backend)
@@ -879,6 +906,15 @@ pub(crate) fn decode_feed_rows(
 }
 
 /// A transaction id as PostgreSQL prints an `xid8`.
+/// The feed queries' filter on events aliased `e`: `$3` tenant, `$4` aggregate type, `$5` event
+/// types, and `$6` a snapshot (`pg_snapshot` text) whose visible transactions are left out — a
+/// subscription started "at the end" skips what was committed before it started, including
+/// events that sort behind a transaction still open then.
+const FEED_FILTER: &str = "AND ($3::uuid IS NULL OR e.tenant_id = $3) \
+     AND ($4::text IS NULL OR e.aggregate_type = $4) \
+     AND ($5::text[] IS NULL OR e.event_type = ANY($5)) \
+     AND ($6::text IS NULL OR NOT pg_visible_in_snapshot(e.tx, ($6::text)::pg_snapshot))";
+
 pub(crate) fn parse_xid(text: &str) -> Result<u64, StoreError> {
     text.parse()
         .map_err(|_| StoreError::Backend(format!("transaction id {text:?} is not a number").into()))

@@ -80,7 +80,10 @@ pub enum StartFrom {
     /// From the first event (builds the projection from the whole history).
     #[default]
     Beginning,
-    /// From the newest event when it first starts (only what is appended from then on).
+    /// Only what commits after it first starts. The start position and the snapshot it was
+    /// read in are stored as its first checkpoint, so an event committed before the start is
+    /// skipped even where it sorts after that position (behind a writing transaction still
+    /// open at the start), and one committed by that open transaction later is delivered.
     End,
 }
 
@@ -179,6 +182,30 @@ struct Subscription {
     paused: AtomicBool,
     rebuild: AtomicBool,
     changed: tokio::sync::Notify,
+    /// Set for a subscription started "at the end" until its position passes every
+    /// transaction that snapshot could see.
+    start_snapshot: Mutex<Option<StartSnapshot>>,
+}
+
+/// The snapshot a subscription started "at the end" took with its start position: events of
+/// transactions visible in it were committed before the start and are skipped, although
+/// those committed behind a then-open transaction sort after the start position.
+#[derive(Debug, Clone)]
+struct StartSnapshot {
+    /// `pg_snapshot` text (`xmin:xmax:xip,...`).
+    text: Arc<str>,
+    /// No transaction from this id on is visible in it.
+    xmax: u64,
+}
+
+impl StartSnapshot {
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        let xmax = text.split(':').nth(1).unwrap_or_default();
+        Ok(Self {
+            xmax: crate::store::parse_xid(xmax)?,
+            text: text.into(),
+        })
+    }
 }
 
 /// Controls one subscription (cheap to clone).
@@ -239,9 +266,10 @@ impl SubscriptionHandle {
     /// [`StoreError`] when the store fails.
     pub async fn lag(&self) -> Result<u64, StoreError> {
         let checkpoint = self.0.lock().1;
+        let skip = self.0.skip_visible_in(checkpoint);
         self.0
             .store
-            .count_after(checkpoint, &self.0.options.filter)
+            .count_feed(checkpoint, &self.0.options.filter, skip.as_deref())
             .await
     }
 }
@@ -306,6 +334,7 @@ impl SubscriptionManager {
             paused: AtomicBool::new(false),
             rebuild: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
+            start_snapshot: Mutex::new(None),
         });
         self.subscriptions.push(subscription.clone());
         SubscriptionHandle(subscription)
@@ -390,6 +419,19 @@ impl Subscription {
         self.lock().0 = state;
     }
 
+    /// The start snapshot whose visible transactions the feed after `cursor` must leave out,
+    /// while it can still contain any (dropped once the position passes its `xmax`).
+    fn skip_visible_in(&self, cursor: StoreCursor) -> Option<Arc<str>> {
+        let mut start = self
+            .start_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if start.as_ref().is_some_and(|s| cursor.tx >= s.xmax) {
+            *start = None;
+        }
+        start.as_ref().map(|s| s.text.clone())
+    }
+
     async fn run(
         self: Arc<Self>,
         stop: tokio_util::sync::CancellationToken,
@@ -461,8 +503,14 @@ impl Subscription {
                     if let Some((_, task)) = stale {
                         task.abort();
                     }
+                    let skip = self.skip_visible_in(cursor);
                     self.store
-                        .read_feed_rows(cursor, &self.options.filter, self.options.page_size)
+                        .read_feed_rows(
+                            cursor,
+                            &self.options.filter,
+                            skip.as_deref(),
+                            self.options.page_size,
+                        )
                         .await
                 }
             };
@@ -472,14 +520,19 @@ impl Subscription {
                 && rows.len() == self.options.page_size
                 && let Some(Ok(next)) = rows.last().map(crate::store::feed_row_cursor)
             {
-                let (store, filter, size) = (
+                let (store, filter, skip, size) = (
                     self.store.clone(),
                     self.options.filter.clone(),
+                    self.skip_visible_in(next),
                     self.options.page_size,
                 );
                 prefetched = Some((
                     next,
-                    tokio::spawn(async move { store.read_feed_rows(next, &filter, size).await }),
+                    tokio::spawn(async move {
+                        store
+                            .read_feed_rows(next, &filter, skip.as_deref(), size)
+                            .await
+                    }),
                 ));
             }
             let page = rows.and_then(|rows| crate::store::decode_feed_rows(&rows));
@@ -502,9 +555,10 @@ impl Subscription {
                 // Events committed but held behind the frontier (an older writing transaction
                 // still open) send no further notification when they become readable: look
                 // again soon, backing off to the poll interval.
+                let skip = self.skip_visible_in(cursor);
                 let wait = if self
                     .store
-                    .held_back(cursor, &self.options.filter)
+                    .feed_held_back(cursor, &self.options.filter, skip.as_deref())
                     .await
                     .unwrap_or(false)
                 {
@@ -607,16 +661,37 @@ impl Subscription {
         }
     }
 
+    /// The stored checkpoint, or the start position written as the first checkpoint. "At the
+    /// end" is the head behind the frontier together with the snapshot it was read in (stored
+    /// with it, so a restart before the position passes it skips the same events).
     async fn initial_cursor(&self) -> Result<StoreCursor, StoreError> {
-        if let Some(cursor) = load_checkpoint(&self.store, &self.name).await? {
-            return Ok(cursor);
-        }
-        let start = match self.options.start {
-            StartFrom::Beginning => StoreCursor::START,
-            StartFrom::End => self.store.head().await?,
+        let (cursor, snapshot) = match load_start(&self.store, &self.name).await? {
+            Some(stored) => stored,
+            None => {
+                let (start, snapshot) = match self.options.start {
+                    StartFrom::Beginning => (StoreCursor::START, None),
+                    StartFrom::End => {
+                        let (head, snapshot) = self.store.head_and_snapshot().await?;
+                        (head, Some(snapshot))
+                    }
+                };
+                save_start(
+                    self.store.pool(),
+                    &self.store,
+                    &self.name,
+                    start,
+                    snapshot.as_deref(),
+                )
+                .await?;
+                (start, snapshot)
+            }
         };
-        save_checkpoint(self.store.pool(), &self.store, &self.name, start).await?;
-        Ok(start)
+        *self
+            .start_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) =
+            snapshot.as_deref().map(StartSnapshot::parse).transpose()?;
+        Ok(cursor)
     }
 
     /// Handles a page; a projector's checkpoint is written only when `checkpoint` is set.
@@ -648,21 +723,27 @@ impl Subscription {
         match &self.target {
             Target::Projector(p) => {
                 p.reset().await?;
-                save_checkpoint(
+                save_start(
                     self.store.pool(),
                     &self.store,
                     &self.name,
                     StoreCursor::START,
+                    None,
                 )
                 .await?;
             }
             Target::ReadModel(m) => {
                 let mut tx = self.store.pool().begin().await.map_err(backend)?;
                 m.reset(&mut tx).await?;
-                save_checkpoint(&mut *tx, &self.store, &self.name, StoreCursor::START).await?;
+                save_start(&mut *tx, &self.store, &self.name, StoreCursor::START, None).await?;
                 tx.commit().await.map_err(backend)?;
             }
         }
+        // A rebuild replays the whole history: nothing is skipped any more.
+        *self
+            .start_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
 }
@@ -675,22 +756,61 @@ pub async fn load_checkpoint(
     store: &PostgresEventStore,
     name: &str,
 ) -> Result<Option<StoreCursor>, StoreError> {
+    Ok(load_start(store, name).await?.map(|(cursor, _)| cursor))
+}
+
+/// The checkpoint stored for `name` and the start snapshot stored with it, if any.
+async fn load_start(
+    store: &PostgresEventStore,
+    name: &str,
+) -> Result<Option<(StoreCursor, Option<String>)>, StoreError> {
     let sql = format!(
-        "SELECT tx::text, position FROM {} WHERE name = $1",
+        "SELECT tx::text, position, start_snapshot::text FROM {} WHERE name = $1",
         store.names().checkpoints
     );
-    let row: Option<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    let row: Option<(String, i64, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(name)
         .fetch_optional(store.pool())
         .await
         .map_err(backend)?;
-    row.map(|(tx, position)| {
-        Ok(StoreCursor {
+    row.map(|(tx, position, snapshot)| {
+        let cursor = StoreCursor {
             tx: crate::store::parse_xid(&tx)?,
             position: position as u64,
-        })
+        };
+        Ok((cursor, snapshot))
     })
     .transpose()
+}
+
+/// Writes a start position (the first checkpoint, or the beginning for a rebuild) with the
+/// start snapshot that goes with it, replacing any stored one.
+async fn save_start<'e, E>(
+    executor: E,
+    store: &PostgresEventStore,
+    name: &str,
+    cursor: StoreCursor,
+    snapshot: Option<&str>,
+) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    let sql = format!(
+        "INSERT INTO {} (name, tx, position, start_snapshot, updated_at) \
+         VALUES ($1, ($2::text)::xid8, $3, ($4::text)::pg_snapshot, now()) \
+         ON CONFLICT (name) DO UPDATE SET tx = EXCLUDED.tx, position = EXCLUDED.position, \
+         start_snapshot = EXCLUDED.start_snapshot, updated_at = now()",
+        store.names().checkpoints
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(name)
+        .bind(cursor.tx.to_string())
+        .bind(i64::try_from(cursor.position).unwrap_or(i64::MAX))
+        .bind(snapshot)
+        .execute(executor)
+        .await
+        .map_err(backend)?;
+    Ok(())
 }
 
 async fn save_checkpoint<'e, E>(

@@ -581,3 +581,75 @@ async fn an_event_held_back_by_an_open_transaction_arrives_when_it_ends() {
     stop_tx.send(()).unwrap();
     run.await.unwrap();
 }
+
+/// A subscription started "at the end" while another writing transaction is open (anywhere in
+/// the cluster; here a blocker of the test's own) receives exactly what commits after it
+/// started: not the event committed before it started but sorting behind the open
+/// transaction, and still the event appended while that transaction was open.
+/// (Regression: the start position was the frontier, so the earlier event was delivered too.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_at_the_end_behind_an_open_transaction_skips_what_came_before() {
+    let (store, _guard) = store("sub_end_held", false).await;
+    let mut blocker = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let before = Uuid::new_v4();
+    store
+        .append(
+            before,
+            "Order",
+            &[created(before, 0)],
+            ExpectedVersion::NoStream,
+        )
+        .await
+        .unwrap();
+    let late = Arc::new(Recorder::default());
+    let mut manager = SubscriptionManager::new(store.clone());
+    let handle = manager.add_projector(
+        "end-held",
+        late.clone(),
+        SubscriptionOptions {
+            start: StartFrom::End,
+            poll_interval: Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
+    let (stop, task) = start(manager);
+    wait_for(async || handle.status().state == SubscriptionState::Live).await;
+    let after = Uuid::new_v4();
+    let event = created(after, 1);
+    let new_id = event.event_id();
+    store
+        .append(after, "Order", &[event], ExpectedVersion::NoStream)
+        .await
+        .unwrap();
+    assert_eq!(handle.lag().await.unwrap(), 0, "held back by the blocker");
+    blocker.rollback().await.unwrap();
+    wait_for(async || late.ids.lock().unwrap().contains(&new_id)).await;
+    // A page more would have come with it (one page holds both).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(*late.ids.lock().unwrap(), vec![new_id]);
+    assert_eq!(handle.lag().await.unwrap(), 0);
+    // Restarted from its checkpoint: nothing more.
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    let mut manager = SubscriptionManager::new(store.clone());
+    let again = Arc::new(Recorder::default());
+    let handle = manager.add_projector(
+        "end-held",
+        again.clone(),
+        SubscriptionOptions {
+            start: StartFrom::End,
+            poll_interval: Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
+    let (stop, task) = start(manager);
+    wait_for(async || handle.status().state == SubscriptionState::Live).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(again.ids.lock().unwrap().is_empty());
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
