@@ -221,25 +221,18 @@ fn profile_config(
     group: &str,
     name: &str,
 ) -> RedisEventBusConfig {
-    let base = RedisEventBusConfig {
-        redis_url: url.into(),
-        stream_prefix: prefix.into(),
-        consumer_group: group.into(),
-        consumer_name: Some(name.into()),
-        ..Default::default()
-    };
+    let base = RedisEventBusConfig::default()
+        .redis_url(url)
+        .stream_prefix(prefix)
+        .consumer_group(group)
+        .consumer_name(name);
     match profile {
         Profile::Default => base,
-        Profile::NoTracing => RedisEventBusConfig {
-            enable_tracing: false,
-            ..base
-        },
-        Profile::Quick => RedisEventBusConfig {
-            block_ms: 100,
-            enable_tracing: false,
-            recovery_interval_ms: 0,
-            ..base
-        },
+        Profile::NoTracing => base.enable_tracing(false),
+        Profile::Quick => base
+            .block_ms(100)
+            .enable_tracing(false)
+            .recovery_interval_ms(0),
     }
 }
 
@@ -879,19 +872,17 @@ async fn consumer_role(args: &[String]) -> Result<Json, Error> {
     let concurrency: usize = get("--concurrency")?.parse()?;
     let profile = Profile::parse(&get("--profile")?)?;
     let consumer_url = get("--consumer-url").unwrap_or_else(|_| url.clone());
-    let mut config = RedisEventBusConfig {
-        handler_concurrency: concurrency,
-        tls_ca_file: get("--tls-ca-file").ok().map(Into::into),
-        ..profile_config(profile, &consumer_url, &prefix, &group, &name)
-    };
+    let mut config = profile_config(profile, &consumer_url, &prefix, &group, &name)
+        .handler_concurrency(concurrency);
+    config.tls_ca_file = get("--tls-ca-file").ok().map(Into::into);
     if let Ok(v) = get("--batch-size") {
         config.batch_size = v.parse()?;
     }
     if let Ok(v) = get("--pending-idle-ms") {
-        config.pending_idle_ms = v.parse()?;
+        config.pending_idle = Duration::from_millis(v.parse()?);
     }
     if let Ok(v) = get("--recovery-interval-ms") {
-        config.recovery_interval_ms = v.parse()?;
+        config.recovery_interval = Duration::from_millis(v.parse()?);
     }
     if std::env::var("EVENTSOURCE_BENCH_METRICS").as_deref() == Ok("1") {
         eventsource_redis::http::install_prometheus_recorder()

@@ -146,13 +146,11 @@ impl Dashboard {
             return Ok(bus.clone());
         }
         let bus = RedisEventBus::new(
-            RedisEventBusConfig {
-                redis_url: self.url.clone(),
-                stream_prefix: prefix.to_owned(),
-                consumer_name: Some("eventsource-dashboard".into()),
-                enable_tracing: false,
-                ..RedisEventBusConfig::default()
-            },
+            RedisEventBusConfig::default()
+                .redis_url(self.url.clone())
+                .stream_prefix(prefix.to_owned())
+                .consumer_name("eventsource-dashboard")
+                .enable_tracing(false),
             EventRegistry::new(),
         )
         .map_err(|e| problem(StatusCode::BAD_REQUEST, e.to_string()))?;

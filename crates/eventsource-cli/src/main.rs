@@ -96,15 +96,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, out: Out) -> Outcome {
-    let config = RedisEventBusConfig {
-        redis_url: cli.url.clone(),
-        stream_prefix: cli.prefix.clone(),
-        consumer_group: cli.group.clone(),
-        // The operator tool is not a consumer: a recognisable name for what it claims.
-        consumer_name: Some("eventsource-cli".to_owned()),
-        enable_tracing: false,
-        ..RedisEventBusConfig::default()
-    };
+    let config = RedisEventBusConfig::default()
+        .redis_url(cli.url.clone())
+        .stream_prefix(cli.prefix.clone())
+        .consumer_group(cli.group.clone())
+        .consumer_name("eventsource-cli")
+        .enable_tracing(false);
     let bus = RedisEventBus::new(config, EventRegistry::new())?;
     match cli.command {
         Command::Info => commands::info(&bus, out).await,

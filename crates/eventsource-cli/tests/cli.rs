@@ -46,16 +46,14 @@ fn bus(prefix: &str, group: &str, name: &str) -> RedisEventBus {
     let registry = EventRegistry::new();
     registry.register::<OrderCreated>().unwrap();
     RedisEventBus::new(
-        RedisEventBusConfig {
-            redis_url: redis_url(),
-            stream_prefix: prefix.into(),
-            consumer_group: group.into(),
-            consumer_name: Some(name.into()),
-            block_ms: 100,
-            max_retries: 0,
-            recovery_interval_ms: 0,
-            ..Default::default()
-        },
+        RedisEventBusConfig::default()
+            .redis_url(redis_url())
+            .stream_prefix(prefix)
+            .consumer_group(group)
+            .consumer_name(name)
+            .block_ms(100)
+            .max_retries(0)
+            .recovery_interval_ms(0),
         registry,
     )
     .unwrap()
@@ -351,11 +349,10 @@ async fn replay_all_is_bounded_next_to_a_live_consumer_that_fails_again() {
     // The live consumer fails everything and dead-letters at once (recovery every 50 ms,
     // entries idle for 10 ms).
     let consumer = RedisEventBus::new(
-        RedisEventBusConfig {
-            pending_idle_ms: 10,
-            recovery_interval_ms: 50,
-            ..live.config().clone()
-        },
+        live.config()
+            .clone()
+            .pending_idle_ms(10)
+            .recovery_interval_ms(50),
         live.registry().clone(),
     )
     .unwrap();

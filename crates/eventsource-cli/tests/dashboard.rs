@@ -122,16 +122,14 @@ fn consumer(prefix: &str, broken: Arc<AtomicBool>, handled: Arc<AtomicUsize>) ->
     let registry = EventRegistry::new();
     registry.register::<OrderCreated>().unwrap();
     let bus = RedisEventBus::new(
-        RedisEventBusConfig {
-            redis_url: redis_url(),
-            stream_prefix: prefix.into(),
-            consumer_group: "billing".into(),
-            consumer_name: Some("w1".into()),
-            block_ms: 100,
-            max_retries: 0,
-            recovery_interval_ms: 0,
-            ..Default::default()
-        },
+        RedisEventBusConfig::default()
+            .redis_url(redis_url())
+            .stream_prefix(prefix)
+            .consumer_group("billing")
+            .consumer_name("w1")
+            .block_ms(100)
+            .max_retries(0)
+            .recovery_interval_ms(0),
         registry,
     )
     .unwrap();

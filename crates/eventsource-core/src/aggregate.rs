@@ -84,6 +84,18 @@ impl AggregateError {
     pub fn rule(message: impl Into<String>) -> Self {
         Self::Rule(message.into())
     }
+
+    /// What kind of failure this is: a refused command is `InvalidInput`; an event that does
+    /// not fit the aggregate, or does not decode, is `InvalidData`.
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            Self::Rule(_) => crate::ErrorKind::InvalidInput,
+            Self::WrongAggregate { .. }
+            | Self::VersionMismatch { .. }
+            | Self::WrongAggregateType { .. }
+            | Self::Event(_) => crate::ErrorKind::InvalidData,
+        }
+    }
 }
 
 /// The bookkeeping every aggregate holds: id, version, uncommitted events.

@@ -123,6 +123,17 @@ pub enum EventError {
     },
 }
 
+impl EventError {
+    /// What kind of failure this is: `InvalidInput` for an event that cannot be written
+    /// (its data is no JSON object), `InvalidData` for JSON that does not decode.
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            Self::DataNotAnObject { .. } => crate::ErrorKind::InvalidInput,
+            _ => crate::ErrorKind::InvalidData,
+        }
+    }
+}
+
 /// The metadata every event carries, in wire order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventMetadata {

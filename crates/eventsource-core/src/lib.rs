@@ -46,6 +46,7 @@
 
 pub mod aggregate;
 pub mod bus;
+pub mod error;
 pub mod event;
 pub mod registry;
 pub mod repository;
@@ -57,6 +58,7 @@ mod util;
 
 pub use aggregate::{Aggregate, AggregateCore, AggregateError};
 pub use bus::{EventBus, EventPublisher, InMemoryEventBus};
+pub use error::ErrorKind;
 pub use event::{DomainEvent, Event, EventEnvelope, EventError, EventMetadata};
 pub use registry::{EventRegistry, RegistryError};
 pub use repository::{AggregateRepository, RepositoryError};

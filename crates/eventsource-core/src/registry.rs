@@ -33,6 +33,18 @@ pub enum RegistryError {
     Event(#[from] EventError),
 }
 
+impl RegistryError {
+    /// What kind of failure this is: a registration conflict is `Conflict`, an unknown type
+    /// `NotFound`, an event that does not decode `InvalidData`.
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            Self::Conflict { .. } => crate::ErrorKind::Conflict,
+            Self::UnknownEventType(_) => crate::ErrorKind::NotFound,
+            Self::Event(_) => crate::ErrorKind::InvalidData,
+        }
+    }
+}
+
 type Decoder = fn(EventEnvelope) -> Result<EventEnvelope, EventError>;
 type FastDecoder = fn(&str) -> Option<EventEnvelope>;
 

@@ -53,6 +53,26 @@ impl RepositoryError {
     pub fn is_concurrency_conflict(&self) -> bool {
         matches!(self, Self::Store(StoreError::Concurrency { .. }))
     }
+
+    /// What kind of failure this is: the store's or the bus's kind for those, else
+    /// `NotFound`, `InvalidData` (a history that does not rebuild), `InvalidState` (unsaved
+    /// events).
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            Self::NotFound { .. } => crate::ErrorKind::NotFound,
+            Self::Store(e) => e.kind(),
+            Self::Rehydrate(e) => e.kind(),
+            Self::Unsaved { .. } => crate::ErrorKind::InvalidState,
+            Self::Publish { source, .. } => source.kind(),
+        }
+    }
+
+    /// Whether the same call may succeed later (see [`crate::ErrorKind::is_transient`]).
+    /// For [`Publish`](Self::Publish) the events are saved already: republish, do not save
+    /// again.
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
 }
 
 /// Loads and saves aggregates of type `A` with optimistic concurrency.

@@ -77,13 +77,11 @@ async fn main() -> Result<(), Error> {
     let registry = EventRegistry::new();
     registry.register::<OrderCreated>()?;
     registry.register::<OrderShipped>()?;
-    let config = RedisEventBusConfig {
-        redis_url,
-        stream_prefix: "orders-example".into(),
-        consumer_group: "projections".into(),
-        block_ms: 200,
-        ..Default::default()
-    };
+    let config = RedisEventBusConfig::default()
+        .redis_url(redis_url)
+        .stream_prefix("orders-example")
+        .consumer_group("projections")
+        .block_ms(200);
     // Start from a fresh stream each run (it stays afterwards for inspection).
     let client = redis::Client::open(config.redis_url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;

@@ -231,12 +231,12 @@ impl OutboxRelay {
             tokio::time::timeout(self.config.publish_timeout, self.publisher.publish(&events))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(eventsource_core::bus::BusError::Transport(
+                    Err(eventsource_core::bus::BusError::transport(
+                        eventsource_core::ErrorKind::Timeout,
                         format!(
                             "publish did not complete within publish_timeout ({} ms)",
                             self.config.publish_timeout.as_millis()
-                        )
-                        .into(),
+                        ),
                     ))
                 });
         match published {

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use eventsource_core::store::{
     AppendResult, EventStore, ExpectedVersion, ReadAllOptions, StoreError, StoredEvent, check_batch,
 };
-use eventsource_core::{BoxFuture, EventEnvelope};
+use eventsource_core::{BoxFuture, ErrorKind, EventEnvelope};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
@@ -37,6 +37,26 @@ pub enum SetupError {
     /// Creating the schema, tables or indexes failed.
     #[error("migrating the event store schema failed: {0}")]
     Migrate(#[source] sqlx::Error),
+}
+
+impl SetupError {
+    /// What kind of failure this is: `Config`; for a failed connection or migration, the
+    /// kind of the PostgreSQL error (`Unavailable`, `Authentication`, `Permission`, ...).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Config { .. } => ErrorKind::Config,
+            Self::Connect { source, .. } => match sqlx_error_kind(source) {
+                ErrorKind::Other => ErrorKind::Unavailable,
+                kind => kind,
+            },
+            Self::Migrate(source) => sqlx_error_kind(source),
+        }
+    }
+
+    /// Whether trying again later may succeed (PostgreSQL not reachable yet, a timeout).
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
 }
 
 /// Where the store keeps its tables and whether it writes an outbox.
@@ -554,7 +574,7 @@ impl PostgresEventStore {
         ids: &[Uuid],
     ) -> StoreError {
         if let sqlx::Error::Database(db) = &e
-            && db.code().as_deref() == Some("23505")
+            && db.is_unique_violation()
         {
             let constraint = db.constraint().unwrap_or_default();
             if constraint.ends_with("_event_id_key") {
@@ -921,34 +941,82 @@ pub(crate) fn parse_xid(text: &str) -> Result<u64, StoreError> {
 }
 
 pub(crate) fn backend(e: sqlx::Error) -> StoreError {
-    if connection_lost(&e) {
-        return StoreError::ConnectionLost {
+    match sqlx_error_kind(&e) {
+        ErrorKind::Unavailable => StoreError::ConnectionLost {
             operation: "a store operation",
             source: Box::new(e),
-        };
-    }
-    match &e {
-        // lock_not_available (lock_timeout), query_canceled (statement_timeout)
-        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("55P03" | "57014")) => {
-            StoreError::Timeout(db.message().to_owned())
-        }
-        sqlx::Error::PoolTimedOut => {
-            StoreError::Timeout("no database connection became free in time".into())
-        }
+        },
+        ErrorKind::Timeout => StoreError::Timeout(match &e {
+            sqlx::Error::Database(db) => db.message().to_owned(),
+            _ => "no database connection became free in time".into(),
+        }),
         _ => StoreError::Backend(Box::new(e)),
     }
 }
 
-/// Whether the connection (not the statement) failed: I/O, or the server ending the session
-/// (SQLSTATE class 08 connection exception, 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03
-/// cannot_connect_now). A pool the application closed is not: retrying cannot help.
-pub(crate) fn connection_lost(e: &sqlx::Error) -> bool {
+/// SQLSTATEs sqlx's `DatabaseError::kind()` does not classify (it covers the constraint
+/// violations only).
+mod sqlstate {
+    /// lock_not_available (`lock_timeout`).
+    pub(super) const LOCK_NOT_AVAILABLE: &str = "55P03";
+    /// query_canceled (`statement_timeout`).
+    pub(super) const QUERY_CANCELED: &str = "57014";
+    /// Class 08, connection exception.
+    pub(super) const CONNECTION_EXCEPTION_CLASS: &str = "08";
+    /// admin_shutdown, crash_shutdown, cannot_connect_now: the server ends or refuses the
+    /// session.
+    pub(super) const SERVER_GOING_AWAY: [&str; 3] = ["57P01", "57P02", "57P03"];
+    /// Class 28, invalid authorization specification (a wrong password, an unknown role).
+    pub(super) const INVALID_AUTHORIZATION_CLASS: &str = "28";
+    /// insufficient_privilege (a missing grant).
+    pub(super) const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    /// Class 53, insufficient resources (disk full, out of memory, too many connections).
+    pub(super) const INSUFFICIENT_RESOURCES_CLASS: &str = "53";
+    /// serialization_failure, deadlock_detected: retry the transaction.
+    pub(super) const RETRY_TRANSACTION: [&str; 2] = ["40001", "40P01"];
+}
+
+/// The one place a sqlx error is classified: constraint violations through sqlx's
+/// `DatabaseError::kind()`, the rest by SQLSTATE class (see `sqlstate`) and sqlx's variants.
+/// A pool the application closed is `InvalidState`: retrying cannot help.
+pub(crate) fn sqlx_error_kind(e: &sqlx::Error) -> ErrorKind {
+    use sqlx::error::ErrorKind as Db;
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
-        }),
-        _ => false,
+        sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => ErrorKind::Unavailable,
+        sqlx::Error::PoolTimedOut => ErrorKind::Timeout,
+        sqlx::Error::PoolClosed => ErrorKind::InvalidState,
+        sqlx::Error::Configuration(_) | sqlx::Error::Tls(_) => ErrorKind::Config,
+        sqlx::Error::Protocol(_) => ErrorKind::Protocol,
+        sqlx::Error::RowNotFound => ErrorKind::NotFound,
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => ErrorKind::InvalidData,
+        sqlx::Error::Database(db) => match db.kind() {
+            Db::UniqueViolation => ErrorKind::AlreadyExists,
+            Db::ForeignKeyViolation | Db::NotNullViolation | Db::CheckViolation => {
+                ErrorKind::InvalidInput
+            }
+            _ => {
+                let code = db.code().unwrap_or_default();
+                let code = code.as_ref();
+                if code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS)
+                    || sqlstate::SERVER_GOING_AWAY.contains(&code)
+                {
+                    ErrorKind::Unavailable
+                } else if code == sqlstate::LOCK_NOT_AVAILABLE || code == sqlstate::QUERY_CANCELED {
+                    ErrorKind::Timeout
+                } else if code.starts_with(sqlstate::INVALID_AUTHORIZATION_CLASS) {
+                    ErrorKind::Authentication
+                } else if code == sqlstate::INSUFFICIENT_PRIVILEGE {
+                    ErrorKind::Permission
+                } else if code.starts_with(sqlstate::INSUFFICIENT_RESOURCES_CLASS) {
+                    ErrorKind::ResourceExhausted
+                } else if sqlstate::RETRY_TRANSACTION.contains(&code) {
+                    ErrorKind::Conflict
+                } else {
+                    ErrorKind::Other
+                }
+            }
+        },
+        _ => ErrorKind::Other,
     }
 }
 

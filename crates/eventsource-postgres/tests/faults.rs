@@ -115,7 +115,10 @@ async fn p3_backend_terminated_mid_transaction_is_all_or_nothing() {
                 panic!("serialize_appends={serialize}: expected ConnectionLost, got {other:?}")
             }
         }
-        let message = result.unwrap_err().to_string();
+        let err = result.unwrap_err();
+        assert_eq!(err.kind(), eventsource_core::ErrorKind::Unavailable);
+        assert!(err.is_transient());
+        let message = err.to_string();
         assert!(
             message.contains("retry"),
             "the error says what to do: {message}"
@@ -261,11 +264,9 @@ async fn p5_postgres_restarted_under_load_pool_and_relay_recover() {
     .await
     .unwrap();
     let bus = eventsource_redis::RedisEventBus::new(
-        eventsource_redis::RedisEventBusConfig {
-            redis_url: redis_url(),
-            stream_prefix: prefix.clone(),
-            ..Default::default()
-        },
+        eventsource_redis::RedisEventBusConfig::default()
+            .redis_url(redis_url())
+            .stream_prefix(prefix.clone()),
         EventRegistry::new(),
     )
     .unwrap();

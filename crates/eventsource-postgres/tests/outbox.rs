@@ -30,7 +30,10 @@ impl EventPublisher for Recorder {
         Box::pin(async move {
             let call = self.calls.fetch_add(1, Ordering::SeqCst);
             if call < self.fail_first {
-                return Err(BusError::Transport("broker unavailable (test)".into()));
+                return Err(BusError::transport(
+                    eventsource_core::ErrorKind::Unavailable,
+                    "broker unavailable (test)",
+                ));
             }
             self.published
                 .lock()

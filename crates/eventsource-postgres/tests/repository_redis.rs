@@ -18,15 +18,13 @@ fn bus(prefix: &str, name: &str) -> RedisEventBus {
     registry.register::<OrderCreated>().unwrap();
     registry.register::<OrderShipped>().unwrap();
     RedisEventBus::new(
-        RedisEventBusConfig {
-            redis_url: common::redis_url(),
-            stream_prefix: prefix.into(),
-            consumer_group: "projections".into(),
-            consumer_name: Some(name.into()),
-            block_ms: 100,
-            recovery_interval_ms: 0,
-            ..Default::default()
-        },
+        RedisEventBusConfig::default()
+            .redis_url(common::redis_url())
+            .stream_prefix(prefix)
+            .consumer_group("projections")
+            .consumer_name(name)
+            .block_ms(100)
+            .recovery_interval_ms(0),
         registry,
     )
     .unwrap()

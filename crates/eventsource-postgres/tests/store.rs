@@ -330,6 +330,8 @@ async fn stuck_append(schema: &str, serialize_appends: bool) {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Timeout(_)), "{err:?}");
+    assert_eq!(err.kind(), eventsource_core::ErrorKind::Timeout);
+    assert!(err.is_transient());
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
     blocker.rollback().await.unwrap();
     assert_eq!(

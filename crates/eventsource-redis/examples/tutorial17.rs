@@ -295,14 +295,12 @@ fn banner(title: &str) {
 /// Demo 1: Basic publishing and subscribing.
 async fn demo_basic_publish_subscribe() -> Result<(), Error> {
     banner("Demo 1: Basic Publish/Subscribe");
-    let config = RedisEventBusConfig {
-        redis_url: redis_url(),
-        stream_prefix: prefix(1),
-        consumer_group: "demo-consumers".into(),
-        block_ms: 1000,
-        single_connection_client: true,
-        ..Default::default()
-    };
+    let config = RedisEventBusConfig::default()
+        .redis_url(redis_url())
+        .stream_prefix(prefix(1))
+        .consumer_group("demo-consumers")
+        .block_ms(1000)
+        .single_connection_client(true);
     fresh_streams(&config).await?;
     let bus = RedisEventBus::new(config, registry()?)?;
     bus.connect().await?;
@@ -345,30 +343,16 @@ async fn demo_basic_publish_subscribe() -> Result<(), Error> {
 /// Demo 2: Consumer groups for load balancing.
 async fn demo_consumer_groups() -> Result<(), Error> {
     banner("Demo 2: Consumer Groups and Load Balancing");
-    let base = RedisEventBusConfig {
-        redis_url: redis_url(),
-        stream_prefix: prefix(2),
-        consumer_group: "load-balanced-consumers".into(),
-        block_ms: 500,
-        single_connection_client: true,
-        ..Default::default()
-    };
+    let base = RedisEventBusConfig::default()
+        .redis_url(redis_url())
+        .stream_prefix(prefix(2))
+        .consumer_group("load-balanced-consumers")
+        .block_ms(500)
+        .single_connection_client(true);
     fresh_streams(&base).await?;
     let registry = registry()?;
-    let bus1 = RedisEventBus::new(
-        RedisEventBusConfig {
-            consumer_name: Some("worker-1".into()),
-            ..base.clone()
-        },
-        registry.clone(),
-    )?;
-    let bus2 = RedisEventBus::new(
-        RedisEventBusConfig {
-            consumer_name: Some("worker-2".into()),
-            ..base
-        },
-        registry,
-    )?;
+    let bus1 = RedisEventBus::new(base.clone().consumer_name("worker-1"), registry.clone())?;
+    let bus2 = RedisEventBus::new(base.consumer_name("worker-2"), registry)?;
     let worker1_events = Arc::new(Mutex::new(Vec::<String>::new()));
     let worker2_events = Arc::new(Mutex::new(Vec::<String>::new()));
     for (bus, log, n) in [(&bus1, &worker1_events, 1), (&bus2, &worker2_events, 2)] {
@@ -442,13 +426,11 @@ async fn demo_consumer_groups() -> Result<(), Error> {
 /// Demo 3: Statistics and monitoring.
 async fn demo_statistics_and_monitoring() -> Result<(), Error> {
     banner("Demo 3: Statistics and Monitoring");
-    let config = RedisEventBusConfig {
-        redis_url: redis_url(),
-        stream_prefix: prefix(3),
-        consumer_group: "monitoring-demo".into(),
-        single_connection_client: true,
-        ..Default::default()
-    };
+    let config = RedisEventBusConfig::default()
+        .redis_url(redis_url())
+        .stream_prefix(prefix(3))
+        .consumer_group("monitoring-demo")
+        .single_connection_client(true);
     fresh_streams(&config).await?;
     let bus = RedisEventBus::new(config, registry()?)?;
     bus.connect().await?;
@@ -487,14 +469,12 @@ async fn demo_statistics_and_monitoring() -> Result<(), Error> {
 /// Demo 4: Integration with projections.
 async fn demo_with_projections() -> Result<(), Error> {
     banner("Demo 4: Integration with Projections");
-    let config = RedisEventBusConfig {
-        redis_url: redis_url(),
-        stream_prefix: prefix(4),
-        consumer_group: "projection-consumers".into(),
-        block_ms: 500,
-        single_connection_client: true,
-        ..Default::default()
-    };
+    let config = RedisEventBusConfig::default()
+        .redis_url(redis_url())
+        .stream_prefix(prefix(4))
+        .consumer_group("projection-consumers")
+        .block_ms(500)
+        .single_connection_client(true);
     fresh_streams(&config).await?;
     let bus = RedisEventBus::new(config, registry()?)?;
     let stats_projection = OrderStatisticsProjection::default();

@@ -159,7 +159,7 @@ impl Inner {
                  ({:?}); reading {after} at a time until replies arrive in time (after an \
                  outage this recovers by itself; on a slow link or with large entries, raise \
                  socket_timeout)",
-                self.config.socket_timeout()
+                self.config.socket_timeout
             );
         }
     }
@@ -173,7 +173,7 @@ impl Inner {
     pub(crate) fn reply_arrived(&self, carried_entries: bool, took: Duration) {
         let now = self.read_count.load(Ordering::Relaxed);
         if carried_entries && now < self.config.batch_size {
-            let quick = took < self.config.socket_timeout() / 4;
+            let quick = took < self.config.socket_timeout / 4;
             let next = if quick { now * 2 } else { now + 1 };
             self.read_count
                 .store(next.min(self.config.batch_size), Ordering::Relaxed);
@@ -443,11 +443,11 @@ impl RedisEventBus {
         }
         let cfg = &self.inner.config;
         let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(cfg.socket_timeout()))
-            .set_connection_timeout(Some(cfg.connect_timeout()))
+            .set_response_timeout(Some(cfg.socket_timeout))
+            .set_connection_timeout(Some(cfg.socket_connect_timeout))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(cfg.reconnect_max_delay_ms));
+            .set_max_delay(cfg.reconnect_max_delay);
         let conn = ConnectionManager::new_with_config(self.inner.client.clone(), manager_config)
             .await
             .map_err(|e| self.connect_error(e))?;
@@ -471,8 +471,8 @@ impl RedisEventBus {
             .replace(|c: char| c.is_whitespace(), "_");
         crate::reader::Reader::open(
             &self.inner.client,
-            cfg.connect_timeout(),
-            Duration::from_millis(cfg.block_ms) + cfg.socket_timeout(),
+            cfg.socket_connect_timeout,
+            cfg.block + cfg.socket_timeout,
             &name,
         )
         .await
@@ -666,7 +666,7 @@ impl EventPublisher for RedisEventBus {
                     RedisBusError::InvalidEvent { event_id, source } => {
                         BusError::InvalidEvent { event_id, source }
                     }
-                    other => BusError::Transport(Box::new(other)),
+                    other => BusError::transport(other.kind(), other),
                 })
         })
     }

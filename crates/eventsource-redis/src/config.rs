@@ -6,17 +6,30 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Prefix of the environment variables [`RedisEventBusConfig::from_env`] reads.
+pub const ENV_PREFIX: &str = "EVENTSOURCE_REDIS_";
+
+/// Variables under [`ENV_PREFIX`] that are not options but are read elsewhere in this crate.
+const OTHER_ENV_VARS: &[&str] = &["READER"];
+
 /// Why a configuration was refused. Always names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid RedisEventBusConfig.{field}: {reason}")]
+#[non_exhaustive]
 pub struct ConfigError {
-    /// The option's name, as in [`RedisEventBusConfig`].
+    /// The option's name: the field of [`RedisEventBusConfig`], or the text key (for example
+    /// `block_ms`) when its text form did not parse.
     pub field: &'static str,
     /// What is wrong and what would be right.
     pub reason: String,
 }
 
 impl ConfigError {
+    /// Always [`ErrorKind::Config`](eventsource_core::ErrorKind::Config).
+    pub fn kind(&self) -> eventsource_core::ErrorKind {
+        eventsource_core::ErrorKind::Config
+    }
+
     fn new(field: &'static str, reason: impl Into<String>) -> Self {
         Self {
             field,
@@ -25,129 +38,300 @@ impl ConfigError {
     }
 }
 
-/// Configuration of a [`RedisEventBus`](crate::RedisEventBus).
+/// Generates the configuration from one list of options: the struct with its documented
+/// fields, `Default`, `Debug` (the URL redacted), a chainable setter per option, and the text
+/// form used by the environment and by deserialisation (keys, aliases, units).
 ///
-/// Option names and defaults are those of eventsource-py's `RedisEventBusConfig`, so its
-/// examples translate line by line. Build with struct update syntax and let the bus validate:
-/// ```
-/// use eventsource_redis::RedisEventBusConfig;
-/// let config = RedisEventBusConfig {
-///     stream_prefix: "orders".into(),
-///     consumer_group: "projections".into(),
-///     ..RedisEventBusConfig::default()
-/// };
-/// config.validate().unwrap();
-/// assert_eq!(config.stream_name(), "orders:stream");
-/// assert_eq!(config.dlq_stream_name(), "orders:stream_dlq");
-/// assert_eq!(config.retry_key("1-0"), "orders:retry:1-0");
-/// assert_eq!(config.error_key("1-0"), "orders:retry:projections:1-0:error");
-/// ```
-#[derive(Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RedisEventBusConfig {
+/// Each option reads `field: Type = default, kind;` where the kind says how its text parses:
+/// `url` / `string` (as is), `opt_string` / `opt_path` (set when present), `parse` (`FromStr`),
+/// `secs` (a `Duration` written as seconds, fractions allowed), `millis(py)` and
+/// `whole_secs(py)` (a `Duration` written under eventsource-py's name `py` in milliseconds or
+/// whole seconds; `py` is also a setter taking that number). `["alias"]` adds text keys.
+macro_rules! bus_options {
+    (
+        $(
+            $(#[doc = $doc:literal])*
+            $field:ident : $ty:ty = $default:expr, $kind:ident $(($py:ident))? $([$($alias:literal),*])?;
+        )*
+    ) => {
+        /// Configuration of a [`RedisEventBus`](crate::RedisEventBus).
+        ///
+        /// Option names and defaults are those of eventsource-py's `RedisEventBusConfig`;
+        /// durations are [`Duration`]s here (`block`, `pending_idle`, ...), while the text
+        /// forms — environment variables, deserialised files — keep the Python names and
+        /// units (`block_ms`, `socket_timeout` in seconds), so its settings carry over.
+        /// `#[non_exhaustive]`: start from [`default()`](Default::default) and chain the
+        /// setters (or assign fields); the bus validates when it is built.
+        /// ```
+        /// use std::time::Duration;
+        /// use eventsource_redis::RedisEventBusConfig;
+        /// let config = RedisEventBusConfig::default()
+        ///     .stream_prefix("orders")
+        ///     .consumer_group("projections")
+        ///     .block(Duration::from_millis(500));
+        /// config.validate().unwrap();
+        /// assert_eq!(config.stream_name(), "orders:stream");
+        /// assert_eq!(config.dlq_stream_name(), "orders:stream_dlq");
+        /// assert_eq!(config.retry_key("1-0"), "orders:retry:1-0");
+        /// assert_eq!(config.error_key("1-0"), "orders:retry:projections:1-0:error");
+        /// // eventsource-py's names and units, where its users look for them:
+        /// assert_eq!(config.clone().block_ms(500).block, config.block);
+        /// ```
+        #[derive(Clone)]
+        #[non_exhaustive]
+        pub struct RedisEventBusConfig {
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+
+        impl Default for RedisEventBusConfig {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+
+        impl fmt::Debug for RedisEventBusConfig {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut d = f.debug_struct("RedisEventBusConfig");
+                $( bus_options!(@debug $kind, d, $field, self.$field); )*
+                d.finish()
+            }
+        }
+
+        impl RedisEventBusConfig {
+            $(
+                bus_options!(@setter $kind $(($py))?, $field, $ty);
+            )*
+
+            /// Every text key (the environment variable after `EVENTSOURCE_REDIS_`, in upper
+            /// case; the name in a deserialised file), aliases included.
+            pub const TEXT_KEYS: &'static [&'static str] = &[
+                $( bus_options!(@key $field $(, $py)?), $($($alias,)*)? )*
+            ];
+
+            /// Sets the option whose text key is `key` from its text form; `Ok(false)` when no
+            /// option has that key.
+            fn set_text(&mut self, key: &str, raw: &str) -> Result<bool, ConfigError> {
+                $(
+                    if key == bus_options!(@key $field $(, $py)?) $($(|| key == $alias)*)? {
+                        self.$field =
+                            bus_options!(@parse $kind, bus_options!(@key $field $(, $py)?), raw);
+                        return Ok(true);
+                    }
+                )*
+                Ok(false)
+            }
+        }
+    };
+    (@key $field:ident) => { stringify!($field) };
+    (@key $field:ident, $py:ident) => { stringify!($py) };
+
+    (@debug url, $d:ident, $field:ident, $value:expr) => {
+        $d.field(stringify!($field), &redact_url(&$value));
+    };
+    (@debug $kind:ident, $d:ident, $field:ident, $value:expr) => {
+        $d.field(stringify!($field), &$value);
+    };
+
+    (@setter url, $field:ident, $ty:ty) => { bus_options!(@setter string, $field, $ty); };
+    (@setter string, $field:ident, $ty:ty) => {
+        #[doc = concat!("Sets `", stringify!($field), "`.")]
+        #[must_use]
+        pub fn $field(mut self, value: impl Into<String>) -> Self {
+            self.$field = value.into();
+            self
+        }
+    };
+    (@setter opt_string, $field:ident, $ty:ty) => {
+        #[doc = concat!("Sets `", stringify!($field), "`.")]
+        #[must_use]
+        pub fn $field(mut self, value: impl Into<String>) -> Self {
+            self.$field = Some(value.into());
+            self
+        }
+    };
+    (@setter opt_path, $field:ident, $ty:ty) => {
+        #[doc = concat!("Sets `", stringify!($field), "`.")]
+        #[must_use]
+        pub fn $field(mut self, value: impl Into<std::path::PathBuf>) -> Self {
+            self.$field = Some(value.into());
+            self
+        }
+    };
+    (@setter parse, $field:ident, $ty:ty) => {
+        #[doc = concat!("Sets `", stringify!($field), "`.")]
+        #[must_use]
+        pub fn $field(mut self, value: $ty) -> Self {
+            self.$field = value;
+            self
+        }
+    };
+    (@setter secs, $field:ident, $ty:ty) => { bus_options!(@setter parse, $field, $ty); };
+    (@setter millis($py:ident), $field:ident, $ty:ty) => {
+        bus_options!(@setter parse, $field, $ty);
+        #[doc = concat!("Sets `", stringify!($field), "` in milliseconds (eventsource-py's `",
+            stringify!($py), "`).")]
+        #[must_use]
+        pub fn $py(mut self, ms: u64) -> Self {
+            self.$field = Duration::from_millis(ms);
+            self
+        }
+    };
+    (@setter whole_secs($py:ident), $field:ident, $ty:ty) => {
+        bus_options!(@setter parse, $field, $ty);
+        #[doc = concat!("Sets `", stringify!($field), "` in seconds (eventsource-py's `",
+            stringify!($py), "`).")]
+        #[must_use]
+        pub fn $py(mut self, secs: u64) -> Self {
+            self.$field = Duration::from_secs(secs);
+            self
+        }
+    };
+
+    (@parse url, $key:expr, $raw:expr) => { $raw.to_owned() };
+    (@parse string, $key:expr, $raw:expr) => { $raw.to_owned() };
+    (@parse opt_string, $key:expr, $raw:expr) => { Some($raw.to_owned()) };
+    (@parse opt_path, $key:expr, $raw:expr) => { Some($raw.into()) };
+    (@parse parse, $key:expr, $raw:expr) => { parse_text($key, $raw)? };
+    (@parse secs, $key:expr, $raw:expr) => { text_secs($key, parse_text::<f64>($key, $raw)?)? };
+    (@parse millis, $key:expr, $raw:expr) => {
+        Duration::from_millis(parse_text::<u64>($key, $raw)?)
+    };
+    (@parse whole_secs, $key:expr, $raw:expr) => {
+        Duration::from_secs(parse_text::<u64>($key, $raw)?)
+    };
+}
+
+bus_options! {
     /// Redis URL, `redis://[user:password@]host:port[/db]` (or `rediss://`). Default
-    /// `redis://localhost:6379`. A password in it never appears in Debug output or logs.
-    pub redis_url: String,
-    /// Response timeout of ordinary commands (publish, ack, claim, info), in seconds.
-    /// Default 5. A command that takes longer fails with a timeout instead of hanging.
-    pub socket_timeout: f64,
-    /// Timeout of establishing a connection, in seconds. Default 5.
-    pub socket_connect_timeout: f64,
+    /// `redis://localhost:6379`; from the environment `EVENTSOURCE_REDIS_URL`, else
+    /// `REDIS_URL`. A password in it never appears in Debug output or logs.
+    redis_url: String = "redis://localhost:6379".into(), url ["url"];
+    /// Response timeout of ordinary commands (publish, ack, claim, info). Default 5 s (text
+    /// form: seconds). A command that takes longer fails with a timeout instead of hanging.
+    socket_timeout: Duration = Duration::from_secs(5), secs;
+    /// Timeout of establishing a connection. Default 5 s (text form: seconds).
+    socket_connect_timeout: Duration = Duration::from_secs(5), secs;
     /// TLS (`rediss://` URLs; feature `tls`): a PEM file of CA certificates to trust instead
     /// of the system's (a managed Redis's or your own CA). Default: the system's roots.
-    pub tls_ca_file: Option<std::path::PathBuf>,
+    tls_ca_file: Option<std::path::PathBuf> = None, opt_path;
     /// TLS: this client's certificate (PEM), for a server that requires one
     /// (`tls-auth-clients yes`); set `tls_key_file` with it.
-    pub tls_cert_file: Option<std::path::PathBuf>,
+    tls_cert_file: Option<std::path::PathBuf> = None, opt_path;
     /// TLS: the private key (PEM) of `tls_cert_file`.
-    pub tls_key_file: Option<std::path::PathBuf>,
+    tls_key_file: Option<std::path::PathBuf> = None, opt_path;
     /// TLS without verifying the server's certificate. For development against a self-signed
     /// server only: anyone on the path can read and change the traffic. Default false.
-    pub tls_insecure: bool,
+    tls_insecure: bool = false, parse;
     /// Accepted for compatibility. The bus always uses one multiplexed connection for
     /// commands; the blocking read has its own, because a blocking read on the publishing
     /// connection would stall every publish behind it. Default false.
-    pub single_connection_client: bool,
+    single_connection_client: bool = false, parse;
     /// Prefix of every key of this bus: `{prefix}:stream`, its DLQ and retry keys.
     /// Default `events`.
-    pub stream_prefix: String,
+    stream_prefix: String = "events".into(), string;
     /// Consumer group: every group receives every event; inside a group each event goes to
     /// one consumer. Default `default`.
-    pub consumer_group: String,
+    consumer_group: String = "default".into(), string;
     /// This consumer's name inside the group. Default `{hostname}-{8 hex}`; give a stable
     /// name to a restarting worker so it drains its own pending entries first.
-    pub consumer_name: Option<String>,
+    consumer_name: Option<String> = None, opt_string;
     /// Entries per XREADGROUP (eventsource-py now calls it `stream_read_count`; both names
-    /// are accepted when deserialising). Bounds the messages in flight per consumer.
-    /// Default 100.
-    #[serde(alias = "stream_read_count")]
-    pub batch_size: usize,
-    /// How long one XREADGROUP blocks waiting for new entries, in milliseconds. Must be below
-    /// `socket_timeout` so an idle consumer never sees timeouts. Default **2000** — the one
-    /// default that differs from eventsource-py (5000, equal to its socket timeout, which
-    /// makes its idle consumers log timeouts).
-    pub block_ms: u64,
+    /// are accepted in text). Bounds the messages in flight per consumer. Default 100.
+    batch_size: usize = 100, parse ["stream_read_count"];
+    /// How long one XREADGROUP blocks waiting for new entries (text: `block_ms`). Must be
+    /// below `socket_timeout` so an idle consumer never sees timeouts. Default **2 s** — the
+    /// one default that differs from eventsource-py (5000 ms, equal to its socket timeout,
+    /// which makes its idle consumers log timeouts).
+    block: Duration = Duration::from_millis(2000), millis(block_ms);
     /// Retries after the first attempt before an entry is dead-lettered: an entry is handled
     /// at most `1 + max_retries` times. Default 3.
-    pub max_retries: u32,
+    max_retries: u32 = 3, parse;
     /// Dead-letter entries that exhausted their retries (or cannot be decoded). When false
     /// they are acknowledged and dropped with an error log and a counter. Default true.
-    pub enable_dlq: bool,
+    enable_dlq: bool = true, parse;
     /// DLQ stream suffix: `{prefix}:stream{suffix}`. Default `_dlq`.
-    pub dlq_stream_suffix: String,
-    /// How long an entry must sit unacknowledged before recovery claims it, in milliseconds.
-    /// Default 60000.
-    pub pending_idle_ms: u64,
+    dlq_stream_suffix: String = "_dlq".into(), string;
+    /// How long an entry must sit unacknowledged before recovery claims it (text:
+    /// `pending_idle_ms`). Default 60 s.
+    pending_idle: Duration = Duration::from_secs(60), millis(pending_idle_ms);
     /// Middle part of the per-message keys: `{prefix}:{retry_key_prefix}:{message id}`.
     /// This bus keeps the last failure reason under `{that key}:error` so the dead letter can
     /// state it. Default `retry`.
-    pub retry_key_prefix: String,
-    /// Expiry of those keys, in seconds. Default 86400.
-    pub retry_key_expiry_seconds: u64,
+    retry_key_prefix: String = "retry".into(), string;
+    /// Expiry of those keys, in whole seconds (text: `retry_key_expiry_seconds`). Default
+    /// one day.
+    retry_key_expiry: Duration = Duration::from_secs(86_400), whole_secs(retry_key_expiry_seconds);
     /// Emit tracing spans (publish, process, handle) and carry W3C trace context in entries.
     /// Default true.
-    pub enable_tracing: bool,
-    /// How often the consumer runs pending recovery by itself, in milliseconds; 0 turns it
-    /// off (then call `recover_pending_messages` yourself). Default 30000.
-    pub recovery_interval_ms: u64,
+    enable_tracing: bool = true, parse;
+    /// How often the consumer runs pending recovery by itself (text: `recovery_interval_ms`);
+    /// zero turns it off (then call `recover_pending_messages` yourself). Default 30 s.
+    recovery_interval: Duration = Duration::from_secs(30), millis(recovery_interval_ms);
     /// How often a consuming bus refreshes its gauges (pending entries, group lag,
-    /// dead-letter depth; feature `metrics`), in milliseconds; 0 turns it off. Default 10000.
-    pub metrics_interval_ms: u64,
+    /// dead-letter depth; feature `metrics`; text: `metrics_interval_ms`); zero turns it
+    /// off. Default 10 s.
+    metrics_interval: Duration = Duration::from_secs(10), millis(metrics_interval_ms);
     /// Recovery also removes other consumers of the group that have nothing pending and have
-    /// been idle longer than this, in milliseconds, so restarts with generated names do not
-    /// grow the consumer list forever. A consumer holding pending entries is never removed (the
-    /// check and the removal are one atomic script). 0 = never. Default 86400000 (one day).
-    pub prune_idle_consumers_ms: u64,
+    /// been idle longer than this (text: `prune_idle_consumers_ms`), so restarts with
+    /// generated names do not grow the consumer list forever. A consumer holding pending
+    /// entries is never removed (the check and the removal are one atomic script). Zero =
+    /// never. Default one day.
+    prune_idle_consumers: Duration = Duration::from_secs(86_400), millis(prune_idle_consumers_ms);
     /// Remember the ids of the last N events this consumer handled successfully and skip an
     /// entry carrying one of them again (acked, counted as `duplicates_skipped`): duplicates
     /// from a republish after an indeterminate publish, or a redelivery whose ack was lost.
     /// Only within this consumer process; handlers should still be idempotent. 0 = off
     /// (the default).
-    pub dedupe_window: usize,
+    dedupe_window: usize = 0, parse;
     /// Messages one consumer handles at the same time. 1 (the default) handles a batch
     /// strictly in stream order, one entry after the other. N > 1 runs up to N entries of a
     /// batch concurrently while entries of the same aggregate (same `aggregate_id`) still run
     /// one after the other in stream order; the next batch is read when the whole batch is
     /// done. Useful for I/O-bound handlers.
-    pub handler_concurrency: usize,
-    /// Longest wait between reconnection attempts, in milliseconds (backoff doubles from
-    /// 100 ms up to this, with jitter). Problems an operator must fix (a missing ACL
-    /// permission, a wrong password) are retried at this interval. Default 5000.
-    pub reconnect_max_delay_ms: u64,
+    handler_concurrency: usize = 1, parse;
+    /// Longest wait between reconnection attempts (text: `reconnect_max_delay_ms`; backoff
+    /// doubles from 100 ms up to this, with jitter). Problems an operator must fix (a missing
+    /// ACL permission, a wrong password) are retried at this interval. Default 5 s.
+    reconnect_max_delay: Duration = Duration::from_secs(5), millis(reconnect_max_delay_ms);
     /// Largest entry (sum of field and value bytes) the consumer reads into memory. A larger
     /// entry is not held: it is dead-lettered (Redis copies it to the DLQ) with a reason
     /// naming this limit. Default 16 MiB.
-    pub max_entry_bytes: usize,
+    max_entry_bytes: usize = 16 * 1024 * 1024, parse;
     /// What to do with an entry whose data this version of its registered Rust type rejects
     /// (a new required field, a changed type: typically a bad deploy). Default
     /// [`RejectedPolicy::Retry`].
-    pub on_rejected: RejectedPolicy,
+    on_rejected: RejectedPolicy = RejectedPolicy::Retry, parse;
     /// With [`RejectedPolicy::Retry`]: after this many rejected entries in a row (none
     /// decoding in between) the consumer pauses — it stops reading and recovering, reports
     /// unhealthy with the reason, and leaves the entries pending — so a bad deploy does not
     /// drain the stream into the DLQ and a rollback continues where it stopped. 0 = never
     /// pause. Default 10.
-    pub pause_after_rejections: u32,
+    pause_after_rejections: u32 = 10, parse;
+}
+
+/// A duration in whole milliseconds, as Redis takes them (saturating).
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Parses an option's text form, naming the option when it does not parse.
+fn parse_text<T: std::str::FromStr>(key: &'static str, raw: &str) -> Result<T, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    raw.trim()
+        .parse::<T>()
+        .map_err(|e| ConfigError::new(key, format!("{raw:?} does not parse: {e}")))
+}
+
+/// A duration written as a number of seconds.
+fn text_secs(key: &'static str, secs: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(secs).map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("{secs} is not a duration (a non-negative number of seconds)"),
+        )
+    })
 }
 
 /// What a consumer does with an entry its version of the event type cannot decode.
@@ -175,78 +359,6 @@ impl std::str::FromStr for RejectedPolicy {
             "dead_letter" | "dlq" => Ok(Self::DeadLetter),
             other => Err(format!("{other:?} is not one of retry, dead_letter")),
         }
-    }
-}
-
-impl Default for RedisEventBusConfig {
-    fn default() -> Self {
-        Self {
-            redis_url: "redis://localhost:6379".into(),
-            socket_timeout: 5.0,
-            socket_connect_timeout: 5.0,
-            tls_ca_file: None,
-            tls_cert_file: None,
-            tls_key_file: None,
-            tls_insecure: false,
-            single_connection_client: false,
-            stream_prefix: "events".into(),
-            consumer_group: "default".into(),
-            consumer_name: None,
-            batch_size: 100,
-            block_ms: 2000,
-            max_retries: 3,
-            enable_dlq: true,
-            dlq_stream_suffix: "_dlq".into(),
-            pending_idle_ms: 60_000,
-            retry_key_prefix: "retry".into(),
-            retry_key_expiry_seconds: 86_400,
-            enable_tracing: true,
-            recovery_interval_ms: 30_000,
-            metrics_interval_ms: 10_000,
-            handler_concurrency: 1,
-            dedupe_window: 0,
-            prune_idle_consumers_ms: 86_400_000,
-            reconnect_max_delay_ms: 5_000,
-            max_entry_bytes: 16 * 1024 * 1024,
-            on_rejected: RejectedPolicy::Retry,
-            pause_after_rejections: 10,
-        }
-    }
-}
-
-impl fmt::Debug for RedisEventBusConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisEventBusConfig")
-            .field("redis_url", &redact_url(&self.redis_url))
-            .field("socket_timeout", &self.socket_timeout)
-            .field("socket_connect_timeout", &self.socket_connect_timeout)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("tls_cert_file", &self.tls_cert_file)
-            .field("tls_key_file", &self.tls_key_file)
-            .field("tls_insecure", &self.tls_insecure)
-            .field("single_connection_client", &self.single_connection_client)
-            .field("stream_prefix", &self.stream_prefix)
-            .field("consumer_group", &self.consumer_group)
-            .field("consumer_name", &self.consumer_name)
-            .field("batch_size", &self.batch_size)
-            .field("block_ms", &self.block_ms)
-            .field("max_retries", &self.max_retries)
-            .field("enable_dlq", &self.enable_dlq)
-            .field("dlq_stream_suffix", &self.dlq_stream_suffix)
-            .field("pending_idle_ms", &self.pending_idle_ms)
-            .field("retry_key_prefix", &self.retry_key_prefix)
-            .field("retry_key_expiry_seconds", &self.retry_key_expiry_seconds)
-            .field("enable_tracing", &self.enable_tracing)
-            .field("recovery_interval_ms", &self.recovery_interval_ms)
-            .field("metrics_interval_ms", &self.metrics_interval_ms)
-            .field("handler_concurrency", &self.handler_concurrency)
-            .field("dedupe_window", &self.dedupe_window)
-            .field("prune_idle_consumers_ms", &self.prune_idle_consumers_ms)
-            .field("reconnect_max_delay_ms", &self.reconnect_max_delay_ms)
-            .field("max_entry_bytes", &self.max_entry_bytes)
-            .field("on_rejected", &self.on_rejected)
-            .field("pause_after_rejections", &self.pause_after_rejections)
-            .finish()
     }
 }
 
@@ -305,12 +417,9 @@ fn non_empty(field: &'static str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn positive_secs(field: &'static str, value: f64) -> Result<(), ConfigError> {
-    if !(value.is_finite() && value > 0.0) {
-        return Err(ConfigError::new(
-            field,
-            format!("{value} must be a positive number of seconds"),
-        ));
+fn positive(field: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::new(field, "must be longer than zero"));
     }
     Ok(())
 }
@@ -337,8 +446,8 @@ impl RedisEventBusConfig {
             ));
         }
         self.client()?;
-        positive_secs("socket_timeout", self.socket_timeout)?;
-        positive_secs("socket_connect_timeout", self.socket_connect_timeout)?;
+        positive("socket_timeout", self.socket_timeout)?;
+        positive("socket_connect_timeout", self.socket_connect_timeout)?;
         non_empty("stream_prefix", &self.stream_prefix)?;
         non_empty("consumer_group", &self.consumer_group)?;
         if let Some(name) = &self.consumer_name {
@@ -356,33 +465,33 @@ impl RedisEventBusConfig {
                 ),
             ));
         }
-        if self.block_ms == 0 {
+        if self.block < Duration::from_millis(1) {
             return Err(ConfigError::new(
-                "block_ms",
-                "must be at least 1 (0 would block forever and the consumer could not stop)",
+                "block",
+                "must be at least 1 ms (0 would block forever and the consumer could not stop)",
             ));
         }
-        if self.block_ms as f64 >= self.socket_timeout * 1000.0 {
+        if self.block >= self.socket_timeout {
             return Err(ConfigError::new(
-                "block_ms",
+                "block",
                 format!(
-                    "{} ms must be below socket_timeout ({} s), or idle reads would time out",
-                    self.block_ms, self.socket_timeout
+                    "{:?} must be below socket_timeout ({:?}), or idle reads would time out",
+                    self.block, self.socket_timeout
                 ),
             ));
         }
         non_empty("dlq_stream_suffix", &self.dlq_stream_suffix)?;
-        if self.pending_idle_ms == 0 {
+        if self.pending_idle < Duration::from_millis(1) {
             return Err(ConfigError::new(
-                "pending_idle_ms",
-                "must be at least 1 (0 would claim entries other consumers are handling)",
+                "pending_idle",
+                "must be at least 1 ms (0 would claim entries other consumers are handling)",
             ));
         }
         non_empty("retry_key_prefix", &self.retry_key_prefix)?;
-        if self.retry_key_expiry_seconds == 0 {
+        if self.retry_key_expiry < Duration::from_secs(1) {
             return Err(ConfigError::new(
-                "retry_key_expiry_seconds",
-                "must be at least 1",
+                "retry_key_expiry",
+                "must be at least 1 s (Redis expires keys in whole seconds)",
             ));
         }
         if self.handler_concurrency == 0 || self.handler_concurrency > 1024 {
@@ -400,10 +509,10 @@ impl RedisEventBusConfig {
                 ),
             ));
         }
-        if self.reconnect_max_delay_ms < 100 {
+        if self.reconnect_max_delay < Duration::from_millis(100) {
             return Err(ConfigError::new(
-                "reconnect_max_delay_ms",
-                "must be at least 100",
+                "reconnect_max_delay",
+                "must be at least 100 ms",
             ));
         }
         if self.max_entry_bytes < 1024 {
@@ -545,142 +654,104 @@ impl RedisEventBusConfig {
             .unwrap_or_else(default_consumer_name)
     }
 
-    pub(crate) fn socket_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.socket_timeout)
-    }
-
-    pub(crate) fn connect_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.socket_connect_timeout)
-    }
-
-    /// Reads options from environment variables named `EVENTSOURCE_REDIS_<OPTION>` in upper
-    /// case (`EVENTSOURCE_REDIS_URL` for `redis_url`, `EVENTSOURCE_REDIS_STREAM_PREFIX`, ...;
-    /// `..._STREAM_READ_COUNT` is accepted for `batch_size`). Unset variables keep defaults.
+    /// Reads options from environment variables: `EVENTSOURCE_REDIS_` followed by the option's
+    /// text key in upper case (see [`TEXT_KEYS`](Self::TEXT_KEYS): `EVENTSOURCE_REDIS_URL`,
+    /// `EVENTSOURCE_REDIS_STREAM_PREFIX`, `EVENTSOURCE_REDIS_BLOCK_MS` in milliseconds,
+    /// `EVENTSOURCE_REDIS_SOCKET_TIMEOUT` in seconds, ...). Unset variables keep the defaults;
+    /// `REDIS_URL` is used when no `EVENTSOURCE_REDIS_URL` is set. A variable under the prefix
+    /// that names no option (a typo) is logged as a warning, with the known names.
     ///
     /// # Errors
     /// [`ConfigError`] naming the option whose variable does not parse, or any validation
     /// error.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+        for name in unknown_env_vars(names) {
+            tracing::warn!(
+                variable = %name,
+                known = %Self::TEXT_KEYS.join(", ").to_ascii_uppercase(),
+                "ignoring an environment variable that names no bus option (a typo?)"
+            );
+        }
+        Self::from_lookup(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
     }
 
     /// As [`from_env`](Self::from_env), reading variables through `lookup` (for tests and
-    /// other sources).
+    /// other sources); unknown names cannot be listed this way, so none are warned about.
     ///
     /// # Errors
     /// As [`from_env`](Self::from_env).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut c = Self::default();
-        let get = |option: &str| lookup(&format!("EVENTSOURCE_REDIS_{}", option.to_uppercase()));
-        fn parse<T: std::str::FromStr>(
-            field: &'static str,
-            raw: Option<String>,
-        ) -> Result<Option<T>, ConfigError>
-        where
-            T::Err: fmt::Display,
-        {
-            raw.map(|s| {
-                s.trim().parse::<T>().map_err(|e| {
-                    ConfigError::new(
-                        field,
-                        format!("environment value {s:?} does not parse: {e}"),
-                    )
-                })
-            })
-            .transpose()
+        if let Some(url) = lookup("REDIS_URL") {
+            c.redis_url = url;
         }
-        if let Some(v) = get("url").or_else(|| get("redis_url")) {
-            c.redis_url = v;
-        }
-        if let Some(v) = parse("socket_timeout", get("socket_timeout"))? {
-            c.socket_timeout = v;
-        }
-        if let Some(v) = parse("socket_connect_timeout", get("socket_connect_timeout"))? {
-            c.socket_connect_timeout = v;
-        }
-        if let Some(v) = get("tls_ca_file") {
-            c.tls_ca_file = Some(v.into());
-        }
-        if let Some(v) = get("tls_cert_file") {
-            c.tls_cert_file = Some(v.into());
-        }
-        if let Some(v) = get("tls_key_file") {
-            c.tls_key_file = Some(v.into());
-        }
-        if let Some(v) = parse("tls_insecure", get("tls_insecure"))? {
-            c.tls_insecure = v;
-        }
-        if let Some(v) = parse("single_connection_client", get("single_connection_client"))? {
-            c.single_connection_client = v;
-        }
-        if let Some(v) = get("stream_prefix") {
-            c.stream_prefix = v;
-        }
-        if let Some(v) = get("consumer_group") {
-            c.consumer_group = v;
-        }
-        if let Some(v) = get("consumer_name") {
-            c.consumer_name = Some(v);
-        }
-        if let Some(v) = parse(
-            "batch_size",
-            get("batch_size").or_else(|| get("stream_read_count")),
-        )? {
-            c.batch_size = v;
-        }
-        if let Some(v) = parse("block_ms", get("block_ms"))? {
-            c.block_ms = v;
-        }
-        if let Some(v) = parse("max_retries", get("max_retries"))? {
-            c.max_retries = v;
-        }
-        if let Some(v) = parse("enable_dlq", get("enable_dlq"))? {
-            c.enable_dlq = v;
-        }
-        if let Some(v) = get("dlq_stream_suffix") {
-            c.dlq_stream_suffix = v;
-        }
-        if let Some(v) = parse("pending_idle_ms", get("pending_idle_ms"))? {
-            c.pending_idle_ms = v;
-        }
-        if let Some(v) = get("retry_key_prefix") {
-            c.retry_key_prefix = v;
-        }
-        if let Some(v) = parse("retry_key_expiry_seconds", get("retry_key_expiry_seconds"))? {
-            c.retry_key_expiry_seconds = v;
-        }
-        if let Some(v) = parse("enable_tracing", get("enable_tracing"))? {
-            c.enable_tracing = v;
-        }
-        if let Some(v) = parse("recovery_interval_ms", get("recovery_interval_ms"))? {
-            c.recovery_interval_ms = v;
-        }
-        if let Some(v) = parse("metrics_interval_ms", get("metrics_interval_ms"))? {
-            c.metrics_interval_ms = v;
-        }
-        if let Some(v) = parse("prune_idle_consumers_ms", get("prune_idle_consumers_ms"))? {
-            c.prune_idle_consumers_ms = v;
-        }
-        if let Some(v) = parse("dedupe_window", get("dedupe_window"))? {
-            c.dedupe_window = v;
-        }
-        if let Some(v) = parse("handler_concurrency", get("handler_concurrency"))? {
-            c.handler_concurrency = v;
-        }
-        if let Some(v) = parse("reconnect_max_delay_ms", get("reconnect_max_delay_ms"))? {
-            c.reconnect_max_delay_ms = v;
-        }
-        if let Some(v) = parse("max_entry_bytes", get("max_entry_bytes"))? {
-            c.max_entry_bytes = v;
-        }
-        if let Some(v) = parse("on_rejected", get("on_rejected"))? {
-            c.on_rejected = v;
-        }
-        if let Some(v) = parse("pause_after_rejections", get("pause_after_rejections"))? {
-            c.pause_after_rejections = v;
+        for key in Self::TEXT_KEYS {
+            let variable = format!("{ENV_PREFIX}{}", key.to_ascii_uppercase());
+            if let Some(raw) = lookup(&variable) {
+                c.set_text(key, &raw).map_err(|e| ConfigError {
+                    reason: format!("environment variable {variable}: {}", e.reason),
+                    ..e
+                })?;
+            }
         }
         c.validate()?;
         Ok(c)
+    }
+}
+
+/// The names among `names` under [`ENV_PREFIX`] that name no option.
+fn unknown_env_vars(names: impl Iterator<Item = String>) -> Vec<String> {
+    names
+        .filter(|name| {
+            name.strip_prefix(ENV_PREFIX).is_some_and(|rest| {
+                !OTHER_ENV_VARS.contains(&rest)
+                    && !RedisEventBusConfig::TEXT_KEYS
+                        .iter()
+                        .any(|key| key.eq_ignore_ascii_case(rest))
+            })
+        })
+        .collect()
+}
+
+/// Reads the text form: a map from text keys (the Python names: `block_ms`, `socket_timeout`
+/// in seconds, `stream_read_count` or `batch_size`, ...) to strings, numbers or booleans;
+/// missing keys keep the defaults, `null` keeps the default, an unknown key is refused. The
+/// result is not validated here: the bus validates when it is built.
+impl<'de> Deserialize<'de> for RedisEventBusConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            Bool(bool),
+            Unsigned(u64),
+            Signed(i64),
+            Float(f64),
+            String(String),
+        }
+        let map = std::collections::BTreeMap::<String, Option<Text>>::deserialize(deserializer)?;
+        let mut config = Self::default();
+        for (key, value) in map {
+            let raw = match value {
+                None => continue,
+                Some(Text::Bool(b)) => b.to_string(),
+                Some(Text::Unsigned(n)) => n.to_string(),
+                Some(Text::Signed(n)) => n.to_string(),
+                Some(Text::Float(f)) => f.to_string(),
+                Some(Text::String(s)) => s,
+            };
+            match config.set_text(&key, &raw) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(serde::de::Error::custom(format!(
+                        "unknown option `{key}`, expected one of {}",
+                        Self::TEXT_KEYS.join(", ")
+                    )));
+                }
+                Err(e) => return Err(serde::de::Error::custom(e)),
+            }
+        }
+        Ok(config)
     }
 }
 
@@ -693,4 +764,27 @@ pub fn default_consumer_name() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned());
     format!("{host}-{:08x}", fastrand::u32(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_variables_under_the_prefix_are_found() {
+        let names = [
+            "EVENTSOURCE_REDIS_URL",
+            "EVENTSOURCE_REDIS_BATCH_SISE",
+            "EVENTSOURCE_REDIS_BLOCK_MS",
+            "EVENTSOURCE_REDIS_BLOCK",
+            "EVENTSOURCE_REDIS_READER",
+            "REDIS_URL",
+            "PATH",
+        ]
+        .map(String::from);
+        assert_eq!(
+            unknown_env_vars(names.into_iter()),
+            ["EVENTSOURCE_REDIS_BATCH_SISE", "EVENTSOURCE_REDIS_BLOCK"]
+        );
+    }
 }

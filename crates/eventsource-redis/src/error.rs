@@ -1,6 +1,6 @@
 //! The error type of the Redis bus, and how the consumer classifies what goes wrong.
 
-use redis::ErrorKind;
+use eventsource_core::ErrorKind;
 
 use crate::config::ConfigError;
 
@@ -101,17 +101,57 @@ pub enum RedisBusError {
 }
 
 impl RedisBusError {
-    /// Whether retrying later may succeed (connection loss, timeout, Redis loading).
-    /// Authentication and permission errors are not: an operator must act.
-    pub fn is_transient(&self) -> bool {
+    /// What kind of failure this is, for retry decisions, logs and metrics without matching
+    /// variants or inspecting the redis-rs cause. A partial publish has the kind of its
+    /// refusals (`Unavailable` only when every one was a connection failure).
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Connect { source, .. } => !is_auth_error(source),
-            Self::Command { source, .. } => is_connection_error(source),
-            Self::PartialPublish { failed, .. } => {
-                failed.iter().all(|(_, e)| is_connection_error(e))
-            }
-            _ => false,
+            Self::Config(e) => e.kind(),
+            // Reaching Redis failed: unavailable unless it refused who we are.
+            Self::Connect { source, .. } => match redis_error_kind(source) {
+                kind @ (ErrorKind::Authentication | ErrorKind::Permission) => kind,
+                _ => ErrorKind::Unavailable,
+            },
+            Self::Authentication { .. } => ErrorKind::Authentication,
+            Self::NoPermission { .. } => ErrorKind::Permission,
+            Self::Command { source, .. } => redis_error_kind(source),
+            Self::UnexpectedReply { .. } => ErrorKind::Protocol,
+            Self::InvalidEvent { .. } => ErrorKind::InvalidInput,
+            Self::PartialPublish { failed, .. } => failed
+                .iter()
+                .map(|(_, e)| redis_error_kind(e))
+                .find(|kind| !kind.is_transient())
+                .unwrap_or(ErrorKind::Unavailable),
+            Self::AlreadyConsuming => ErrorKind::InvalidState,
         }
+    }
+
+    /// Whether retrying later may succeed (connection loss, timeout, Redis loading): the
+    /// kind is `Unavailable` or `Timeout`. Authentication and permission errors are not: an
+    /// operator must act; nor are `OOM` / `MISCONF` refusals (`ResourceExhausted`), which
+    /// pass only when an operator frees memory or disk.
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
+}
+
+/// The kind of a redis-rs error: credentials, ACL, a timeout, a connection failure (or a
+/// server that is loading, failing over or resharding), a refusal for memory or disk.
+pub(crate) fn redis_error_kind(e: &redis::RedisError) -> ErrorKind {
+    if is_auth_error(e) {
+        ErrorKind::Authentication
+    } else if is_permission_error(e) {
+        ErrorKind::Permission
+    } else if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if is_connection_error(e) {
+        ErrorKind::Unavailable
+    } else if matches!(e.code(), Some("OOM" | "MISCONF")) {
+        ErrorKind::ResourceExhausted
+    } else if is_nogroup(e) {
+        ErrorKind::NotFound
+    } else {
+        ErrorKind::Other
     }
 }
 
@@ -196,7 +236,8 @@ pub(crate) fn denied_command(e: &redis::RedisError) -> Option<String> {
 
 /// Whether Redis refused the credentials.
 pub(crate) fn is_auth_error(e: &redis::RedisError) -> bool {
-    e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
 }
 
 /// Whether the ACL refused a command.

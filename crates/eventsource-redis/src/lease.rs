@@ -252,7 +252,7 @@ impl RedisEventBus {
         // Counted by its delivery and renewed moments ago (the common, fast case): no round
         // trip. Otherwise (it waited, or this process was frozen) record the start and check
         // it is still ours.
-        let renew_after = Duration::from_millis(self.inner.config.pending_idle_ms / 3);
+        let renew_after = self.inner.config.pending_idle / 3;
         if let Err(known) = self.inner.lease.still_held(batch, index, Some(renew_after)) {
             return Ok(known);
         }
@@ -321,7 +321,10 @@ impl RedisEventBus {
         let pairs: Vec<(&str, u32)> = items.iter().map(|(id, n)| (id.as_str(), *n)).collect();
         let _gate = self.inner.lease.gate.lock().await;
         match self
-            .renew_script(&pairs, Some(self.inner.config.pending_idle_ms))
+            .renew_script(
+                &pairs,
+                Some(crate::config::millis(self.inner.config.pending_idle)),
+            )
             .await
         {
             Ok(codes) => {
@@ -370,8 +373,8 @@ async fn renewer(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         let bus = RedisEventBus { inner };
         let lease = &bus.inner.lease;
-        let renew_after = Duration::from_millis(bus.inner.config.pending_idle_ms / 3);
-        let handler_limit = Duration::from_millis(bus.inner.config.pending_idle_ms);
+        let renew_after = bus.inner.config.pending_idle / 3;
+        let handler_limit = bus.inner.config.pending_idle;
         let _gate = lease.gate.lock().await;
         // Decide under the table lock, run the script without it.
         let due: Vec<(u64, usize, String, u32)> = {

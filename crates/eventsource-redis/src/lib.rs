@@ -21,12 +21,10 @@
 //! let registry = EventRegistry::new();
 //! registry.register::<OrderCreated>()?;
 //! let bus = RedisEventBus::new(
-//!     RedisEventBusConfig {
-//!         redis_url: "redis://localhost:6379".into(),
-//!         stream_prefix: "myapp".into(),
-//!         consumer_group: "default".into(),
-//!         ..Default::default()
-//!     },
+//!     RedisEventBusConfig::default()
+//!         .redis_url("redis://localhost:6379")
+//!         .stream_prefix("myapp")
+//!         .consumer_group("default"),
 //!     registry,
 //! )?;
 //! bus.connect().await?;
@@ -161,11 +159,17 @@ pub use config::{ConfigError, RedisEventBusConfig, RejectedPolicy};
 pub use consume::ShutdownReport;
 pub use dlq::{DlqMessage, HistoryError, HistorySummary, ReplayOutcome};
 pub use error::RedisBusError;
+/// The error classification shared by the workspace ([`RedisBusError::kind`]).
+pub use eventsource_core::ErrorKind;
 pub use info::{
     BusStats, GroupInfo, Health, HealthStatus, PendingEntry, StreamDetails, StreamInfo,
 };
 pub use ops::{ConsumerInfo, PurgeOutcome};
 pub use recovery::{RecoveryOptions, RecoveryStats};
+/// redis-rs, whose types appear in this crate's public API (`redis::RedisError` as the cause
+/// of [`RedisBusError`], `redis::Client` from [`RedisEventBusConfig::client`]): use this
+/// re-export instead of depending on a matching redis-rs version yourself.
+pub use redis;
 pub use service::RedisEventBusService;
 pub use trim::TrimReport;
 

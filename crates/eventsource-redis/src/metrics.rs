@@ -20,7 +20,7 @@
 //! | `eventsource_consumer_lag` | gauge (entries not yet delivered to the group; Redis 7) | `stream`, `group` |
 //! | `eventsource_dlq_depth` | gauge (entries in the dead-letter stream) | `stream` |
 //!
-//! The gauges are refreshed by a consuming bus every `metrics_interval_ms` (default 10 s).
+//! The gauges are refreshed by a consuming bus every `metrics_interval` (default 10 s).
 //! Label values are bounded: the stream and group are the bus's own, reasons are fixed
 //! strings, and event types are those this process publishes or has handlers for (at most
 //! [`MAX_EVENT_TYPES`]; beyond that they are counted as `other`). Ids never become labels.

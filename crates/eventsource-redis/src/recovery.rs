@@ -109,7 +109,9 @@ pub(crate) struct Resolved {
 impl Resolved {
     pub(crate) fn from_config(cfg: &RedisEventBusConfig, options: RecoveryOptions) -> Self {
         Self {
-            min_idle: options.min_idle_time_ms.unwrap_or(cfg.pending_idle_ms),
+            min_idle: options
+                .min_idle_time_ms
+                .unwrap_or(crate::config::millis(cfg.pending_idle)),
             max_retries: options.max_retries.unwrap_or(cfg.max_retries),
             page: options.batch_size.unwrap_or(cfg.batch_size).max(1),
         }
@@ -122,7 +124,7 @@ impl RedisEventBus {
     /// exact count). Walks the whole pending list page by page, then prunes idle consumers.
     ///
     /// The consumer runs recovery by itself, one page at a time, every
-    /// `recovery_interval_ms`; call this for an immediate full run or with other thresholds.
+    /// `recovery_interval`; call this for an immediate full run or with other thresholds.
     ///
     /// # Errors
     /// [`RedisBusError`] when Redis fails; entries not yet handled stay pending.
@@ -290,7 +292,7 @@ impl RedisEventBus {
     }
 
     pub(crate) async fn prune_quietly(&self) {
-        let ms = self.inner.config.prune_idle_consumers_ms;
+        let ms = crate::config::millis(self.inner.config.prune_idle_consumers);
         if ms == 0 {
             return;
         }
@@ -362,7 +364,8 @@ impl RedisEventBus {
         };
         for consumer in reply.consumers {
             let idle = u64::try_from(consumer.idle).unwrap_or(u64::MAX);
-            if consumer.name == self.inner.consumer_name && idle < cfg.block_ms {
+            if consumer.name == self.inner.consumer_name && idle < crate::config::millis(cfg.block)
+            {
                 bump(&self.inner.counters.consumer_name_in_use, 1);
                 tracing::warn!(
                     consumer = %self.inner.consumer_name,

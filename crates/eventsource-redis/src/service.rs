@@ -7,7 +7,7 @@ use crate::bus::RedisEventBus;
 use crate::error::RedisBusError;
 
 /// Runs a bus until shutdown: connects, consumes (pending recovery runs inside the consumer
-/// every `recovery_interval_ms`), and on shutdown finishes and acknowledges the in-flight
+/// every `recovery_interval`), and on shutdown finishes and acknowledges the in-flight
 /// batch, then disconnects.
 ///
 /// ```no_run

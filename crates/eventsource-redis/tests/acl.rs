@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::OrderCreated;
-use eventsource_redis::{RecoveryOptions, RedisBusError, RedisEventBusConfig};
+use eventsource_redis::{RecoveryOptions, RedisBusError};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -51,15 +51,10 @@ async fn the_documented_rules_run_the_whole_flow() {
     set_user(port, "orders-publisher", "~orders:*", PUBLISHER_RULE).await;
     let url = |user: &str| format!("redis://{user}:{user}-pw@127.0.0.1:{port}");
 
-    let publisher = bus(RedisEventBusConfig {
-        redis_url: url("orders-publisher"),
-        ..config("orders", "billing", "p")
-    });
-    let consumer = bus(RedisEventBusConfig {
-        redis_url: url("orders-consumer"),
-        max_retries: 0,
-        ..config("orders", "billing", "c1")
-    });
+    let publisher = bus(config("orders", "billing", "p").redis_url(url("orders-publisher")));
+    let consumer = bus(config("orders", "billing", "c1")
+        .redis_url(url("orders-consumer"))
+        .max_retries(0));
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
     consumer.subscribe(move |e: Event<OrderCreated>| {
@@ -115,17 +110,16 @@ async fn a_missing_permission_names_the_command_and_the_grant() {
     let _server = OwnRedis::start(port, &temp_dir("acl-missing"), &[]);
     let without_create = CONSUMER_RULE.replace("+xgroup|create ", "");
     set_user(port, "half", "~orders:*", &without_create).await;
-    let consumer = bus(RedisEventBusConfig {
-        redis_url: format!("redis://half:half-pw@127.0.0.1:{port}"),
-        reconnect_max_delay_ms: 200,
-        ..config("orders", "billing", "c1")
-    });
+    let consumer = bus(config("orders", "billing", "c1")
+        .redis_url(format!("redis://half:half-pw@127.0.0.1:{port}"))
+        .reconnect_max_delay_ms(200));
     let err = consumer.connect().await.unwrap_err();
     assert!(
         matches!(&err, RedisBusError::NoPermission { command, user, .. }
             if command == "xgroup|create" && user.as_deref() == Some("half")),
         "{err:?}"
     );
+    assert_eq!(err.kind(), eventsource_redis::ErrorKind::Permission);
     assert!(!err.is_transient());
     assert!(
         err.to_string().contains("ACL SETUSER half +xgroup|create"),
@@ -149,10 +143,8 @@ async fn a_missing_permission_names_the_command_and_the_grant() {
     stop(&consumer, task).await;
 
     // A key outside the user's pattern: the publish error names XADD, not a connection.
-    let stranger = bus(RedisEventBusConfig {
-        redis_url: format!("redis://half:half-pw@127.0.0.1:{port}"),
-        ..config("payments", "billing", "c1")
-    });
+    let stranger = bus(config("payments", "billing", "c1")
+        .redis_url(format!("redis://half:half-pw@127.0.0.1:{port}")));
     let err = stranger.publish_events(&[created(1)]).await.unwrap_err();
     assert!(matches!(err, RedisBusError::NoPermission { .. }), "{err:?}");
     assert!(!err.is_transient());

@@ -12,7 +12,6 @@ use common::*;
 use eventsource_core::bus::HandlerError;
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::OrderCreated;
-use eventsource_redis::RedisEventBusConfig;
 use uuid::Uuid;
 
 /// Ten aggregates, twenty events each, interleaved; with handler_concurrency 8 and handlers
@@ -22,11 +21,9 @@ use uuid::Uuid;
 async fn concurrent_handling_keeps_per_aggregate_order() {
     let prefix = unique_prefix("conc-order");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        handler_concurrency: 8,
-        batch_size: 50,
-        ..config(&prefix, "g", "c")
-    });
+    let bus = bus(config(&prefix, "g", "c")
+        .handler_concurrency(8)
+        .batch_size(50));
     let seen: Arc<Mutex<HashMap<Uuid, Vec<u64>>>> = Default::default();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let max_in_flight = Arc::new(AtomicUsize::new(0));
@@ -88,12 +85,10 @@ async fn concurrent_handling_keeps_per_aggregate_order() {
 async fn concurrent_handling_is_at_least_once_under_failures() {
     let prefix = unique_prefix("conc-fail");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        handler_concurrency: 16,
-        pending_idle_ms: 100,
-        recovery_interval_ms: 50,
-        ..config(&prefix, "g", "c")
-    });
+    let bus = bus(config(&prefix, "g", "c")
+        .handler_concurrency(16)
+        .pending_idle_ms(100)
+        .recovery_interval_ms(50));
     let attempts: Arc<Mutex<HashMap<Uuid, usize>>> = Default::default();
     let done: Arc<Mutex<HashSet<Uuid>>> = Default::default();
     let (a, d) = (attempts.clone(), done.clone());

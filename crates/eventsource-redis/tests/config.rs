@@ -2,6 +2,7 @@
 //! key names, redaction of passwords, loading from the environment.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use eventsource_redis::{RedisBusError, RedisEventBus, RedisEventBusConfig};
 
@@ -11,26 +12,23 @@ use eventsource_redis::{RedisBusError, RedisEventBus, RedisEventBusConfig};
 fn defaults_and_derived_names() {
     let c = RedisEventBusConfig::default();
     assert_eq!(c.redis_url, "redis://localhost:6379");
-    assert_eq!(c.socket_timeout, 5.0);
-    assert_eq!(c.socket_connect_timeout, 5.0);
+    assert_eq!(c.socket_timeout, Duration::from_secs(5));
+    assert_eq!(c.socket_connect_timeout, Duration::from_secs(5));
     assert!(!c.single_connection_client);
     assert_eq!(c.stream_prefix, "events");
     assert_eq!(c.consumer_group, "default");
     assert_eq!(c.consumer_name, None);
     assert_eq!(c.batch_size, 100);
-    assert_eq!(c.block_ms, 2000);
+    assert_eq!(c.block, Duration::from_millis(2000));
     assert_eq!(c.max_retries, 3);
     assert!(c.enable_dlq);
     assert_eq!(c.dlq_stream_suffix, "_dlq");
-    assert_eq!(c.pending_idle_ms, 60_000);
+    assert_eq!(c.pending_idle, Duration::from_secs(60));
     assert_eq!(c.retry_key_prefix, "retry");
-    assert_eq!(c.retry_key_expiry_seconds, 86_400);
+    assert_eq!(c.retry_key_expiry, Duration::from_secs(86_400));
     assert!(c.enable_tracing);
     c.validate().expect("defaults are valid");
-    let orders = RedisEventBusConfig {
-        stream_prefix: "orders".into(),
-        ..c
-    };
+    let orders = c.stream_prefix("orders");
     assert_eq!(orders.stream_name(), "orders:stream");
     assert_eq!(orders.dlq_stream_name(), "orders:stream_dlq");
     assert_eq!(
@@ -67,98 +65,29 @@ fn refused(c: RedisEventBusConfig) -> (&'static str, String) {
 fn invalid_options_name_the_field() {
     let d = RedisEventBusConfig::default;
     let cases: Vec<(RedisEventBusConfig, &str)> = vec![
+        (d().stream_prefix(""), "stream_prefix"),
+        (d().stream_prefix("a b"), "stream_prefix"),
+        (d().consumer_group(" "), "consumer_group"),
+        (d().consumer_name(""), "consumer_name"),
+        (d().batch_size(0), "batch_size"),
+        (d().block_ms(0), "block"),
+        (d().block_ms(5000), "block"),
+        (d().block(Duration::from_micros(300)), "block"),
+        (d().socket_timeout(Duration::ZERO), "socket_timeout"),
         (
-            RedisEventBusConfig {
-                stream_prefix: "".into(),
-                ..d()
-            },
-            "stream_prefix",
-        ),
-        (
-            RedisEventBusConfig {
-                stream_prefix: "a b".into(),
-                ..d()
-            },
-            "stream_prefix",
-        ),
-        (
-            RedisEventBusConfig {
-                consumer_group: " ".into(),
-                ..d()
-            },
-            "consumer_group",
-        ),
-        (
-            RedisEventBusConfig {
-                consumer_name: Some("".into()),
-                ..d()
-            },
-            "consumer_name",
-        ),
-        (
-            RedisEventBusConfig {
-                batch_size: 0,
-                ..d()
-            },
-            "batch_size",
-        ),
-        (RedisEventBusConfig { block_ms: 0, ..d() }, "block_ms"),
-        (
-            RedisEventBusConfig {
-                block_ms: 5000,
-                ..d()
-            },
-            "block_ms",
-        ),
-        (
-            RedisEventBusConfig {
-                socket_timeout: 0.0,
-                ..d()
-            },
-            "socket_timeout",
-        ),
-        (
-            RedisEventBusConfig {
-                socket_connect_timeout: f64::NAN,
-                ..d()
-            },
+            d().socket_connect_timeout(Duration::ZERO),
             "socket_connect_timeout",
         ),
+        (d().redis_url("http://localhost"), "redis_url"),
+        (d().dlq_stream_suffix(""), "dlq_stream_suffix"),
+        (d().pending_idle_ms(0), "pending_idle"),
+        (d().retry_key_prefix(""), "retry_key_prefix"),
+        (d().retry_key_expiry_seconds(0), "retry_key_expiry"),
         (
-            RedisEventBusConfig {
-                redis_url: "http://localhost".into(),
-                ..d()
-            },
-            "redis_url",
+            d().retry_key_expiry(Duration::from_millis(999)),
+            "retry_key_expiry",
         ),
-        (
-            RedisEventBusConfig {
-                dlq_stream_suffix: "".into(),
-                ..d()
-            },
-            "dlq_stream_suffix",
-        ),
-        (
-            RedisEventBusConfig {
-                pending_idle_ms: 0,
-                ..d()
-            },
-            "pending_idle_ms",
-        ),
-        (
-            RedisEventBusConfig {
-                retry_key_prefix: "".into(),
-                ..d()
-            },
-            "retry_key_prefix",
-        ),
-        (
-            RedisEventBusConfig {
-                retry_key_expiry_seconds: 0,
-                ..d()
-            },
-            "retry_key_expiry_seconds",
-        ),
+        (d().reconnect_max_delay_ms(99), "reconnect_max_delay"),
     ];
     for (config, field) in cases {
         let (got, text) = refused(config);
@@ -170,10 +99,7 @@ fn invalid_options_name_the_field() {
 /// A password in the URL never appears in Debug output or error messages.
 #[test]
 fn password_is_redacted() {
-    let c = RedisEventBusConfig {
-        redis_url: "redis://app:s3cret-pw@127.0.0.1:6379/0".into(),
-        ..RedisEventBusConfig::default()
-    };
+    let c = RedisEventBusConfig::default().redis_url("redis://app:s3cret-pw@127.0.0.1:6379/0");
     let debug = format!("{c:?}");
     assert!(!debug.contains("s3cret-pw"), "{debug}");
     assert!(
@@ -182,10 +108,7 @@ fn password_is_redacted() {
     );
     let bus = RedisEventBus::new(c.clone(), Default::default()).unwrap();
     assert!(!format!("{bus:?}").contains("s3cret-pw"));
-    let bad = RedisEventBusConfig {
-        redis_url: "http://u:s3cret-pw@h".into(),
-        ..c
-    };
+    let bad = c.redis_url("http://u:s3cret-pw@h");
     let (_, text) = refused(bad);
     assert!(!text.contains("s3cret-pw"), "{text}");
     assert_eq!(
@@ -218,7 +141,9 @@ fn password_is_redacted() {
     }
 }
 
-/// Options load from EVENTSOURCE_REDIS_* variables; a bad value names the option.
+/// Options load from EVENTSOURCE_REDIS_* variables, durations in the units of their Python
+/// names; `REDIS_URL` is the fallback for the URL; a bad value names the option and the
+/// variable.
 #[test]
 fn from_environment_variables() {
     let vars: HashMap<&str, &str> = HashMap::from([
@@ -228,19 +153,45 @@ fn from_environment_variables() {
         ("EVENTSOURCE_REDIS_STREAM_READ_COUNT", "25"),
         ("EVENTSOURCE_REDIS_BLOCK_MS", "500"),
         ("EVENTSOURCE_REDIS_ENABLE_DLQ", "false"),
+        ("EVENTSOURCE_REDIS_SOCKET_TIMEOUT", "2.5"),
+        ("EVENTSOURCE_REDIS_RETRY_KEY_EXPIRY_SECONDS", "60"),
+        (
+            "REDIS_URL",
+            "redis://ignored-when-the-own-variable-is-set:1",
+        ),
     ]);
     let c = RedisEventBusConfig::from_lookup(|k| vars.get(k).map(|v| v.to_string())).unwrap();
     assert_eq!(c.redis_url, "redis://127.0.0.1:6380");
     assert_eq!(c.stream_prefix, "orders");
     assert_eq!(c.consumer_group, "projections");
     assert_eq!(c.batch_size, 25);
-    assert_eq!(c.block_ms, 500);
+    assert_eq!(c.block, Duration::from_millis(500));
     assert!(!c.enable_dlq);
+    assert_eq!(c.socket_timeout, Duration::from_millis(2500));
+    assert_eq!(c.retry_key_expiry, Duration::from_secs(60));
+    let only_redis_url = RedisEventBusConfig::from_lookup(|k| {
+        (k == "REDIS_URL").then(|| "redis://cache.internal:6380/2".to_string())
+    })
+    .unwrap();
+    assert_eq!(only_redis_url.redis_url, "redis://cache.internal:6380/2");
+    for (variable, value, field) in [
+        ("EVENTSOURCE_REDIS_MAX_RETRIES", "three", "max_retries"),
+        ("EVENTSOURCE_REDIS_BLOCK_MS", "1.5", "block_ms"),
+        ("EVENTSOURCE_REDIS_SOCKET_TIMEOUT", "-1", "socket_timeout"),
+        ("EVENTSOURCE_REDIS_SOCKET_TIMEOUT", "NaN", "socket_timeout"),
+        ("EVENTSOURCE_REDIS_ON_REJECTED", "ignore", "on_rejected"),
+    ] {
+        let err = RedisEventBusConfig::from_lookup(|k| (k == variable).then(|| value.to_string()))
+            .unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.to_string().contains(variable), "{err}");
+    }
+    // Parsed, then validated: a block time not below the socket timeout.
     let err = RedisEventBusConfig::from_lookup(|k| {
-        (k == "EVENTSOURCE_REDIS_MAX_RETRIES").then(|| "three".to_string())
+        (k == "EVENTSOURCE_REDIS_SOCKET_TIMEOUT").then(|| "1".to_string())
     })
     .unwrap_err();
-    assert_eq!(err.field, "max_retries");
+    assert_eq!(err.field, "block");
 }
 
 /// Deserialising accepts both `batch_size` and eventsource-py's `stream_read_count`, and
@@ -253,5 +204,23 @@ fn deserialises_with_both_batch_names() {
         serde_json::from_str(r#"{"stream_prefix":"x","stream_read_count":7}"#).unwrap();
     assert_eq!(a.batch_size, 7);
     assert_eq!(b.batch_size, 7);
-    assert!(serde_json::from_str::<RedisEventBusConfig>(r#"{"batch_sise":7}"#).is_err());
+    let err = serde_json::from_str::<RedisEventBusConfig>(r#"{"batch_sise":7}"#).unwrap_err();
+    assert!(
+        err.to_string().contains("unknown option `batch_sise`"),
+        "{err}"
+    );
+    // eventsource-py's names and units; null keeps the default.
+    let py: RedisEventBusConfig = serde_json::from_str(
+        r#"{"block_ms":500,"socket_timeout":1.5,"pending_idle_ms":30000,
+            "retry_key_expiry_seconds":3600,"consumer_name":null,"enable_dlq":false}"#,
+    )
+    .unwrap();
+    assert_eq!(py.block, Duration::from_millis(500));
+    assert_eq!(py.socket_timeout, Duration::from_millis(1500));
+    assert_eq!(py.pending_idle, Duration::from_secs(30));
+    assert_eq!(py.retry_key_expiry, Duration::from_secs(3600));
+    assert_eq!(py.consumer_name, None);
+    assert!(!py.enable_dlq);
+    let err = serde_json::from_str::<RedisEventBusConfig>(r#"{"block_ms":"soon"}"#).unwrap_err();
+    assert!(err.to_string().contains("block_ms"), "{err}");
 }

@@ -7,13 +7,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use eventsource_redis::{RedisBusError, RedisEventBus, RedisEventBusConfig};
+use eventsource_redis::{RedisBusError, RedisEventBus};
 
 async fn round_trip(url: String) -> RedisEventBus {
-    let bus = bus(RedisEventBusConfig {
-        redis_url: url,
-        ..config("conn", "g", "c")
-    });
+    let bus = bus(config("conn", "g", "c").redis_url(url));
     let n = counting(&bus);
     bus.connect().await.unwrap();
     bus.publish_events(&(0..3).map(created).collect::<Vec<_>>())
@@ -57,15 +54,14 @@ async fn password_and_acl_user() {
         .unwrap();
     round_trip(format!("redis://app:app-pw@127.0.0.1:{port}")).await;
 
-    let wrong = bus(RedisEventBusConfig {
-        redis_url: format!("redis://:nope-pw@127.0.0.1:{port}"),
-        ..config("conn", "g", "c")
-    });
+    let wrong =
+        bus(config("conn", "g", "c").redis_url(format!("redis://:nope-pw@127.0.0.1:{port}")));
     let err = wrong.connect().await.unwrap_err();
     assert!(
         matches!(err, RedisBusError::Authentication { .. }),
         "{err:?}"
     );
+    assert_eq!(err.kind(), eventsource_redis::ErrorKind::Authentication);
     assert!(!err.is_transient());
     assert!(
         err.to_string().contains("check the user name and password"),
@@ -93,10 +89,7 @@ async fn out_of_memory_is_a_clear_publish_error() {
         &temp_dir("oom"),
         &["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"],
     );
-    let bus = bus(RedisEventBusConfig {
-        redis_url: server.url(),
-        ..config("oom", "g", "c")
-    });
+    let bus = bus(config("oom", "g", "c").redis_url(server.url()));
     bus.connect().await.unwrap();
     let mut published = 0u64;
     let mut partial_seen = None;
@@ -128,6 +121,7 @@ async fn out_of_memory_is_a_clear_publish_error() {
         "{err:?}"
     );
     assert!(err.to_string().contains("OOM"), "{err}");
+    assert_eq!(err.kind(), eventsource_redis::ErrorKind::ResourceExhausted);
     assert!(!err.is_transient(), "an operator must act");
     let info = bus.get_stream_info().await;
     assert!(info.connected);
@@ -157,12 +151,10 @@ async fn unresponsive_redis_gives_typed_timeouts_then_recovers() {
         &temp_dir("sleep"),
         &["--enable-debug-command", "local"],
     );
-    let bus = bus(RedisEventBusConfig {
-        redis_url: server.url(),
-        socket_timeout: 0.5,
-        block_ms: 100,
-        ..config("sleep", "g", "c")
-    });
+    let bus = bus(config("sleep", "g", "c")
+        .redis_url(server.url())
+        .socket_timeout(std::time::Duration::from_millis(500))
+        .block_ms(100));
     bus.connect().await.unwrap();
     let mut admin = redis::Client::open(server.url())
         .unwrap()
@@ -215,16 +207,11 @@ async fn unresponsive_redis_gives_typed_timeouts_then_recovers() {
 async fn paused_writes_make_publish_indeterminate_and_dedupe_absorbs_the_retry() {
     let port = free_port();
     let server = OwnRedis::start(port, &temp_dir("pause"), &[]);
-    let base = RedisEventBusConfig {
-        redis_url: server.url(),
-        socket_timeout: 0.5,
-        block_ms: 100,
-        ..config("pause", "deduped", "c")
-    };
-    let publisher = bus(RedisEventBusConfig {
-        consumer_name: Some("p".into()),
-        ..base.clone()
-    });
+    let base = config("pause", "deduped", "c")
+        .redis_url(server.url())
+        .socket_timeout(std::time::Duration::from_millis(500))
+        .block_ms(100);
+    let publisher = bus(base.clone().consumer_name("p"));
     publisher.connect().await.unwrap();
     let mut admin = redis::Client::open(server.url())
         .unwrap()
@@ -244,6 +231,7 @@ async fn paused_writes_make_publish_indeterminate_and_dedupe_absorbs_the_retry()
         .await
         .unwrap_err();
     assert!(err.is_transient(), "a timeout: {err}");
+    assert_eq!(err.kind(), eventsource_redis::ErrorKind::Timeout);
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let info = publisher.get_stream_info().await;
     assert_eq!(
@@ -255,14 +243,8 @@ async fn paused_writes_make_publish_indeterminate_and_dedupe_absorbs_the_retry()
         .await
         .expect("the caller retries");
 
-    let deduped = bus(RedisEventBusConfig {
-        dedupe_window: 1000,
-        ..base.clone()
-    });
-    let plain = bus(RedisEventBusConfig {
-        consumer_group: "plain".into(),
-        ..base
-    });
+    let deduped = bus(base.clone().dedupe_window(1000));
+    let plain = bus(base.consumer_group("plain"));
     let (n1, n2) = (counting(&deduped), counting(&plain));
     let (t1, t2) = (spawn_consumer(&deduped), spawn_consumer(&plain));
     assert!(

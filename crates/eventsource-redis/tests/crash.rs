@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use common::*;
 use eventsource_core::prelude::*;
-use eventsource_redis::RedisEventBusConfig;
 
 async fn handled_by_process(prefix: &str) -> HashSet<String> {
     let mut conn = raw().await;
@@ -69,11 +68,9 @@ async fn consumer_killed_mid_batch_loses_nothing() {
     );
     ledger.healed();
 
-    let survivor = bus(RedisEventBusConfig {
-        pending_idle_ms: 300,
-        recovery_interval_ms: 100,
-        ..config(&prefix, "workers", "survivor")
-    });
+    let survivor = bus(config(&prefix, "workers", "survivor")
+        .pending_idle_ms(300)
+        .recovery_interval_ms(100));
     ledger_handler(&survivor, &ledger);
     let task = spawn_consumer(&survivor);
     let complete = wait_until(Duration::from_secs(30), || async {
@@ -110,20 +107,15 @@ async fn survives_a_redis_restart() {
     let dir = std::env::temp_dir().join(format!("es-redis-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut server = OwnRedis::start(port, &dir, &[]);
-    let cfg = RedisEventBusConfig {
-        redis_url: server.url(),
-        reconnect_max_delay_ms: 500,
-        socket_timeout: 1.0,
-        ..config("restart", "g", "c")
-    };
+    let cfg = config("restart", "g", "c")
+        .redis_url(server.url())
+        .reconnect_max_delay_ms(500)
+        .socket_timeout(std::time::Duration::from_secs(1));
     let consumer = bus(cfg.clone());
     let n = counting(&consumer);
     consumer.connect().await.unwrap();
     let task = spawn_consumer(&consumer);
-    let publisher = bus(RedisEventBusConfig {
-        consumer_name: Some("p".into()),
-        ..cfg
-    });
+    let publisher = bus(cfg.consumer_name("p"));
     publisher
         .publish_events(&(0..5).map(created).collect::<Vec<_>>())
         .await
@@ -179,10 +171,7 @@ async fn killing_the_reader_connection_does_not_affect_publishing() {
     let prefix = unique_prefix("killreader");
     let _c = Cleanup(prefix.clone());
     let consumer_name = format!("reader-{}", &prefix[prefix.len() - 12..]);
-    let bus = bus(RedisEventBusConfig {
-        reconnect_max_delay_ms: 200,
-        ..config(&prefix, "g", &consumer_name)
-    });
+    let bus = bus(config(&prefix, "g", &consumer_name).reconnect_max_delay_ms(200));
     let n = counting(&bus);
     bus.connect().await.unwrap();
     let task = spawn_consumer(&bus);
@@ -234,11 +223,9 @@ async fn killing_the_reader_connection_does_not_affect_publishing() {
 async fn stream_deleted_or_group_destroyed_while_consuming() {
     let prefix = unique_prefix("deleted");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        block_ms: 500,
-        reconnect_max_delay_ms: 200,
-        ..config(&prefix, "g", "c")
-    });
+    let bus = bus(config(&prefix, "g", "c")
+        .block_ms(500)
+        .reconnect_max_delay_ms(200));
     let n = counting(&bus);
     bus.connect().await.unwrap();
     let task = spawn_consumer(&bus);
@@ -292,10 +279,7 @@ async fn stream_deleted_or_group_destroyed_while_consuming() {
 async fn crash_loop_entry_is_dead_lettered_on_restart() {
     let prefix = unique_prefix("crashloop");
     let _c = Cleanup(prefix.clone());
-    let cfg = RedisEventBusConfig {
-        max_retries: 2,
-        ..config(&prefix, "g", "crashy")
-    };
+    let cfg = config(&prefix, "g", "crashy").max_retries(2);
     let publisher = bus(cfg.clone());
     publisher.connect().await.unwrap();
     let ids = publisher.publish_events(&[created(1)]).await.unwrap();
@@ -346,12 +330,10 @@ async fn redis_kill_9_with_aof_loses_nothing() {
     let dir = temp_dir("aof");
     let aof = ["--appendonly", "yes", "--appendfsync", "always"];
     let mut first = OwnRedis::start(port, &dir, &aof);
-    let cfg = RedisEventBusConfig {
-        redis_url: first.url(),
-        reconnect_max_delay_ms: 300,
-        socket_timeout: 1.0,
-        ..config("aof", "g", "worker-1")
-    };
+    let cfg = config("aof", "g", "worker-1")
+        .redis_url(first.url())
+        .reconnect_max_delay_ms(300)
+        .socket_timeout(std::time::Duration::from_secs(1));
     let ledger = Arc::new(Ledger::new());
     let publisher = bus(cfg.clone());
     publisher.connect().await.unwrap();
@@ -412,23 +394,18 @@ async fn redis_kill_9_with_aof_loses_nothing() {
 async fn connections_killed_repeatedly_under_load() {
     let port = free_port();
     let server = OwnRedis::start(port, &temp_dir("killall"), &[]);
-    let cfg = RedisEventBusConfig {
-        redis_url: server.url(),
-        reconnect_max_delay_ms: 200,
-        socket_timeout: 1.0,
-        pending_idle_ms: 500,
-        recovery_interval_ms: 200,
-        ..config("killall", "g", "c1")
-    };
+    let cfg = config("killall", "g", "c1")
+        .redis_url(server.url())
+        .reconnect_max_delay_ms(200)
+        .socket_timeout(std::time::Duration::from_secs(1))
+        .pending_idle_ms(500)
+        .recovery_interval_ms(200);
     let ledger = Arc::new(Ledger::new());
     let consumer = bus(cfg.clone());
     ledger_handler(&consumer, &ledger);
     consumer.connect().await.unwrap();
     let task = spawn_consumer(&consumer);
-    let publisher = bus(RedisEventBusConfig {
-        consumer_name: Some("p".into()),
-        ..cfg
-    });
+    let publisher = bus(cfg.consumer_name("p"));
     let url = server.url();
     let killer = tokio::spawn(async move {
         let client = redis::Client::open(url).unwrap();
@@ -533,11 +510,9 @@ async fn frozen_consumer_is_survived_and_its_late_acks_are_counted() {
     };
     assert!(signal("-STOP"));
 
-    let survivor = bus(RedisEventBusConfig {
-        pending_idle_ms: 300,
-        recovery_interval_ms: 100,
-        ..config(&prefix, "workers", "survivor")
-    });
+    let survivor = bus(config(&prefix, "workers", "survivor")
+        .pending_idle_ms(300)
+        .recovery_interval_ms(100));
     let seen = collecting_ids(&survivor);
     ledger_handler(&survivor, &ledger);
     let task = spawn_consumer(&survivor);
@@ -592,18 +567,12 @@ async fn frozen_consumer_is_survived_and_its_late_acks_are_counted() {
 async fn same_consumer_name_twice_is_detected() {
     let prefix = unique_prefix("samename");
     let _c = Cleanup(prefix.clone());
-    let first = bus(RedisEventBusConfig {
-        block_ms: 2000,
-        ..config(&prefix, "g", "twin")
-    });
+    let first = bus(config(&prefix, "g", "twin").block_ms(2000));
     let n1 = counting(&first);
     first.connect().await.unwrap();
     let t1 = spawn_consumer(&first);
     tokio::time::sleep(Duration::from_millis(300)).await; // `twin` is now blocking in XREADGROUP
-    let second = bus(RedisEventBusConfig {
-        block_ms: 2000,
-        ..config(&prefix, "g", "twin")
-    });
+    let second = bus(config(&prefix, "g", "twin").block_ms(2000));
     let n2 = counting(&second);
     let t2 = spawn_consumer(&second);
     assert!(

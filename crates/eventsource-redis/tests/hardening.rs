@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::OrderCreated;
-use eventsource_redis::{RedisEventBus, RedisEventBusConfig, RedisEventBusService};
+use eventsource_redis::{RedisEventBus, RedisEventBusService};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -45,11 +45,11 @@ fn slow_counting(bus: &RedisEventBus, ms: u64) -> Arc<Mutex<HashMap<String, usiz
 async fn slow_handlers_are_not_stolen_from_live_consumers() {
     let prefix = unique_prefix("theft");
     let _c = Cleanup(prefix.clone());
-    let cfg = |name: &str| RedisEventBusConfig {
-        batch_size: 10,
-        pending_idle_ms: 1000,
-        recovery_interval_ms: 200,
-        ..config(&prefix, "g", name)
+    let cfg = |name: &str| {
+        config(&prefix, "g", name)
+            .batch_size(10)
+            .pending_idle_ms(1000)
+            .recovery_interval_ms(200)
     };
     let a = bus(cfg("a"));
     let b = bus(cfg("b"));
@@ -91,11 +91,9 @@ async fn slow_handlers_are_not_stolen_from_live_consumers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_read_connection_for_the_consumers_life() {
     let server = OwnRedis::start(free_port(), &temp_dir("conns"), &[]);
-    let cfg = RedisEventBusConfig {
-        redis_url: server.url(),
-        batch_size: 10,
-        ..config("conns", "g", "c")
-    };
+    let cfg = config("conns", "g", "c")
+        .redis_url(server.url())
+        .batch_size(10);
     let publisher = bus(cfg.clone());
     publisher
         .publish_events(&(0..3000).map(created).collect::<Vec<_>>())
@@ -262,11 +260,9 @@ async fn recovery_in_the_loop_is_bounded_and_stoppable() {
     read_and_crash(publisher.stream_name(), "g", "crashed").await;
     age_pending(publisher.stream_name(), "g", 120_000).await;
 
-    let survivor = bus(RedisEventBusConfig {
-        recovery_interval_ms: 50,
-        pending_idle_ms: 60_000,
-        ..config(&prefix, "g", "survivor")
-    });
+    let survivor = bus(config(&prefix, "g", "survivor")
+        .recovery_interval_ms(50)
+        .pending_idle_ms(60_000));
     let recovered = Arc::new(AtomicUsize::new(0));
     let at_new_event = Arc::new(Mutex::new(None));
     let (r, at) = (recovered.clone(), at_new_event.clone());
@@ -355,11 +351,9 @@ async fn an_entry_acked_by_its_owner_is_not_also_dead_lettered() {
     let stream = publisher.stream_name().to_owned();
     read_and_crash(&stream, "g", "live").await;
     age_pending(&stream, "g", 120_000).await;
-    let recovering = bus(RedisEventBusConfig {
-        redis_url: proxy.url(),
-        max_retries: 0,
-        ..config(&prefix, "g", "recovering")
-    });
+    let recovering = bus(config(&prefix, "g", "recovering")
+        .redis_url(proxy.url())
+        .max_retries(0));
     recovering.connect().await.unwrap();
     let run = tokio::spawn({
         let b = recovering.clone();
@@ -400,20 +394,14 @@ async fn a_dead_letter_replayed_twice_at_once_is_republished_once() {
         Duration::from_millis(100),
     )
     .await;
-    let direct = bus(RedisEventBusConfig {
-        max_retries: 0,
-        ..config(&prefix, "g", "op1")
-    });
+    let direct = bus(config(&prefix, "g", "op1").max_retries(0));
     direct.connect().await.unwrap();
     direct.publish_events(&[created(1)]).await.unwrap();
     read_and_crash(direct.stream_name(), "g", "dead").await;
     age_pending(direct.stream_name(), "g", 120_000).await;
     assert_eq!(recover_aged(&direct).await.dlq, 1);
     let letter = direct.get_dlq_messages(1).await.unwrap().remove(0);
-    let slow = bus(RedisEventBusConfig {
-        redis_url: proxy.url(),
-        ..config(&prefix, "g", "op2")
-    });
+    let slow = bus(config(&prefix, "g", "op2").redis_url(proxy.url()));
     slow.connect().await.unwrap();
     let before = xlen(direct.stream_name()).await;
     let slow_replay = tokio::spawn({
@@ -442,10 +430,7 @@ async fn each_groups_dead_letter_has_its_own_reason() {
     let _c = Cleanup(prefix.clone());
     let mut buses = Vec::new();
     for group in ["billing", "shipping"] {
-        let b = bus(RedisEventBusConfig {
-            max_retries: 0,
-            ..config(&prefix, group, "c")
-        });
+        let b = bus(config(&prefix, group, "c").max_retries(0));
         let message = format!("{group} cannot take it");
         b.subscribe(move |_: Event<OrderCreated>| {
             let message = message.clone();
@@ -560,10 +545,7 @@ async fn a_crash_loop_dead_letters_only_the_entry_that_ran() {
 async fn entries_deleted_while_pending_are_counted_on_every_path() {
     let prefix = unique_prefix("deleted");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        max_retries: 1,
-        ..config(&prefix, "g", "c")
-    });
+    let bus = bus(config(&prefix, "g", "c").max_retries(1));
     let n = counting(&bus);
     bus.connect().await.unwrap();
     let ids = bus.publish_events(&[created(1), created(2)]).await.unwrap();
@@ -748,14 +730,8 @@ async fn a_bad_deploy_pauses_instead_of_draining_the_stream_into_the_dlq() {
     let _c = Cleanup(prefix.clone());
     let registry = EventRegistry::new();
     registry.register::<OrderCreatedV2>().unwrap();
-    let new_version = RedisEventBus::new(
-        RedisEventBusConfig {
-            pending_idle_ms: 500,
-            ..config(&prefix, "g", "v2")
-        },
-        registry,
-    )
-    .unwrap();
+    let new_version =
+        RedisEventBus::new(config(&prefix, "g", "v2").pending_idle_ms(500), registry).unwrap();
     let handled_v2 = Arc::new(AtomicUsize::new(0));
     let h = handled_v2.clone();
     new_version.subscribe(move |_: Event<OrderCreatedV2>| {
@@ -795,11 +771,9 @@ async fn a_bad_deploy_pauses_instead_of_draining_the_stream_into_the_dlq() {
     let report = new_version.shutdown(Duration::from_secs(5)).await;
     assert!(report.completed);
     task.await.unwrap().unwrap();
-    let old_version = bus(RedisEventBusConfig {
-        pending_idle_ms: 500,
-        recovery_interval_ms: 100,
-        ..config(&prefix, "g", "v1")
-    });
+    let old_version = bus(config(&prefix, "g", "v1")
+        .pending_idle_ms(500)
+        .recovery_interval_ms(100));
     let seen = collecting_ids(&old_version);
     let task = spawn_consumer(&old_version);
     assert!(wait_until(WAIT, || async { seen.lock().unwrap().len() == 30 }).await);

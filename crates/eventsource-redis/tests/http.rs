@@ -13,7 +13,6 @@ use std::time::Duration;
 use common::*;
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
-use eventsource_redis::RedisEventBusConfig;
 use eventsource_redis::http::{HttpSurface, Readiness, install_prometheus_recorder};
 
 /// A plain HTTP/1.0 GET: (status, body).
@@ -54,15 +53,13 @@ async fn metrics_health_and_readiness() {
     let port = free_port();
     let mut server = OwnRedis::start(port, &temp_dir("http"), &[]);
     let prefix = unique_prefix("http");
-    let bus = bus(RedisEventBusConfig {
-        redis_url: server.url(),
-        max_retries: 0,
-        recovery_interval_ms: 100,
-        pending_idle_ms: 200,
-        metrics_interval_ms: 100,
-        reconnect_max_delay_ms: 200,
-        ..config(&prefix, "workers", "w1")
-    });
+    let bus = bus(config(&prefix, "workers", "w1")
+        .redis_url(server.url())
+        .max_retries(0)
+        .recovery_interval_ms(100)
+        .pending_idle_ms(200)
+        .metrics_interval_ms(100)
+        .reconnect_max_delay_ms(200));
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
     bus.subscribe(move |_: Event<OrderCreated>| {

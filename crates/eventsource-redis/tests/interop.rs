@@ -18,7 +18,6 @@ use std::time::Duration;
 use common::*;
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::OrderCreated;
-use eventsource_redis::RedisEventBusConfig;
 use serde_json::Value;
 
 fn scripts() -> PathBuf {
@@ -326,10 +325,7 @@ async fn rust_dead_letter_listed_and_replayed_by_python() {
     }
     let prefix = unique_prefix("rsdlq");
     let _c = Cleanup(prefix.clone());
-    let failing = bus(RedisEventBusConfig {
-        max_retries: 0,
-        ..config(&prefix, "billing", "r")
-    });
+    let failing = bus(config(&prefix, "billing", "r").max_retries(0));
     failing.subscribe(|_: Event<OrderCreated>| async {
         Err::<(), HandlerError>("card declined".into())
     });

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use eventsource_core::prelude::*;
-use eventsource_redis::RedisEventBusConfig;
 
 /// Lost 0 in both groups; inside the load-balanced group each event handled once; every
 /// worker got a share.
@@ -26,10 +25,7 @@ async fn four_plus_one_consumers_lose_nothing() {
         ("workers", "w4"),
         ("audit", "a1"),
     ] {
-        let bus = bus(RedisEventBusConfig {
-            batch_size: 50,
-            ..config(&prefix, group, name)
-        });
+        let bus = bus(config(&prefix, group, name).batch_size(50));
         ledger_handler(&bus, &ledger);
         bus.connect().await.unwrap();
         buses.push(bus);

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::OrderCreated;
-use eventsource_redis::{RedisEventBus, RedisEventBusConfig};
+use eventsource_redis::RedisEventBus;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -96,12 +96,10 @@ async fn l2_a_million_events_under_kills_lose_nothing() {
         .iter()
         .map(|name| (name.clone(), spawn_worker(&url, &prefix, name)))
         .collect();
-    let publisher = bus(RedisEventBusConfig {
-        redis_url: url.clone(),
-        reconnect_max_delay_ms: 500,
-        socket_timeout: 2.0,
-        ..config(&prefix, "workers", "publisher")
-    });
+    let publisher = bus(config(&prefix, "workers", "publisher")
+        .redis_url(url.clone())
+        .reconnect_max_delay_ms(500)
+        .socket_timeout(std::time::Duration::from_secs(2)));
     publisher.connect().await.unwrap();
     let published = Arc::new(AtomicUsize::new(0));
     let republished = Arc::new(AtomicUsize::new(0));
@@ -281,12 +279,10 @@ async fn l3_soak_memory_fds_and_tasks_stay_flat() {
         ("workers", "w4"),
         ("audit", "a1"),
     ] {
-        let b = bus(RedisEventBusConfig {
-            redis_url: server.url(),
-            batch_size: 100,
-            recovery_interval_ms: 5_000,
-            ..config(prefix, group, name)
-        });
+        let b = bus(config(prefix, group, name)
+            .redis_url(server.url())
+            .batch_size(100)
+            .recovery_interval_ms(5_000));
         let tallies = tallies.clone();
         let g: &'static str = if group == "workers" {
             "workers"

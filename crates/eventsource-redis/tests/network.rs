@@ -32,14 +32,12 @@ impl Net {
 
     /// A bus that talks to Redis through the proxy, with a 1 s response timeout.
     fn bus(&self, name: &str, tweak: impl FnOnce(&mut RedisEventBusConfig)) -> RedisEventBus {
-        let mut cfg = RedisEventBusConfig {
-            redis_url: self.proxy.url(),
-            socket_timeout: 1.0,
-            socket_connect_timeout: 1.0,
-            block_ms: 200,
-            reconnect_max_delay_ms: 500,
-            ..config(&self.prefix, "workers", name)
-        };
+        let mut cfg = config(&self.prefix, "workers", name)
+            .redis_url(self.proxy.url())
+            .socket_timeout(std::time::Duration::from_secs(1))
+            .socket_connect_timeout(std::time::Duration::from_secs(1))
+            .block_ms(200)
+            .reconnect_max_delay_ms(500);
         tweak(&mut cfg);
         bus(cfg)
     }
@@ -134,7 +132,7 @@ async fn r23_latency_with_jitter_causes_no_spurious_failures() {
             let d = RedisEventBusConfig::default();
             c.socket_timeout = d.socket_timeout;
             c.socket_connect_timeout = d.socket_connect_timeout;
-            c.block_ms = d.block_ms;
+            c.block = d.block;
         })
         .await;
     let halt = Arc::new(AtomicBool::new(false));
@@ -330,7 +328,7 @@ async fn replies_sliced_into_tiny_writes_are_reassembled() {
     let ledger = Arc::new(Ledger::new());
     let consumer = net.bus("c1", |c| {
         c.batch_size = 50;
-        c.socket_timeout = 5.0;
+        c.socket_timeout = Duration::from_secs(5);
     });
     ledger_handler(&consumer, &ledger);
     let publisher = net.bus("publisher", |_| {});

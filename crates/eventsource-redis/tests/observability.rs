@@ -11,7 +11,6 @@ use common::*;
 use eventsource_core::bus::named;
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
-use eventsource_redis::RedisEventBusConfig;
 use eventsource_redis::trace::TraceContext;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -260,10 +259,7 @@ async fn tracing_can_be_switched_off() {
     let _guard = tracing::subscriber::set_default(captured.clone());
     let prefix = unique_prefix("notrace");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        enable_tracing: false,
-        ..config(&prefix, "g", "c")
-    });
+    let bus = bus(config(&prefix, "g", "c").enable_tracing(false));
     let n = Arc::new(AtomicU64::new(0));
     let n2 = n.clone();
     bus.subscribe(move |_: Event<OrderCreated>| {
@@ -296,12 +292,10 @@ async fn idle_consumer_logs_nothing_alarming() {
     let _guard = tracing::subscriber::set_default(captured.clone());
     let prefix = unique_prefix("idle");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        block_ms: 50,
-        socket_timeout: 0.2,
-        recovery_interval_ms: 100,
-        ..config(&prefix, "g", "c")
-    });
+    let bus = bus(config(&prefix, "g", "c")
+        .block_ms(50)
+        .socket_timeout(std::time::Duration::from_millis(200))
+        .recovery_interval_ms(100));
     bus.subscribe(|_: Event<OrderCreated>| async {});
     bus.connect().await.unwrap();
     let task = spawn_consumer(&bus);

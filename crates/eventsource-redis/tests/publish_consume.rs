@@ -10,7 +10,7 @@ use common::*;
 use eventsource_core::bus::{HandlerError, named};
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
-use eventsource_redis::{RedisBusError, RedisEventBus, RedisEventBusConfig};
+use eventsource_redis::{RedisBusError, RedisEventBus};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -39,17 +39,22 @@ async fn connect_creates_group_and_stream() {
 /// An unreachable Redis gives a Connect error naming the URL, quickly, not a hang.
 #[tokio::test]
 async fn unreachable_redis_is_a_clear_error() {
-    let config = RedisEventBusConfig {
-        redis_url: "redis://127.0.0.1:1".into(),
-        socket_connect_timeout: 1.0,
-        ..config("unused", "g", "c")
-    };
+    let config = config("unused", "g", "c")
+        .redis_url("redis://127.0.0.1:1")
+        .socket_connect_timeout(std::time::Duration::from_secs(1));
     let bus = bus(config);
     let started = std::time::Instant::now();
     let err = bus.connect().await.unwrap_err();
     assert!(matches!(err, RedisBusError::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
     assert!(err.is_transient());
+    assert_eq!(err.kind(), eventsource_redis::ErrorKind::Unavailable);
+    // Through the object-safe publisher a repository holds: the kind survives, no downcast.
+    let via_trait = eventsource_core::EventPublisher::publish(&bus, &[created(1)])
+        .await
+        .unwrap_err();
+    assert_eq!(via_trait.kind(), eventsource_redis::ErrorKind::Unavailable);
+    assert!(via_trait.is_transient(), "{via_trait}");
     assert!(started.elapsed() < Duration::from_secs(5));
     let info = bus.get_stream_info().await;
     assert!(!info.connected);
@@ -66,10 +71,7 @@ async fn unreachable_redis_is_a_clear_error() {
 async fn publish_batch_writes_wire_entries() {
     let prefix = unique_prefix("publish");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        enable_tracing: false,
-        ..config(&prefix, "g", "c")
-    });
+    let bus = bus(config(&prefix, "g", "c").enable_tracing(false));
     let events = vec![created(1), created(2), shipped(3)];
     let ids = bus.publish_events(&events).await.unwrap();
     assert_eq!(ids.len(), 3);
@@ -374,10 +376,7 @@ async fn one_group_two_consumers_share_the_work() {
     let mut buses = Vec::new();
     let mut counts = Vec::new();
     for name in ["w1", "w2"] {
-        let bus = bus(RedisEventBusConfig {
-            batch_size: 10,
-            ..config(&prefix, "workers", name)
-        });
+        let bus = bus(config(&prefix, "workers", name).batch_size(10));
         let n = Arc::new(AtomicUsize::new(0));
         let (n2, s) = (n.clone(), seen.clone());
         bus.subscribe(move |e: Event<OrderCreated>| {

@@ -11,7 +11,7 @@ use common::*;
 use eventsource_core::bus::{HandlerError, named};
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::OrderCreated;
-use eventsource_redis::{RecoveryOptions, RedisEventBus, RedisEventBusConfig};
+use eventsource_redis::{RecoveryOptions, RedisEventBus};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -104,10 +104,7 @@ async fn failed_retry_is_counted_honestly() {
 async fn recovery_pages_through_all_pending_entries() {
     let prefix = unique_prefix("paging");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        batch_size: 100,
-        ..config(&prefix, "g", "c")
-    });
+    let bus = bus(config(&prefix, "g", "c").batch_size(100));
     let handled = counting(&bus);
     bus.connect().await.unwrap();
     let events: Vec<EventEnvelope> = (0..250).map(created).collect();
@@ -170,12 +167,10 @@ async fn concurrent_recovery_claims_each_entry_once() {
 async fn poison_event_is_retried_then_dead_lettered_then_replayed() {
     let prefix = unique_prefix("poison");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        max_retries: 3,
-        pending_idle_ms: 150,
-        recovery_interval_ms: 50,
-        ..config(&prefix, "billing", "c")
-    });
+    let bus = bus(config(&prefix, "billing", "c")
+        .max_retries(3)
+        .pending_idle_ms(150)
+        .recovery_interval_ms(50));
     let attempts = Arc::new(AtomicUsize::new(0));
     let fixed = Arc::new(AtomicBool::new(false));
     let handled = Arc::new(AtomicUsize::new(0));
@@ -249,10 +244,7 @@ async fn poison_event_is_retried_then_dead_lettered_then_replayed() {
 async fn replay_goes_to_the_failing_group_only() {
     let prefix = unique_prefix("replay-group");
     let _c = Cleanup(prefix.clone());
-    let failing = bus(RedisEventBusConfig {
-        max_retries: 0,
-        ..config(&prefix, "failing", "c")
-    });
+    let failing = bus(config(&prefix, "failing", "c").max_retries(0));
     let healthy = bus(config(&prefix, "healthy", "c"));
     let broken = Arc::new(AtomicBool::new(true));
     let failing_ok = Arc::new(AtomicUsize::new(0));
@@ -317,10 +309,7 @@ async fn replay_goes_to_the_failing_group_only() {
 async fn dead_letter_without_recorded_reason_and_with_dlq_disabled() {
     let prefix = unique_prefix("noreason");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        max_retries: 0,
-        ..config(&prefix, "g", "c")
-    });
+    let bus = bus(config(&prefix, "g", "c").max_retries(0));
     bus.connect().await.unwrap();
     bus.publish_events(&[created(1)]).await.unwrap();
     read_and_crash(bus.stream_name(), "g", "crashed").await;
@@ -356,11 +345,7 @@ async fn dead_letter_without_recorded_reason_and_with_dlq_disabled() {
 }
 
 fn bus_with_dlq_off(prefix: &str) -> RedisEventBus {
-    bus(RedisEventBusConfig {
-        enable_dlq: false,
-        max_retries: 0,
-        ..config(prefix, "g2", "c")
-    })
+    bus(config(prefix, "g2", "c").enable_dlq(false).max_retries(0))
 }
 
 /// Many restarts with generated names: recovery prunes consumers that are idle and hold
@@ -369,10 +354,7 @@ fn bus_with_dlq_off(prefix: &str) -> RedisEventBus {
 async fn idle_consumers_without_pending_entries_are_pruned() {
     let prefix = unique_prefix("prune");
     let _c = Cleanup(prefix.clone());
-    let bus = bus(RedisEventBusConfig {
-        prune_idle_consumers_ms: 200,
-        ..config(&prefix, "g", "current")
-    });
+    let bus = bus(config(&prefix, "g", "current").prune_idle_consumers_ms(200));
     bus.connect().await.unwrap();
     bus.publish_events(&(0..30).map(created).collect::<Vec<_>>())
         .await
@@ -463,12 +445,10 @@ async fn r29_one_percent_poison_is_dead_lettered_exactly() {
     let is_poison = |customer: &str| customer.ends_with("37");
     let mut buses = Vec::new();
     for name in ["c1", "c2"] {
-        let b = bus(RedisEventBusConfig {
-            max_retries: 3,
-            pending_idle_ms: 300,
-            recovery_interval_ms: 50,
-            ..config(&prefix, "billing", name)
-        });
+        let b = bus(config(&prefix, "billing", name)
+            .max_retries(3)
+            .pending_idle_ms(300)
+            .recovery_interval_ms(50));
         let (ledger, attempts) = (ledger.clone(), attempts.clone());
         b.subscribe(named("charge-card", move |e: Event<OrderCreated>| {
             let (ledger, attempts) = (ledger.clone(), attempts.clone());

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use eventsource_core::prelude::*;
-use eventsource_redis::{RedisEventBus, RedisEventBusConfig};
+use eventsource_redis::RedisEventBus;
 
 async fn conn_to(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
@@ -29,10 +29,7 @@ async fn conn_to(url: &str) -> redis::aio::MultiplexedConnection {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r18_an_eviction_policy_that_can_evict_streams_is_reported() {
     let safe = OwnRedis::start(free_port(), &temp_dir("r18-safe"), &[]);
-    let bus_safe = bus(RedisEventBusConfig {
-        redis_url: safe.url(),
-        ..config("r18", "g", "c1")
-    });
+    let bus_safe = bus(config("r18", "g", "c1").redis_url(safe.url()));
     bus_safe.connect().await.unwrap();
     assert_eq!(bus_safe.health_check().await.warnings, Vec::<String>::new());
 
@@ -42,11 +39,9 @@ async fn r18_an_eviction_policy_that_can_evict_streams_is_reported() {
         &["--maxmemory-policy", "allkeys-lru"],
     );
     let ledger = Arc::new(Ledger::new());
-    let consumer = bus(RedisEventBusConfig {
-        redis_url: lru.url(),
-        reconnect_max_delay_ms: 200,
-        ..config("r18", "g", "c1")
-    });
+    let consumer = bus(config("r18", "g", "c1")
+        .redis_url(lru.url())
+        .reconnect_max_delay_ms(200));
     consumer.connect().await.unwrap();
     let health = consumer.health_check().await;
     assert_eq!(health.warnings.len(), 1, "{health:?}");
@@ -144,20 +139,15 @@ async fn r19_a_full_aof_disk_is_unhealthy_until_space_returns() {
         ],
     );
     let ledger = Arc::new(Ledger::new());
-    let cfg = RedisEventBusConfig {
-        redis_url: server.url(),
-        reconnect_max_delay_ms: 200,
-        socket_timeout: 2.0,
-        ..config("r19", "g", "c1")
-    };
+    let cfg = config("r19", "g", "c1")
+        .redis_url(server.url())
+        .reconnect_max_delay_ms(200)
+        .socket_timeout(std::time::Duration::from_secs(2));
     let consumer = bus(cfg.clone());
     ledger_handler(&consumer, &ledger);
     consumer.connect().await.unwrap();
     let task = spawn_consumer(&consumer);
-    let publisher = bus(RedisEventBusConfig {
-        consumer_name: Some("publisher".into()),
-        ..cfg
-    });
+    let publisher = bus(cfg.consumer_name("publisher"));
     // Fill the disk: each event is ~400 bytes of AOF; 2 MiB holds a few thousand.
     let mut refused = None;
     for round in 0..200 {
@@ -251,23 +241,30 @@ async fn r35_fifty_thousand_pending_entries_are_recovered_while_new_events_flow(
             .unwrap();
     }
     assert_eq!(pending(publisher.stream_name(), "workers").await, n as u64);
-    // Age them by an hour in pages of 1,000 ids (XCLAIM … IDLE … JUSTID adds no delivery).
-    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(publisher.stream_name())
-        .arg("workers")
-        .arg("-")
-        .arg("+")
-        .arg(n)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    for page in rows.chunks(1000) {
+    // Age them by an hour in pages of 1,000 ids (XCLAIM … IDLE … JUSTID adds no delivery);
+    // XPENDING in pages too: one reply of 50,000 rows can outlast the connection's response
+    // timeout on a loaded machine.
+    let mut from = "-".to_owned();
+    loop {
+        let page: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(publisher.stream_name())
+            .arg("workers")
+            .arg(&from)
+            .arg("+")
+            .arg(1000)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let Some((last, ..)) = page.last() else {
+            break;
+        };
+        from = format!("({last}");
         let mut cmd = redis::cmd("XCLAIM");
         cmd.arg(publisher.stream_name())
             .arg("workers")
             .arg("dead")
             .arg(0);
-        for (id, ..) in page {
+        for (id, ..) in &page {
             cmd.arg(id);
         }
         let _: redis::Value = cmd
@@ -278,12 +275,10 @@ async fn r35_fifty_thousand_pending_entries_are_recovered_while_new_events_flow(
             .await
             .unwrap();
     }
-    let survivor = bus(RedisEventBusConfig {
-        pending_idle_ms: 60_000,
-        recovery_interval_ms: 100,
-        batch_size: 100,
-        ..config(&prefix, "workers", "survivor")
-    });
+    let survivor = bus(config(&prefix, "workers", "survivor")
+        .pending_idle_ms(60_000)
+        .recovery_interval_ms(100)
+        .batch_size(100));
     ledger_handler(&survivor, &ledger);
     let task = spawn_consumer(&survivor);
     // New events while the walk goes on: 20 every 20 ms.
@@ -397,11 +392,9 @@ async fn r36_publishing_faster_than_handling_keeps_consumer_memory_bounded() {
     slow.start_kill().unwrap();
     slow.wait().await.unwrap();
     ledger.import_redis_list(&redis_url(), &format!("{prefix}:ledger"));
-    let fast = bus(RedisEventBusConfig {
-        pending_idle_ms: 500,
-        recovery_interval_ms: 100,
-        ..config(&prefix, "workers", "fast")
-    });
+    let fast = bus(config(&prefix, "workers", "fast")
+        .pending_idle_ms(500)
+        .recovery_interval_ms(100));
     ledger_handler(&fast, &ledger);
     let task = spawn_consumer(&fast);
     let done = wait_until(Duration::from_secs(120), || async {
@@ -445,10 +438,7 @@ async fn l4_ten_groups_each_get_every_event() {
     let buses: Vec<RedisEventBus> = groups
         .iter()
         .map(|g| {
-            let b = bus(RedisEventBusConfig {
-                batch_size: 200,
-                ..config(&prefix, g, "c1")
-            });
+            let b = bus(config(&prefix, g, "c1").batch_size(200));
             ledger_handler(&b, &ledger);
             b
         })
@@ -485,10 +475,7 @@ async fn l5_fifty_consumers_each_get_a_fair_share() {
     let consumers = 50;
     let buses: Vec<RedisEventBus> = (0..consumers)
         .map(|i| {
-            let b = bus(RedisEventBusConfig {
-                batch_size: 10,
-                ..config(&prefix, "workers", &format!("c{i:02}"))
-            });
+            let b = bus(config(&prefix, "workers", &format!("c{i:02}")).batch_size(10));
             let ledger = ledger.clone();
             let name = format!("c{i:02}");
             b.subscribe_to_all_events(move |e: EventEnvelope| {
@@ -546,12 +533,10 @@ async fn l5_fifty_consumers_each_get_a_fair_share() {
 async fn a_service_started_before_its_redis_waits_for_it() {
     let port = free_port();
     let ledger = Arc::new(Ledger::new());
-    let consumer = bus(RedisEventBusConfig {
-        redis_url: format!("redis://127.0.0.1:{port}"),
-        reconnect_max_delay_ms: 300,
-        socket_connect_timeout: 0.5,
-        ..config("late", "g", "c1")
-    });
+    let consumer = bus(config("late", "g", "c1")
+        .redis_url(format!("redis://127.0.0.1:{port}"))
+        .reconnect_max_delay_ms(300)
+        .socket_connect_timeout(std::time::Duration::from_millis(500)));
     ledger_handler(&consumer, &ledger);
     let service = eventsource_redis::RedisEventBusService::new(consumer.clone());
     let shutdown = Arc::new(tokio::sync::Notify::new());
@@ -567,10 +552,7 @@ async fn a_service_started_before_its_redis_waits_for_it() {
     );
     let server = OwnRedis::start(port, &temp_dir("late"), &[]);
     ledger.healed();
-    let publisher = bus(RedisEventBusConfig {
-        redis_url: server.url(),
-        ..config("late", "g", "publisher")
-    });
+    let publisher = bus(config("late", "g", "publisher").redis_url(server.url()));
     let events: Vec<_> = (0..20).map(created).collect();
     publish_recorded(&publisher, &ledger, &events)
         .await

@@ -126,10 +126,7 @@ fn tls_server(auth_clients: bool) -> (OwnRedis, PathBuf, u16) {
 }
 
 fn tls_config(port: u16, prefix: &str) -> RedisEventBusConfig {
-    RedisEventBusConfig {
-        redis_url: format!("rediss://localhost:{port}"),
-        ..config(prefix, "g", "c")
-    }
+    config(prefix, "g", "c").redis_url(format!("rediss://localhost:{port}"))
 }
 
 /// Publish and consume over TLS with the test's CA: the server has no plain port, so the
@@ -137,10 +134,7 @@ fn tls_config(port: u16, prefix: &str) -> RedisEventBusConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_consume_over_tls() {
     let (_server, dir, port) = tls_server(false);
-    let bus = bus(RedisEventBusConfig {
-        tls_ca_file: Some(dir.join("ca.crt")),
-        ..tls_config(port, "tls")
-    });
+    let bus = bus(tls_config(port, "tls").tls_ca_file(dir.join("ca.crt")));
     let n = counting(&bus);
     bus.connect().await.unwrap();
     bus.publish_events(&(0..50).map(created).collect::<Vec<_>>())
@@ -164,19 +158,15 @@ async fn publish_and_consume_over_tls() {
 #[tokio::test]
 async fn client_certificate() {
     let (_server, dir, port) = tls_server(true);
-    let with_cert = bus(RedisEventBusConfig {
-        tls_ca_file: Some(dir.join("ca.crt")),
-        tls_cert_file: Some(dir.join("client.crt")),
-        tls_key_file: Some(dir.join("client.key")),
-        ..tls_config(port, "tls-mtls")
-    });
+    let with_cert = bus(tls_config(port, "tls-mtls")
+        .tls_ca_file(dir.join("ca.crt"))
+        .tls_cert_file(dir.join("client.crt"))
+        .tls_key_file(dir.join("client.key")));
     with_cert.connect().await.unwrap();
     with_cert.publish_events(&[created(1)]).await.unwrap();
-    let without = bus(RedisEventBusConfig {
-        tls_ca_file: Some(dir.join("ca.crt")),
-        socket_connect_timeout: 2.0,
-        ..tls_config(port, "tls-mtls")
-    });
+    let without = bus(tls_config(port, "tls-mtls")
+        .tls_ca_file(dir.join("ca.crt"))
+        .socket_connect_timeout(std::time::Duration::from_secs(2)));
     assert!(without.connect().await.is_err());
 }
 
@@ -185,21 +175,16 @@ async fn client_certificate() {
 #[tokio::test]
 async fn untrusted_certificate_and_insecure_mode() {
     let (_server, dir, port) = tls_server(false);
-    let wrong_ca = bus(RedisEventBusConfig {
-        tls_ca_file: Some(dir.join("other.crt")),
-        socket_connect_timeout: 2.0,
-        ..tls_config(port, "tls-untrusted")
-    });
+    let wrong_ca = bus(tls_config(port, "tls-untrusted")
+        .tls_ca_file(dir.join("other.crt"))
+        .socket_connect_timeout(std::time::Duration::from_secs(2)));
     let err = wrong_ca.connect().await.unwrap_err();
     let text = eventsource_redis::codec::error_chain(&err);
     assert!(
         text.to_lowercase().contains("certificate") || text.contains("UnknownIssuer"),
         "{text}"
     );
-    let insecure = bus(RedisEventBusConfig {
-        tls_insecure: true,
-        ..tls_config(port, "tls-insecure")
-    });
+    let insecure = bus(tls_config(port, "tls-insecure").tls_insecure(true));
     insecure.connect().await.unwrap();
     insecure.publish_events(&[created(1)]).await.unwrap();
 }
@@ -213,22 +198,20 @@ fn tls_options_are_validated() {
             other => panic!("{other:?}"),
         };
     let plain = config("x", "g", "c");
-    let e = refused(RedisEventBusConfig {
-        tls_insecure: true,
-        ..plain.clone()
-    });
+    let e = refused(plain.clone().tls_insecure(true));
     assert_eq!(e.field, "tls_insecure");
-    let e = refused(RedisEventBusConfig {
-        redis_url: "rediss://localhost:1".into(),
-        tls_cert_file: Some("/nonexistent.crt".into()),
-        ..plain.clone()
-    });
+    let e = refused(
+        plain
+            .clone()
+            .redis_url("rediss://localhost:1")
+            .tls_cert_file("/nonexistent.crt"),
+    );
     assert_eq!(e.field, "tls_key_file");
-    let e = refused(RedisEventBusConfig {
-        redis_url: "rediss://localhost:1".into(),
-        tls_ca_file: Some("/nonexistent-ca.crt".into()),
-        ..plain
-    });
+    let e = refused(
+        plain
+            .redis_url("rediss://localhost:1")
+            .tls_ca_file("/nonexistent-ca.crt"),
+    );
     assert_eq!(e.field, "tls_ca_file");
     assert!(e.reason.contains("/nonexistent-ca.crt"), "{e}");
 }

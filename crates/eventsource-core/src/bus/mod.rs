@@ -15,6 +15,7 @@ pub use handler::{
 };
 pub use memory::{InMemoryBusStats, InMemoryEventBus};
 
+use crate::error::ErrorKind;
 use crate::event::{DomainEvent, Event, EventEnvelope, EventError};
 use crate::util::BoxFuture;
 
@@ -31,10 +32,46 @@ pub enum BusError {
         #[source]
         source: EventError,
     },
-    /// The transport failed (Redis down, timeout...). The events may or may not have been
-    /// published; publishing again may duplicate them (consumers dedupe by event id).
-    #[error("event bus transport error: {0}")]
-    Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The transport failed (Redis down, timeout, a refused write...). The events may or may
+    /// not have been published; publishing again may duplicate them (consumers dedupe by
+    /// event id). `kind` classifies the cause (so a caller decides on a retry without
+    /// downcasting `source`); build one with [`BusError::transport`].
+    #[error("event bus transport error ({kind}): {source}")]
+    Transport {
+        /// What kind of failure the cause is; [`ErrorKind::is_transient`] says whether
+        /// publishing again later may succeed.
+        kind: ErrorKind,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl BusError {
+    /// A transport failure of `kind`, caused by `source`.
+    pub fn transport(
+        kind: ErrorKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Transport {
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::InvalidEvent { .. } => ErrorKind::InvalidInput,
+            Self::Transport { kind, .. } => *kind,
+        }
+    }
+
+    /// Whether publishing again later may succeed (the transport was unavailable or timed
+    /// out). Mind that the first attempt's outcome is unknown then.
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
 }
 
 /// Publishes events. Object-safe: a repository holds an `Arc<dyn EventPublisher>`.

@@ -12,6 +12,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::error::ErrorKind;
 use crate::event::{EventEnvelope, EventError};
 use crate::util::BoxFuture;
 
@@ -168,9 +169,31 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The backend failed otherwise. Often transient: retry with backoff.
+    /// The backend failed otherwise (a constraint, a statement error, a refused grant...);
+    /// `kind()` says what is known about it. Not transient unless `is_transient()` says so.
     #[error("event store backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// What kind of failure this is (`Backend`: [`ErrorKind::Other`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Concurrency { .. } => ErrorKind::Conflict,
+            Self::DuplicateEventId(_) => ErrorKind::AlreadyExists,
+            Self::InvalidEvent { .. } => ErrorKind::InvalidInput,
+            Self::Event(_) => ErrorKind::InvalidData,
+            Self::Timeout(_) => ErrorKind::Timeout,
+            Self::ConnectionLost { .. } => ErrorKind::Unavailable,
+            Self::Backend(_) => ErrorKind::Other,
+        }
+    }
+
+    /// Whether the same call may succeed later (a timeout, a lost connection): retry with
+    /// backoff. A conflict is not transient in this sense — reload, then retry the command.
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
 }
 
 /// The event store contract. Object-safe: use `Arc<dyn EventStore>`.

@@ -160,6 +160,12 @@ pub async fn expected_version_is_enforced(store: &dyn EventStore) {
         matches!(stale, Err(StoreError::Concurrency { actual: 3, .. })),
         "a taken version is a conflict even with Any: {stale:?}"
     );
+    let stale = stale.unwrap_err();
+    assert_eq!(stale.kind(), crate::ErrorKind::Conflict);
+    assert!(
+        !stale.is_transient(),
+        "reload and retry the command, not the call"
+    );
     store
         .append(
             id,
@@ -212,7 +218,10 @@ pub async fn duplicate_event_id_is_rejected(store: &dyn EventStore) {
         .append(b, "Order", &[copy], ExpectedVersion::NoStream)
         .await
     {
-        Err(StoreError::DuplicateEventId(id)) => assert_eq!(id, event.event_id()),
+        Err(e @ StoreError::DuplicateEventId(_)) => {
+            assert!(matches!(e, StoreError::DuplicateEventId(id) if id == event.event_id()));
+            assert_eq!(e.kind(), crate::ErrorKind::AlreadyExists);
+        }
         other => panic!("expected DuplicateEventId, got {other:?}"),
     }
     assert_eq!(

@@ -152,10 +152,7 @@ async fn skip(id: i64) -> Result<ExitCode, Error> {
 async fn run() -> Result<(), Error> {
     let store = store().await?;
     let bus = RedisEventBus::new(
-        RedisEventBusConfig {
-            enable_tracing: false,
-            ..RedisEventBusConfig::from_env()?
-        },
+        RedisEventBusConfig::from_env()?.enable_tracing(false),
         eventsource_core::EventRegistry::new(),
     )?;
     bus.connect().await?;

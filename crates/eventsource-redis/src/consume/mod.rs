@@ -55,7 +55,7 @@ impl RedisEventBus {
     /// [`shutdown`](Self::shutdown) or [`disconnect`](Self::disconnect): first this consumer's
     /// own pending entries (left by an earlier run with the same name), then new entries,
     /// `batch_size` at a time, with pending recovery one page at a time every
-    /// `recovery_interval_ms` (and once at start).
+    /// `recovery_interval` (and once at start).
     ///
     /// Connection loss, a Redis restart and a lost consumer group are handled inside: the loop
     /// reconnects with jittered exponential backoff (counted in `reconnections`), recreates

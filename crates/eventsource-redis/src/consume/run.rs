@@ -80,16 +80,15 @@ impl RedisEventBus {
     pub(super) async fn run(&self, stop: CancellationToken, abort: CancellationToken) {
         let cfg = &self.inner.config;
         self.check_name_in_use().await;
-        let mut backoff = Backoff::new(Duration::from_millis(cfg.reconnect_max_delay_ms));
-        let read_timeout = Duration::from_millis(cfg.block_ms) + cfg.socket_timeout();
+        let mut backoff = Backoff::new(cfg.reconnect_max_delay);
+        let read_timeout = cfg.block + cfg.socket_timeout;
         // One read connection for the consumer's life: `reader` is None only while the
         // read-ahead holds it, or after its connection broke.
         let mut reader: Option<Reader> = None;
         let mut read_ahead: Option<tokio::task::JoinHandle<ReadOutcome>> = None;
         let mut own_pending: Option<String> = Some("-".to_owned());
         let mut recovery = RecoveryTicker {
-            every: (cfg.recovery_interval_ms > 0)
-                .then(|| Duration::from_millis(cfg.recovery_interval_ms)),
+            every: (!cfg.recovery_interval.is_zero()).then_some(cfg.recovery_interval),
             next: None,
             cursor: "-".to_owned(),
         };
@@ -97,8 +96,7 @@ impl RedisEventBus {
         let mut ensured_once = false;
         let mut last_batch = Duration::ZERO;
         let mut last_heartbeat: Option<Instant> = None;
-        let metrics_every =
-            (cfg.metrics_interval_ms > 0).then(|| Duration::from_millis(cfg.metrics_interval_ms));
+        let metrics_every = (!cfg.metrics_interval.is_zero()).then_some(cfg.metrics_interval);
         let mut metrics_at: Option<Instant> = None;
         // Batches this consumer received are finished on a stop (never cancelled); only
         // recovery pages stop between entries.
@@ -375,7 +373,7 @@ impl RedisEventBus {
             group: cfg.consumer_group.clone(),
             consumer: self.inner.consumer_name.clone(),
             count: self.inner.read_count(),
-            block_ms: Some(cfg.block_ms),
+            block_ms: Some(crate::config::millis(cfg.block).max(1)),
             stream: self.inner.stream.clone(),
             id: ">".to_owned(),
             max_entry_bytes: cfg.max_entry_bytes,
@@ -412,7 +410,7 @@ impl RedisEventBus {
         let delay = if problem.transient {
             backoff.next_delay()
         } else {
-            Duration::from_millis(self.inner.config.reconnect_max_delay_ms)
+            self.inner.config.reconnect_max_delay
         };
         tokio::select! {
             () = tokio::time::sleep(delay) => !stop.is_cancelled(),

@@ -332,7 +332,7 @@ impl RedisEventBus {
                 .arg(cfg.error_key(id))
                 .arg(reason)
                 .arg("EX")
-                .arg(cfg.retry_key_expiry_seconds)
+                .arg(cfg.retry_key_expiry.as_secs())
                 .query_async::<()>(&mut conn)
                 .await
                 .map_err(|e| self.command_error("SET (failure reason)", e)),

@@ -14,15 +14,13 @@ pub use eventsource_testsupport::{
 };
 
 pub fn config(prefix: &str, group: &str, consumer: &str) -> RedisEventBusConfig {
-    RedisEventBusConfig {
-        redis_url: redis_url(),
-        stream_prefix: prefix.to_owned(),
-        consumer_group: group.to_owned(),
-        consumer_name: Some(consumer.to_owned()),
-        block_ms: 100,
-        recovery_interval_ms: 0,
-        ..RedisEventBusConfig::default()
-    }
+    RedisEventBusConfig::default()
+        .redis_url(redis_url())
+        .stream_prefix(prefix.to_owned())
+        .consumer_group(group.to_owned())
+        .consumer_name(consumer.to_owned())
+        .block_ms(100)
+        .recovery_interval_ms(0)
 }
 
 pub fn registry() -> EventRegistry {
