@@ -38,7 +38,7 @@ use serde_json::{Value as Json, json};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const WORKLOADS: [&str; 12] = [
+const WORKLOADS: [&str; 14] = [
     "publish_single",
     "publish_batch100",
     "publish_concurrent16",
@@ -48,6 +48,8 @@ const WORKLOADS: [&str; 12] = [
     "consume_2proc_slowhandler_dup",
     "consume_1_tls",
     "consume_1_metrics",
+    "consume_1_3handlers",
+    "dispatch_3handlers",
     "latency_500",
     "latency_5000",
     "rss",
@@ -73,6 +75,10 @@ workloads:
                         (certificates made with the openssl command)
   consume_1_metrics     consume_1 with a Prometheus recorder installed next to none (the cost
                         of the metrics the bus records)
+  consume_1_3handlers   one consumer process whose projection has 3 typed handlers on the
+                        event type (each reads the event) vs 1 handler
+  dispatch_3handlers    in process, no Redis: one decoded event dispatched to 3 typed
+                        handlers vs 1 (the cost of handing each handler its event)
   latency_500           publish-to-handler latency at 500 events/s
   latency_5000          the same at 5,000 events/s
   rss                   peak memory of a consumer over 200,000 events
@@ -687,6 +693,9 @@ struct Spec {
     tls_ca_file: Option<String>,
     /// The consumer installs a Prometheus recorder (metrics recorded, not scraped).
     metrics: bool,
+    /// Typed handlers on `OrderCreated` in the consumer (the first counts, all read the
+    /// event).
+    handlers: usize,
 }
 
 impl Spec {
@@ -702,6 +711,7 @@ impl Spec {
             consumer_url: None,
             tls_ca_file: None,
             metrics: false,
+            handlers: 1,
         }
     }
 
@@ -719,6 +729,8 @@ impl Spec {
             self.sleep_ms.to_string(),
             "--concurrency".to_owned(),
             self.concurrency.to_string(),
+            "--handlers".to_owned(),
+            self.handlers.to_string(),
         ];
         for (flag, value) in [
             ("--consumer-url", self.consumer_url.clone()),
@@ -902,6 +914,10 @@ async fn consumer_role(args: &[String]) -> Result<Json, Error> {
             l.store(now_us(), Ordering::Relaxed);
         }
     });
+    let handlers: usize = get("--handlers").map_or(Ok(1), |v| v.parse())?;
+    for _ in 1..handlers {
+        subscribe_reader(&bus);
+    }
     bus.connect().await?;
     let start_us = now_us();
     let consumer = tokio::spawn({
@@ -1277,6 +1293,95 @@ async fn consume_metrics_workload(o: &Options) -> Result<Json, Error> {
     Ok(out)
 }
 
+/// A handler of a projection that reads the event it is given (its data and metadata).
+fn subscribe_reader(bus: &impl EventBus) {
+    bus.subscribe(|e: Event<OrderCreated>| async move {
+        std::hint::black_box((
+            e.total_amount,
+            e.customer_id.len(),
+            e.metadata.aggregate_id,
+        ));
+    });
+}
+
+async fn consume_handlers_workload(o: &Options) -> Result<Json, Error> {
+    let n = o.n.unwrap_or(20_000);
+    let (mut one, mut three) = (vec![], vec![]);
+    for run in 1..=o.repeat {
+        one.push(
+            consume_run(o, n, 1, &Spec::new(Profile::Quick))
+                .await?
+                .events_per_sec,
+        );
+        let with = Spec {
+            handlers: 3,
+            ..Spec::new(Profile::Quick)
+        };
+        three.push(consume_run(o, n, 1, &with).await?.events_per_sec);
+        eprintln!(
+            "  consume_1_3handlers run {run}: 3 handlers {:>9.0}/s   1 handler {:>9.0}/s   ratio {:.3}",
+            three[run - 1],
+            one[run - 1],
+            three[run - 1] / one[run - 1]
+        );
+    }
+    let mut out = throughput_json(&three, Some(&one));
+    out["n"] = json!(n);
+    out["config"] = json!(
+        "workload settings (batch 100, block 100 ms, tracing off); 3 typed handlers on OrderCreated, each reading the event, vs 1; limit_* is the run with 1"
+    );
+    Ok(out)
+}
+
+/// In process: a registry-decoded event (as the Redis consumer hands it over) dispatched to
+/// 3 typed handlers vs 1, `n` times each.
+async fn dispatch_handlers_workload(o: &Options) -> Result<Json, Error> {
+    let n = o.n.unwrap_or(1_000_000);
+    let registry = registry();
+    let created = Event::new(
+        uuid::Uuid::new_v4(),
+        OrderCreated {
+            customer_id: "customer-1234".into(),
+            total_amount: 99.5,
+        },
+    )
+    .with_actor("bench");
+    let json = created.into_envelope().to_json()?;
+    let envelope = registry.decode(&json)?;
+    let rate = |handlers: usize| {
+        let bus = InMemoryEventBus::new();
+        for _ in 0..handlers {
+            subscribe_reader(&bus);
+        }
+        let envelope = envelope.clone();
+        async move {
+            let started = Instant::now();
+            for _ in 0..n {
+                let report = bus.subscribers().dispatch(&envelope).await;
+                std::hint::black_box(report.handlers_run);
+            }
+            n as f64 / started.elapsed().as_secs_f64()
+        }
+    };
+    let (mut one, mut three) = (vec![], vec![]);
+    for run in 1..=o.repeat {
+        one.push(rate(1).await);
+        three.push(rate(3).await);
+        eprintln!(
+            "  dispatch_3handlers run {run}: 3 handlers {:>10.0}/s   1 handler {:>10.0}/s   ratio {:.3}",
+            three[run - 1],
+            one[run - 1],
+            three[run - 1] / one[run - 1]
+        );
+    }
+    let mut out = throughput_json(&three, Some(&one));
+    out["n"] = json!(n);
+    out["config"] = json!(
+        "one OrderCreated decoded through the registry (typed data), dispatched n times to 3 typed handlers that read it vs 1; events_per_sec = dispatches/s; limit_* is 1 handler"
+    );
+    Ok(out)
+}
+
 async fn rss_workload(o: &Options) -> Result<Json, Error> {
     let n = o.n.unwrap_or(200_000);
     let mut rss = vec![];
@@ -1459,6 +1564,8 @@ fn main() -> std::process::ExitCode {
                 }
                 "consume_1_tls" => one(name, consume_tls_workload(&options).await),
                 "consume_1_metrics" => one(name, consume_metrics_workload(&options).await),
+                "consume_1_3handlers" => one(name, consume_handlers_workload(&options).await),
+                "dispatch_3handlers" => one(name, dispatch_handlers_workload(&options).await),
                 "latency_500" => one(name, latency_workload(&options, 500).await),
                 "latency_5000" => one(name, latency_workload(&options, 5000).await),
                 n if pg::WORKLOADS.contains(&n) => pg::workload(&options, n).await,
