@@ -1296,11 +1296,7 @@ async fn consume_metrics_workload(o: &Options) -> Result<Json, Error> {
 /// A handler of a projection that reads the event it is given (its data and metadata).
 fn subscribe_reader(bus: &impl EventBus) {
     bus.subscribe(|e: Event<OrderCreated>| async move {
-        std::hint::black_box((
-            e.total_amount,
-            e.customer_id.len(),
-            e.metadata.aggregate_id,
-        ));
+        std::hint::black_box((e.total_amount, e.customer_id.len(), e.metadata.aggregate_id));
     });
 }
 
@@ -1443,7 +1439,7 @@ async fn latency_workload(o: &Options, rate: u64) -> Result<Json, Error> {
             let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
             tokio::time::sleep_until(due.into()).await;
             let mut typed = e.to_event::<OrderCreated>()?.expect("OrderCreated");
-            typed.data.total_amount = now_us() as f64;
+            typed.data_mut().total_amount = now_us() as f64;
             publisher.publish_events(&[typed.into_envelope()]).await?;
         }
         let deadline = Instant::now() + Duration::from_secs(30);

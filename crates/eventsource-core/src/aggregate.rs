@@ -188,9 +188,10 @@ pub trait Aggregate: Send + Sync + Sized + 'static {
         &mut self,
         mut event: Event<E>,
     ) -> Result<&EventEnvelope, AggregateError> {
-        event.metadata.aggregate_id = self.id();
-        event.metadata.aggregate_type = Self::AGGREGATE_TYPE.to_owned();
-        event.metadata.aggregate_version = self.next_version();
+        let metadata = event.metadata_mut();
+        metadata.aggregate_id = self.id();
+        metadata.aggregate_type = Self::AGGREGATE_TYPE.to_owned();
+        metadata.aggregate_version = self.next_version();
         self.apply_event(event.into_envelope(), true)?;
         Ok(self
             .core()

@@ -253,12 +253,19 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> EventError {
 }
 
 /// A typed event: metadata plus the event's own data. Derefs to the data.
+///
+/// Both parts are shared (`Arc`): a bus hands each of an event's handlers an `Event<E>` that
+/// points at the one decoded copy, so a projection with several handlers on a type costs two
+/// reference counts per handler, not a copy of the metadata and the data. Read through the
+/// fields as before (`event.metadata.event_id`, `event.data.total`, or `event.total` through
+/// `Deref`); change them with [`metadata_mut`](Self::metadata_mut) and
+/// [`data_mut`](Self::data_mut), which copy only when the value is shared.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event<E> {
     /// The base fields.
-    pub metadata: EventMetadata,
+    pub metadata: Arc<EventMetadata>,
     /// The event's own fields.
-    pub data: E,
+    pub data: Arc<E>,
 }
 
 impl<E> std::ops::Deref for Event<E> {
@@ -268,32 +275,55 @@ impl<E> std::ops::Deref for Event<E> {
     }
 }
 
+impl<E> Event<E> {
+    /// An event from its metadata and data as they are (nothing stamped or checked; see
+    /// [`Event::new`] for fresh metadata).
+    pub fn from_parts(metadata: EventMetadata, data: E) -> Self {
+        Self {
+            metadata: Arc::new(metadata),
+            data: Arc::new(data),
+        }
+    }
+}
+
+impl<E: Clone> Event<E> {
+    /// The base fields, to change (copied first if another holder shares them).
+    pub fn metadata_mut(&mut self) -> &mut EventMetadata {
+        Arc::make_mut(&mut self.metadata)
+    }
+
+    /// The event's own fields, to change (copied first if another holder shares them).
+    pub fn data_mut(&mut self) -> &mut E {
+        Arc::make_mut(&mut self.data)
+    }
+}
+
 impl<E: DomainEvent> Event<E> {
     /// A new event for `aggregate_id` with fresh metadata (aggregate version 1).
     pub fn new(aggregate_id: Uuid, data: E) -> Self {
         let mut metadata = EventMetadata::new(E::EVENT_TYPE, aggregate_id, E::AGGREGATE_TYPE);
         metadata.event_version = E::EVENT_VERSION;
-        Self { metadata, data }
+        Self::from_parts(metadata, data)
     }
 
     /// Sets the aggregate version (the event's position in its aggregate's stream).
     #[must_use]
     pub fn with_aggregate_version(mut self, version: u64) -> Self {
-        self.metadata.aggregate_version = version;
+        self.metadata_mut().aggregate_version = version;
         self
     }
 
     /// Sets the tenant id.
     #[must_use]
     pub fn with_tenant(mut self, tenant_id: Uuid) -> Self {
-        self.metadata.tenant_id = Some(tenant_id);
+        self.metadata_mut().tenant_id = Some(tenant_id);
         self
     }
 
     /// Sets the actor id.
     #[must_use]
     pub fn with_actor(mut self, actor_id: impl Into<String>) -> Self {
-        self.metadata.actor_id = Some(actor_id.into());
+        self.metadata_mut().actor_id = Some(actor_id.into());
         self
     }
 
@@ -301,15 +331,18 @@ impl<E: DomainEvent> Event<E> {
     /// id is carried over so the whole flow shares one correlation id.
     #[must_use]
     pub fn caused_by(mut self, cause: &EventMetadata) -> Self {
-        self.metadata.causation_id = Some(cause.event_id);
-        self.metadata.correlation_id = cause.correlation_id;
+        let metadata = self.metadata_mut();
+        metadata.causation_id = Some(cause.event_id);
+        metadata.correlation_id = cause.correlation_id;
         self
     }
 
     /// Adds one free-form metadata entry.
     #[must_use]
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
-        self.metadata.metadata.insert(key.into(), value.into());
+        self.metadata_mut()
+            .metadata
+            .insert(key.into(), value.into());
         self
     }
 
@@ -331,7 +364,7 @@ impl<E: DomainEvent> From<Event<E>> for EventEnvelope {
     fn from(event: Event<E>) -> Self {
         EventEnvelope {
             metadata: event.metadata,
-            data: EventData::Typed(Arc::new(event.data)),
+            data: EventData::Typed(event.data),
         }
     }
 }
@@ -339,12 +372,16 @@ impl<E: DomainEvent> From<Event<E>> for EventEnvelope {
 /// Object-safe view of a typed event's data.
 trait ErasedData: Send + Sync + fmt::Debug {
     fn as_any(&self) -> &dyn Any;
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     fn to_value(&self) -> Result<Value, serde_json::Error>;
     fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error>;
 }
 
 impl<E: DomainEvent> ErasedData for E {
     fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
         self
     }
     fn to_value(&self) -> Result<Value, serde_json::Error> {
@@ -369,7 +406,7 @@ enum EventData {
 /// or [`to_event`](Self::to_event).
 #[derive(Debug, Clone)]
 pub struct EventEnvelope {
-    metadata: EventMetadata,
+    metadata: Arc<EventMetadata>,
     data: EventData,
 }
 
@@ -385,7 +422,7 @@ impl EventEnvelope {
             });
         }
         Ok(Self {
-            metadata,
+            metadata: Arc::new(metadata),
             data: EventData::Json(Arc::new(data)),
         })
     }
@@ -395,9 +432,10 @@ impl EventEnvelope {
         &self.metadata
     }
 
-    /// Mutable base fields (e.g. for a repository stamping versions).
+    /// Mutable base fields (e.g. for a repository stamping versions); copied first if a
+    /// clone of this envelope shares them.
     pub fn metadata_mut(&mut self) -> &mut EventMetadata {
-        &mut self.metadata
+        Arc::make_mut(&mut self.metadata)
     }
 
     /// The wire name.
@@ -457,14 +495,30 @@ impl EventEnvelope {
         }
     }
 
-    /// A typed [`Event<E>`] (cloned) if this event's wire name is `E::EVENT_TYPE`.
+    /// A typed [`Event<E>`] if this event's wire name is `E::EVENT_TYPE`: sharing this
+    /// envelope's metadata and, when it holds an `E`, its data (no copy); decoded from JSON
+    /// otherwise.
     ///
     /// # Errors
     /// As [`data`](Self::data).
     pub fn to_event<E: DomainEvent>(&self) -> Result<Option<Event<E>>, EventError> {
-        Ok(self.data::<E>()?.map(|data| Event {
+        if self.metadata.event_type != E::EVENT_TYPE {
+            return Ok(None);
+        }
+        let shared = match &self.data {
+            EventData::Typed(data) => data.clone().into_any().downcast::<E>().ok(),
+            EventData::Json(_) => None,
+        };
+        let data = match shared {
+            Some(data) => data,
+            None => match self.data::<E>()? {
+                Some(data) => Arc::new(data.into_owned()),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Event {
             metadata: self.metadata.clone(),
-            data: data.into_owned(),
+            data,
         }))
     }
 
@@ -658,7 +712,7 @@ impl EventEnvelope {
         let metadata = take_metadata(&mut map)?;
         metadata.validate()?;
         Ok(Self {
-            metadata,
+            metadata: Arc::new(metadata),
             data: EventData::Json(Arc::new(Value::Object(map))),
         })
     }
@@ -832,7 +886,7 @@ impl EventEnvelope {
             .and_then(|(base, data)| Some((base.into_metadata()?, data)));
         match fast {
             Some((metadata, data)) => Ok(Self {
-                metadata,
+                metadata: Arc::new(metadata),
                 data: EventData::Json(Arc::new(Value::Object(data))),
             }),
             None => Self::from_json_value(serde_json::from_str(json).map_err(EventError::Json)?),
@@ -848,7 +902,7 @@ pub(crate) fn decode_typed_fast<E: DomainEvent>(json: &str) -> Option<EventEnvel
         return None;
     }
     let data: E = serde_json::from_str(json).ok()?;
-    Some(Event { metadata, data }.into())
+    Some(Event::from_parts(metadata, data).into())
 }
 
 fn opt_uuid(id: Option<Uuid>) -> Value {

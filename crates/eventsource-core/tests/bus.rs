@@ -206,3 +206,45 @@ async fn publisher_is_object_safe_and_shareable() {
     }
     assert_eq!(*count.lock().unwrap(), 8);
 }
+
+/// Every typed handler of an event receives the one decoded copy: the same metadata and data
+/// allocation as the envelope (shared, not cloned), and a handler that changes its event
+/// changes only its own copy.
+#[tokio::test]
+async fn handlers_share_the_decoded_event() {
+    let registry = EventRegistry::new();
+    registry.register::<OrderCreated>().unwrap();
+    let envelope = registry.decode(&created().to_json().unwrap()).unwrap();
+    assert!(envelope.is_typed());
+    let original = envelope.to_event::<OrderCreated>().unwrap().unwrap();
+    let seen: Arc<Mutex<Vec<(usize, usize)>>> = Arc::default();
+    let copied: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let bus = InMemoryEventBus::new();
+    for _ in 0..3 {
+        let (seen, copied) = (seen.clone(), copied.clone());
+        bus.subscribe(move |mut e: Event<OrderCreated>| {
+            let (seen, copied) = (seen.clone(), copied.clone());
+            async move {
+                let pointers = (
+                    Arc::as_ptr(&e.metadata) as usize,
+                    Arc::as_ptr(&e.data) as usize,
+                );
+                seen.lock().unwrap().push(pointers);
+                e.data_mut().total_amount = -1.0;
+                copied.lock().unwrap().push(Arc::as_ptr(&e.data) as usize);
+            }
+        });
+    }
+    let report = bus.subscribers().dispatch(&envelope).await;
+    assert!(report.is_success(), "{}", report.failure_summary());
+    let expected = (
+        Arc::as_ptr(&original.metadata) as usize,
+        Arc::as_ptr(&original.data) as usize,
+    );
+    assert_eq!(*seen.lock().unwrap(), vec![expected; 3]);
+    assert!(copied.lock().unwrap().iter().all(|&p| p != expected.1));
+    // Copy on write: the handlers' changes did not reach the shared copy.
+    let after = envelope.to_event::<OrderCreated>().unwrap().unwrap();
+    assert_eq!(after.total_amount, 1.0);
+    assert!(Arc::ptr_eq(&after.data, &original.data));
+}

@@ -29,13 +29,13 @@ fn golden_entry_matches_eventsource_py() {
         + chrono::Duration::microseconds(978_527);
     metadata.tenant_id = Some(Uuid::parse_str("11111111-2222-3333-4444-555555555555").unwrap());
     metadata.correlation_id = Uuid::parse_str("03e477d1-27aa-4bf0-9402-a05acb78a599").unwrap();
-    let event = Event {
+    let event = Event::from_parts(
         metadata,
-        data: OrderCreated {
+        OrderCreated {
             customer_id: "cust-0".into(),
             total_amount: 0.0,
         },
-    }
+    )
     .into_envelope();
     let fields = encode_fields(&event, None).unwrap();
     let expected: Vec<(&str, &str)> = vec![

@@ -93,7 +93,8 @@ pub trait EventBus: EventPublisher {
     /// The registry a bus decodes incoming events through, if it has one. A typed
     /// [`subscribe`](Self::subscribe) registers its event type there, so the bus decodes the
     /// event once, classifies its decode errors like any registered type's, and hands every
-    /// handler a borrow.
+    /// handler the one decoded copy, shared (an `Event<E>` is two reference counts, not a
+    /// copy).
     fn event_registry(&self) -> Option<&crate::EventRegistry> {
         None
     }

@@ -72,7 +72,7 @@ impl<A: Aggregate> AggregateTest<A> {
     pub fn given<E: DomainEvent>(mut self, data: E) -> Self {
         let mut event =
             Event::new(self.id, data).with_aggregate_version(self.history.len() as u64 + 1);
-        event.metadata.aggregate_type = A::AGGREGATE_TYPE.to_owned();
+        event.metadata_mut().aggregate_type = A::AGGREGATE_TYPE.to_owned();
         self.history.push(event.into_envelope());
         self
     }
