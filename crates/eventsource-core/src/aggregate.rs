@@ -4,6 +4,9 @@
 //! [`Aggregate`] with one method that applies an event to the state. Command methods check the
 //! business rules and call [`Aggregate::raise`].
 //!
+//! Without the bookkeeping: write only the state and use [`Root`](crate::Root) (see
+//! [`root`](crate::root)).
+//!
 //! ```
 //! use eventsource_core::prelude::*;
 //! use eventsource_core::AggregateError;

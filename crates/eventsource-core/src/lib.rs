@@ -50,6 +50,7 @@ pub mod error;
 pub mod event;
 pub mod registry;
 pub mod repository;
+pub mod root;
 pub mod snapshot;
 pub mod store;
 #[cfg(feature = "testkit")]
@@ -62,6 +63,7 @@ pub use error::ErrorKind;
 pub use event::{DomainEvent, Event, EventEnvelope, EventError, EventMetadata};
 pub use registry::{EventRegistry, RegistryError};
 pub use repository::{AggregateRepository, RepositoryError};
+pub use root::{AggregateState, Root};
 pub use snapshot::{
     InMemorySnapshotStore, Snapshot, SnapshotAggregate, SnapshotRepository, SnapshotStore,
     SnapshotStrategy,
@@ -83,5 +85,6 @@ pub mod prelude {
     pub use crate::event::{DomainEvent, Event, EventEnvelope, EventMetadata};
     pub use crate::registry::EventRegistry;
     pub use crate::repository::AggregateRepository;
+    pub use crate::root::{AggregateState, Root};
     pub use crate::store::{EventStore, ExpectedVersion, InMemoryEventStore};
 }
