@@ -212,7 +212,7 @@ pub struct GroupReport {
     pub dead_lettered: usize,
     /// Differences between the dead letters and the poison set (when one is named).
     pub dead_letter_mismatch: Vec<String>,
-    /// From [`Ledger::healed`] until the events published ok before it were handled and the
+    /// From [`Ledger::healed`](super::Ledger::healed) until the events published ok before it were handled and the
     /// first handling after it.
     pub time_to_recover: Option<Duration>,
 }
