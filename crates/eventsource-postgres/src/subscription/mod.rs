@@ -1,0 +1,373 @@
+//! Catch-up subscriptions: projections fed from the store's global feed, from their stored
+//! checkpoint, then following new appends — with retries, a circuit breaker, pause and
+//! resume, lag, rebuild, and a graceful stop.
+//!
+//! **Catch-up and live are one loop.** A subscription pages through the store in its global
+//! order ([`PostgresEventStore::read_feed`], bounded memory: one page) and, once a page comes
+//! back empty, waits for the store's append notification (`LISTEN/NOTIFY`, with polling as a
+//! fallback) and reads on from the same cursor. There is no switch to another source, so no
+//! gap or duplicate at the switch: live events are read exactly like history. (Following the
+//! Redis bus instead would mean joining two sequences — the store's and the stream's — whose
+//! ids do not correspond, on a stream that may be trimmed.)
+//!
+//! **Checkpoints live in PostgreSQL** (`{table}_checkpoints`). A [`ReadModel`] in the same
+//! database applies each page and stores the checkpoint in one transaction: exactly once. A
+//! [`Projector`] (any storage) handles a page, then the checkpoint is stored: at least once —
+//! a crash between the two hands the page to it again.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventsource_core::BoxFuture;
+use eventsource_core::store::{StoreError, StoredEvent};
+use serde::Serialize;
+use sqlx::postgres::PgConnection;
+
+use crate::store::{FeedFilter, PostgresEventStore, StoreCursor};
+
+mod checkpoint;
+mod run;
+
+pub use checkpoint::load_checkpoint;
+use run::listen;
+
+/// A projection's error (any error type).
+pub type ProjectionError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A projection fed by a subscription, at least once: a page is handled, then the checkpoint
+/// is stored, so after a crash between the two the same page comes again. Make `handle`
+/// idempotent (by event id or position).
+pub trait Projector: Send + Sync + 'static {
+    /// Handles one page of events, in the store's order.
+    fn handle<'a>(
+        &'a self,
+        events: &'a [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), ProjectionError>>;
+
+    /// Clears what the projection built (a rebuild starts from nothing). Default: nothing.
+    fn reset(&self) -> BoxFuture<'_, Result<(), ProjectionError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A shared projector (keep a handle to read what it built).
+impl<P: Projector> Projector for Arc<P> {
+    fn handle<'a>(
+        &'a self,
+        events: &'a [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), ProjectionError>> {
+        (**self).handle(events)
+    }
+
+    fn reset(&self) -> BoxFuture<'_, Result<(), ProjectionError>> {
+        (**self).reset()
+    }
+}
+
+/// A read model in the store's own database: each page is applied and the checkpoint stored
+/// in **one transaction**, so every event is applied exactly once, crashes included.
+pub trait ReadModel: Send + Sync + 'static {
+    /// Applies one page of events inside `tx` (do not commit it).
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), ProjectionError>>;
+
+    /// Clears the read model inside `tx` (a rebuild starts from nothing; e.g. `TRUNCATE`).
+    fn reset<'a>(&'a self, tx: &'a mut PgConnection) -> BoxFuture<'a, Result<(), ProjectionError>>;
+}
+
+/// Where a subscription without a checkpoint starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// From the first event (builds the projection from the whole history).
+    #[default]
+    Beginning,
+    /// Only what commits after it first starts. The start position and the snapshot it was
+    /// read in are stored as its first checkpoint, so an event committed before the start is
+    /// skipped even where it sorts after that position (behind a writing transaction still
+    /// open at the start), and one committed by that open transaction later is delivered.
+    End,
+}
+
+/// How a subscription reads, retries and backs off.
+#[derive(Debug, Clone)]
+pub struct SubscriptionOptions {
+    /// Where to start when no checkpoint is stored. Default [`StartFrom::Beginning`].
+    pub start: StartFrom,
+    /// Events per page (per handler call, per checkpoint). Default 500.
+    pub page_size: usize,
+    /// Only these events (event types, tenant, aggregate type). Default: all.
+    pub filter: FeedFilter,
+    /// First retry delay after a failed page; doubles per failure. Default 100 ms.
+    pub retry_min: Duration,
+    /// Longest retry delay. Default 10 s.
+    pub retry_max: Duration,
+    /// Failures in a row that open the circuit breaker (the subscription then waits
+    /// `breaker_cooldown` before trying again, and reports it). Default 5.
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open. Default 30 s.
+    pub breaker_cooldown: Duration,
+    /// Longest wait for new events when no notification arrives. Default 1 s.
+    pub poll_interval: Duration,
+    /// For projectors (at-least-once): how often the checkpoint is written while catching up,
+    /// as Kafka consumers commit offsets at an interval. It is also written whenever the
+    /// subscription has caught up, before it pauses, and when it stops; after a crash, up to
+    /// this much of the catch-up is delivered again. `Duration::ZERO`: after every page.
+    /// Read models ignore it (their checkpoint is in every page's transaction). Default 1 s.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for SubscriptionOptions {
+    fn default() -> Self {
+        Self {
+            start: StartFrom::Beginning,
+            page_size: 500,
+            filter: FeedFilter::default(),
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(10),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a subscription is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionState {
+    /// Not started yet, or stopped.
+    Idle,
+    /// Started and reading history (the last page was full, or none was read yet).
+    CatchingUp,
+    /// Caught up, following new appends.
+    Live,
+    /// Paused by [`SubscriptionHandle::pause`].
+    Paused,
+    /// The last page failed; retrying with backoff.
+    Retrying,
+    /// `breaker_threshold` failures in a row: waiting `breaker_cooldown`.
+    BreakerOpen,
+}
+
+/// A subscription's state, position and counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriptionStatus {
+    /// Its name (the checkpoint's key).
+    pub name: String,
+    /// What it is doing.
+    pub state: SubscriptionState,
+    /// The last event handled (its checkpoint).
+    pub checkpoint: StoreCursor,
+    /// Events handled since it started.
+    pub handled: u64,
+    /// Failed pages in a row.
+    pub failures: u32,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+enum Target {
+    Projector(Arc<dyn Projector>),
+    ReadModel(Arc<dyn ReadModel>),
+}
+
+struct Subscription {
+    name: String,
+    options: SubscriptionOptions,
+    target: Target,
+    store: PostgresEventStore,
+    state: Mutex<(SubscriptionState, StoreCursor, Option<String>)>,
+    handled: AtomicU64,
+    failures: AtomicU32,
+    paused: AtomicBool,
+    rebuild: AtomicBool,
+    changed: tokio::sync::Notify,
+    /// Set for a subscription started "at the end" until its position passes every
+    /// transaction that snapshot could see.
+    start_snapshot: Mutex<Option<StartSnapshot>>,
+}
+
+/// The snapshot a subscription started "at the end" took with its start position: events of
+/// transactions visible in it were committed before the start and are skipped, although
+/// those committed behind a then-open transaction sort after the start position.
+#[derive(Debug, Clone)]
+struct StartSnapshot {
+    /// `pg_snapshot` text (`xmin:xmax:xip,...`).
+    text: Arc<str>,
+    /// No transaction from this id on is visible in it.
+    xmax: u64,
+}
+
+impl StartSnapshot {
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        let xmax = text.split(':').nth(1).unwrap_or_default();
+        Ok(Self {
+            xmax: crate::store::parse_xid(xmax)?,
+            text: text.into(),
+        })
+    }
+}
+
+/// Controls one subscription (cheap to clone).
+#[derive(Clone)]
+pub struct SubscriptionHandle(Arc<Subscription>);
+
+impl std::fmt::Debug for SubscriptionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionHandle")
+            .field("name", &self.0.name)
+            .finish()
+    }
+}
+
+impl SubscriptionHandle {
+    /// The subscription's name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Stops handling after the current page (the checkpoint stays); see [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.0.paused.store(true, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+
+    /// Resumes a paused subscription (also closes an open breaker).
+    pub fn resume(&self) {
+        self.0.paused.store(false, Ordering::SeqCst);
+        self.0.failures.store(0, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+
+    /// Asks for a rebuild: the projection is reset (its `reset` hook), the checkpoint goes
+    /// back to the beginning, and the subscription catches up again. Done by the running
+    /// subscription between pages.
+    pub fn rebuild(&self) {
+        self.0.rebuild.store(true, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+
+    /// State, checkpoint and counters.
+    pub fn status(&self) -> SubscriptionStatus {
+        let (state, checkpoint, last_error) = self.0.lock().clone();
+        SubscriptionStatus {
+            name: self.0.name.clone(),
+            state,
+            checkpoint,
+            handled: self.0.handled.load(Ordering::Relaxed),
+            failures: self.0.failures.load(Ordering::Relaxed),
+            last_error,
+        }
+    }
+
+    /// Events (matching the filter) not yet handled, up to the commit-safe frontier.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store fails.
+    pub async fn lag(&self) -> Result<u64, StoreError> {
+        let checkpoint = self.0.lock().1;
+        let skip = self.0.skip_visible_in(checkpoint);
+        self.0
+            .store
+            .count_feed(checkpoint, &self.0.options.filter, skip.as_deref())
+            .await
+    }
+}
+
+/// Runs catch-up subscriptions on one store.
+pub struct SubscriptionManager {
+    store: PostgresEventStore,
+    subscriptions: Vec<Arc<Subscription>>,
+}
+
+impl std::fmt::Debug for SubscriptionManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionManager")
+            .field("subscriptions", &self.subscriptions.len())
+            .finish()
+    }
+}
+
+impl SubscriptionManager {
+    /// A manager for `store`'s feed.
+    pub fn new(store: PostgresEventStore) -> Self {
+        Self {
+            store,
+            subscriptions: Vec::new(),
+        }
+    }
+
+    /// Adds an at-least-once projection under `name` (its checkpoint's key).
+    pub fn add_projector(
+        &mut self,
+        name: impl Into<String>,
+        projector: impl Projector,
+        options: SubscriptionOptions,
+    ) -> SubscriptionHandle {
+        self.add(name.into(), Target::Projector(Arc::new(projector)), options)
+    }
+
+    /// Adds an exactly-once read model in the store's database under `name`.
+    pub fn add_read_model(
+        &mut self,
+        name: impl Into<String>,
+        model: impl ReadModel,
+        options: SubscriptionOptions,
+    ) -> SubscriptionHandle {
+        self.add(name.into(), Target::ReadModel(Arc::new(model)), options)
+    }
+
+    fn add(
+        &mut self,
+        name: String,
+        target: Target,
+        options: SubscriptionOptions,
+    ) -> SubscriptionHandle {
+        let subscription = Arc::new(Subscription {
+            name,
+            options,
+            target,
+            store: self.store.clone(),
+            state: Mutex::new((SubscriptionState::Idle, StoreCursor::START, None)),
+            handled: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            paused: AtomicBool::new(false),
+            rebuild: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+            start_snapshot: Mutex::new(None),
+        });
+        self.subscriptions.push(subscription.clone());
+        SubscriptionHandle(subscription)
+    }
+
+    /// Runs every subscription until `shutdown` completes; each finishes the page in hand
+    /// (handled and checkpointed) before it stops.
+    pub async fn run_until(&self, shutdown: impl Future<Output = ()>) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (wake, _) = tokio::sync::watch::channel(0u64);
+        let wake = Arc::new(wake);
+        let mut tasks = tokio::task::JoinSet::new();
+        for subscription in &self.subscriptions {
+            let subscription = subscription.clone();
+            let stop = stop.clone();
+            let woken = wake.subscribe();
+            tasks.spawn(async move { subscription.run(stop, woken).await });
+        }
+        let listener = {
+            let store = self.store.clone();
+            let wake = wake.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move { listen(store, wake, stop).await })
+        };
+        shutdown.await;
+        stop.cancel();
+        while tasks.join_next().await.is_some() {}
+        listener.abort();
+    }
+}
