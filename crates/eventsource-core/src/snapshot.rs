@@ -118,6 +118,7 @@ pub enum SnapshotStrategy {
 
 /// What snapshots did for loads and saves.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct SnapshotStats {
     loaded: AtomicU64,
     ignored: AtomicU64,

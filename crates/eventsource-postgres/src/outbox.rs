@@ -49,6 +49,7 @@ impl Default for RelayConfig {
 
 /// Outbox counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct OutboxStats {
     /// Rows not yet published (quarantined rows not included).
     pub pending: u64,
@@ -65,6 +66,7 @@ pub struct OutboxStats {
 
 /// A row set aside by the relay, with why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct QuarantinedRow {
     /// The outbox row's id (what [`retry_quarantined`] and [`skip_quarantined`] take).
     pub id: i64,

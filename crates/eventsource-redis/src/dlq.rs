@@ -12,6 +12,7 @@ use crate::scripts;
 /// `original_message_id`, `retry_count`, `dlq_timestamp`, and from this bus `error` and
 /// `consumer_group`), byte for byte as Redis holds them.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DlqMessage {
     /// The id in the DLQ stream (what [`RedisEventBus::replay_dlq_message`] takes).
     pub message_id: String,
@@ -318,6 +319,7 @@ pub struct HistorySummary {
 
 /// Why a history replay stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HistoryError<E> {
     /// Reading from Redis failed.
     #[error(transparent)]
@@ -325,4 +327,14 @@ pub enum HistoryError<E> {
     /// The callback failed.
     #[error("applying an event failed")]
     Apply(E),
+}
+
+impl<E> HistoryError<E> {
+    /// What kind of failure this is: the bus error's kind, or `Other` for the callback's.
+    pub fn kind(&self) -> eventsource_core::ErrorKind {
+        match self {
+            Self::Redis(e) => e.kind(),
+            Self::Apply(_) => eventsource_core::ErrorKind::Other,
+        }
+    }
 }

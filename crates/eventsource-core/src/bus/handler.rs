@@ -194,6 +194,7 @@ struct Table {
 
 /// One handler's failure on one event.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct HandlerFailure {
     /// The handler's name.
     pub handler: Arc<str>,
@@ -212,6 +213,7 @@ impl std::fmt::Display for HandlerFailure {
 
 /// What happened when one event was dispatched to its handlers.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct DispatchReport {
     /// How many handlers ran (type handlers, then wildcards).
     pub handlers_run: usize,

@@ -8,6 +8,7 @@ use crate::util::BoxFuture;
 
 /// Counters of an [`InMemoryEventBus`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InMemoryBusStats {
     /// Events published.
     pub events_published: u64,

@@ -157,6 +157,7 @@ pub enum SubscriptionState {
 
 /// A subscription's state, position and counters.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct SubscriptionStatus {
     /// Its name (the checkpoint's key).
     pub name: String,

@@ -28,6 +28,7 @@ use crate::error::RedisBusError;
 
 /// What [`RedisEventBus::shutdown`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ShutdownReport {
     /// Whether the consumer finished within the timeout (its running handlers completed and
     /// were acknowledged). `false`: it gave up and abandoned the handlers still running.
