@@ -582,6 +582,31 @@ async fn an_event_held_back_by_an_open_transaction_arrives_when_it_ends() {
     run.await.unwrap();
 }
 
+/// Runs one projector subscription started "at the end", once it is live.
+async fn start_at_the_end(
+    store: &PostgresEventStore,
+    name: &str,
+    recorder: Arc<Recorder>,
+) -> (
+    eventsource_postgres::SubscriptionHandle,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut manager = SubscriptionManager::new(store.clone());
+    let handle = manager.add_projector(
+        name,
+        recorder,
+        SubscriptionOptions {
+            start: StartFrom::End,
+            poll_interval: Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
+    let (stop, task) = start(manager);
+    wait_for(async || handle.status().state == SubscriptionState::Live).await;
+    (handle, stop, task)
+}
+
 /// A subscription started "at the end" while another writing transaction is open (anywhere in
 /// the cluster; here a blocker of the test's own) receives exactly what commits after it
 /// started: not the event committed before it started but sorting behind the open
@@ -606,18 +631,7 @@ async fn starting_at_the_end_behind_an_open_transaction_skips_what_came_before()
         .await
         .unwrap();
     let late = Arc::new(Recorder::default());
-    let mut manager = SubscriptionManager::new(store.clone());
-    let handle = manager.add_projector(
-        "end-held",
-        late.clone(),
-        SubscriptionOptions {
-            start: StartFrom::End,
-            poll_interval: Duration::from_millis(50),
-            ..Default::default()
-        },
-    );
-    let (stop, task) = start(manager);
-    wait_for(async || handle.status().state == SubscriptionState::Live).await;
+    let (handle, stop, task) = start_at_the_end(&store, "end-held", late.clone()).await;
     let after = Uuid::new_v4();
     let event = created(after, 1);
     let new_id = event.event_id();
@@ -635,19 +649,8 @@ async fn starting_at_the_end_behind_an_open_transaction_skips_what_came_before()
     // Restarted from its checkpoint: nothing more.
     stop.send(()).unwrap();
     task.await.unwrap();
-    let mut manager = SubscriptionManager::new(store.clone());
     let again = Arc::new(Recorder::default());
-    let handle = manager.add_projector(
-        "end-held",
-        again.clone(),
-        SubscriptionOptions {
-            start: StartFrom::End,
-            poll_interval: Duration::from_millis(50),
-            ..Default::default()
-        },
-    );
-    let (stop, task) = start(manager);
-    wait_for(async || handle.status().state == SubscriptionState::Live).await;
+    let (_, stop, task) = start_at_the_end(&store, "end-held", again.clone()).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(again.ids.lock().unwrap().is_empty());
     stop.send(()).unwrap();

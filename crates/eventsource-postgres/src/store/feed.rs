@@ -8,6 +8,20 @@ use uuid::Uuid;
 
 use super::{PostgresEventStore, backend, stored_event};
 
+/// Binds `$1`–`$6` of a feed query (see `FEED_FILTER`): the cursor's transaction id and
+/// position, tenant, aggregate type, event types, and the start snapshot to leave out.
+macro_rules! bind_feed {
+    ($query:expr, $after:expr, $filter:expr, $skip:expr) => {
+        $query
+            .bind($after.tx.to_string())
+            .bind(i64::try_from($after.position).unwrap_or(i64::MAX))
+            .bind($filter.tenant_id)
+            .bind($filter.aggregate_type.as_deref())
+            .bind($filter.event_types.as_deref())
+            .bind($skip)
+    };
+}
+
 impl PostgresEventStore {
     /// Up to `limit` events after `after` in the store's order — `(transaction id, position)`
     /// — that match `filter`, each with its cursor. Only events of transactions older than
@@ -49,17 +63,16 @@ impl PostgresEventStore {
              ORDER BY e.tx, e.position LIMIT $7",
             events = self.names.events
         );
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(after.tx.to_string())
-            .bind(i64::try_from(after.position).unwrap_or(i64::MAX))
-            .bind(filter.tenant_id)
-            .bind(filter.aggregate_type.as_deref())
-            .bind(filter.event_types.as_deref())
-            .bind(skip_visible_in)
-            .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(backend)
+        bind_feed!(
+            sqlx::query(sqlx::AssertSqlSafe(sql)),
+            after,
+            filter,
+            skip_visible_in
+        )
+        .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)
     }
 
     /// The cursor of the newest event behind the commit-safe frontier (where a subscription
@@ -123,16 +136,15 @@ impl PostgresEventStore {
                AND e.tx < pg_snapshot_xmin(pg_current_snapshot()) {FEED_FILTER}",
             events = self.names.events
         );
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(after.tx.to_string())
-            .bind(i64::try_from(after.position).unwrap_or(i64::MAX))
-            .bind(filter.tenant_id)
-            .bind(filter.aggregate_type.as_deref())
-            .bind(filter.event_types.as_deref())
-            .bind(skip_visible_in)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(backend)?;
+        let n: i64 = bind_feed!(
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql)),
+            after,
+            filter,
+            skip_visible_in
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(backend)?;
         Ok(n as u64)
     }
 
@@ -163,16 +175,15 @@ impl PostgresEventStore {
                AND e.tx >= pg_snapshot_xmin(pg_current_snapshot()) {FEED_FILTER})",
             events = self.names.events
         );
-        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(after.tx.to_string())
-            .bind(i64::try_from(after.position).unwrap_or(i64::MAX))
-            .bind(filter.tenant_id)
-            .bind(filter.aggregate_type.as_deref())
-            .bind(filter.event_types.as_deref())
-            .bind(skip_visible_in)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(backend)
+        bind_feed!(
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql)),
+            after,
+            filter,
+            skip_visible_in
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(backend)
     }
 
     /// The LISTEN/NOTIFY channel notified after appends commit (by a task of the store, off the
