@@ -30,7 +30,7 @@ fn codec(c: &mut Criterion) {
         id: "1700000000000-0".into(),
         fields: fields
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.clone().into_bytes()))
             .collect(),
     };
     let payload = entry.get("payload").expect("payload").to_owned();

@@ -497,7 +497,7 @@ fn kind_of(v: &Value) -> &'static str {
 
 fn take_metadata(map: &mut Map<String, Value>) -> Result<EventMetadata, EventError> {
     let event_id = req_uuid(map, "event_id")?;
-    let event_type = match map.shift_remove("event_type") {
+    let event_type = match take(map, "event_type") {
         Some(Value::String(s)) => s,
         Some(other) => {
             return Err(invalid(
@@ -510,7 +510,7 @@ fn take_metadata(map: &mut Map<String, Value>) -> Result<EventMetadata, EventErr
     let event_version = opt_u64(map, "event_version")?.unwrap_or(1);
     let event_version = u32::try_from(event_version)
         .map_err(|_| invalid("event_version", "does not fit in 32 bits"))?;
-    let occurred_at = match map.shift_remove("occurred_at") {
+    let occurred_at = match take(map, "occurred_at") {
         Some(Value::String(s)) => DateTime::parse_from_rfc3339(&s)
             .map_err(|e| invalid("occurred_at", format!("{s:?} is not RFC 3339: {e}")))?
             .with_timezone(&Utc)
@@ -524,7 +524,7 @@ fn take_metadata(map: &mut Map<String, Value>) -> Result<EventMetadata, EventErr
         }
     };
     let aggregate_id = req_uuid(map, "aggregate_id")?;
-    let aggregate_type = match map.shift_remove("aggregate_type") {
+    let aggregate_type = match take(map, "aggregate_type") {
         Some(Value::String(s)) => s,
         Some(other) => {
             return Err(invalid(
@@ -536,7 +536,7 @@ fn take_metadata(map: &mut Map<String, Value>) -> Result<EventMetadata, EventErr
     };
     let aggregate_version = opt_u64(map, "aggregate_version")?.unwrap_or(1);
     let tenant_id = opt_uuid_field(map, "tenant_id")?;
-    let actor_id = match map.shift_remove("actor_id") {
+    let actor_id = match take(map, "actor_id") {
         Some(Value::String(s)) => Some(s),
         Some(Value::Null) | None => None,
         Some(other) => {
@@ -548,7 +548,7 @@ fn take_metadata(map: &mut Map<String, Value>) -> Result<EventMetadata, EventErr
     };
     let correlation_id = opt_uuid_field(map, "correlation_id")?.unwrap_or_else(Uuid::new_v4);
     let causation_id = opt_uuid_field(map, "causation_id")?;
-    let metadata = match map.shift_remove("metadata") {
+    let metadata = match take(map, "metadata") {
         Some(Value::Object(m)) => m,
         Some(Value::Null) | None => Map::new(),
         Some(other) => {
@@ -558,6 +558,8 @@ fn take_metadata(map: &mut Map<String, Value>) -> Result<EventMetadata, EventErr
             ));
         }
     };
+    // The base fields' slots were emptied by `take`; drop them, keeping the own fields' order.
+    map.retain(|key, _| !BASE_FIELDS.contains(&key.as_str()));
     Ok(EventMetadata {
         event_id,
         event_type,
@@ -574,6 +576,13 @@ fn take_metadata(map: &mut Map<String, Value>) -> Result<EventMetadata, EventErr
     })
 }
 
+/// Takes a base field's value out of the object (its slot stays until `take_metadata` drops
+/// the base fields at once): `Map::remove` would reorder the remaining fields when
+/// serde_json's `preserve_order` is on somewhere in the build.
+fn take(map: &mut Map<String, Value>, field: &str) -> Option<Value> {
+    map.get_mut(field).map(Value::take)
+}
+
 fn req_uuid(map: &mut Map<String, Value>, field: &'static str) -> Result<Uuid, EventError> {
     opt_uuid_field(map, field)?.ok_or_else(|| invalid(field, "missing"))
 }
@@ -582,7 +591,7 @@ fn opt_uuid_field(
     map: &mut Map<String, Value>,
     field: &'static str,
 ) -> Result<Option<Uuid>, EventError> {
-    match map.shift_remove(field) {
+    match take(map, field) {
         Some(Value::String(s)) if s.is_empty() => Ok(None),
         Some(Value::String(s)) => Uuid::parse_str(&s)
             .map(Some)
@@ -596,7 +605,7 @@ fn opt_uuid_field(
 }
 
 fn opt_u64(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<u64>, EventError> {
-    match map.shift_remove(field) {
+    match take(map, field) {
         Some(Value::Number(n)) => n
             .as_u64()
             .map(Some)
