@@ -24,6 +24,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod cluster;
 pub mod ledger;
 #[cfg(feature = "postgres")]
 pub mod postgres;
