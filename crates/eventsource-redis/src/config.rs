@@ -670,7 +670,7 @@ impl RedisEventBusConfig {
             tracing::warn!(
                 variable = %name,
                 known = %Self::TEXT_KEYS.join(", ").to_ascii_uppercase(),
-                "ignoring an environment variable that names no bus option (a typo?)"
+                "ignoring an environment variable that names no bus option (a typo?); `known` lists the names that may follow EVENTSOURCE_REDIS_"
             );
         }
         Self::from_lookup(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
