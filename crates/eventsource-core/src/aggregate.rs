@@ -88,6 +88,12 @@ impl AggregateError {
         Self::Rule(message.into())
     }
 
+    /// Whether the same call may succeed later (see
+    /// [`ErrorKind::is_transient`](crate::ErrorKind::is_transient)); never for
+    /// this error type today, kept so every error answers the question the same way.
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
     /// What kind of failure this is: a refused command is `InvalidInput`; an event that does
     /// not fit the aggregate, or does not decode, is `InvalidData`.
     pub fn kind(&self) -> crate::ErrorKind {

@@ -82,3 +82,33 @@ impl std::fmt::Display for ErrorKind {
         f.write_str(self.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorKind::*;
+
+    #[test]
+    fn only_unavailable_and_timeout_are_transient_and_names_are_distinct() {
+        let all = [
+            Config,
+            Unavailable,
+            Timeout,
+            Authentication,
+            Permission,
+            ResourceExhausted,
+            Conflict,
+            AlreadyExists,
+            NotFound,
+            InvalidInput,
+            InvalidData,
+            Protocol,
+            InvalidState,
+            Other,
+        ];
+        let transient: Vec<_> = all.iter().filter(|k| k.is_transient()).collect();
+        assert_eq!(transient, [&Unavailable, &Timeout]);
+        let names: std::collections::BTreeSet<_> = all.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), all.len());
+        assert_eq!(Timeout.to_string(), "timeout");
+    }
+}

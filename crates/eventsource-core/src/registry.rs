@@ -34,6 +34,12 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// Whether the same call may succeed later (see
+    /// [`ErrorKind::is_transient`](crate::ErrorKind::is_transient)); never for
+    /// this error type today, kept so every error answers the question the same way.
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
     /// What kind of failure this is: a registration conflict is `Conflict`, an unknown type
     /// `NotFound`, an event that does not decode `InvalidData`.
     pub fn kind(&self) -> crate::ErrorKind {

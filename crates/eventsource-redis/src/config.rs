@@ -25,6 +25,12 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// Whether the same call may succeed later (see
+    /// [`ErrorKind::is_transient`](eventsource_core::ErrorKind::is_transient)); never for
+    /// this error type today, kept so every error answers the question the same way.
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
     /// Always [`ErrorKind::Config`](eventsource_core::ErrorKind::Config).
     pub fn kind(&self) -> eventsource_core::ErrorKind {
         eventsource_core::ErrorKind::Config

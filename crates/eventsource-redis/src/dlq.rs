@@ -330,6 +330,11 @@ pub enum HistoryError<E> {
 }
 
 impl<E> HistoryError<E> {
+    /// Whether the same call may succeed later: a transient Redis failure (see
+    /// [`ErrorKind::is_transient`](eventsource_core::ErrorKind::is_transient)).
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
     /// What kind of failure this is: the bus error's kind, or `Other` for the callback's.
     pub fn kind(&self) -> eventsource_core::ErrorKind {
         match self {

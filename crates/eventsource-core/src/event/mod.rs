@@ -144,6 +144,12 @@ pub enum EventError {
 }
 
 impl EventError {
+    /// Whether the same call may succeed later (see
+    /// [`ErrorKind::is_transient`](crate::ErrorKind::is_transient)); never for
+    /// this error type today, kept so every error answers the question the same way.
+    pub fn is_transient(&self) -> bool {
+        self.kind().is_transient()
+    }
     /// What kind of failure this is: `InvalidInput` for an event that cannot be written
     /// (its data is no JSON object), `InvalidData` for JSON that does not decode.
     pub fn kind(&self) -> crate::ErrorKind {
