@@ -448,9 +448,11 @@ impl RedisEventBus {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(cfg.reconnect_max_delay);
-        let conn = ConnectionManager::new_with_config(self.inner.client.clone(), manager_config)
-            .await
-            .map_err(|e| self.connect_error(e))?;
+        let mut conn =
+            ConnectionManager::new_with_config(self.inner.client.clone(), manager_config)
+                .await
+                .map_err(|e| self.connect_error(e))?;
+        self.refuse_a_cluster(&mut conn).await?;
         self.inner.connected.store(true, Ordering::Relaxed);
         *slot = Some(conn.clone());
         *self
@@ -459,6 +461,28 @@ impl RedisEventBus {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Refuses a Redis Cluster node once per new command connection: the bus's scripts use a
+    /// stream's keys together, which a cluster spreads over hash slots, so it would work
+    /// until the first retry or dead letter and then fail with `CROSSSLOT` or `MOVED`. A user
+    /// that may not run `INFO` (a narrow ACL) is not checked.
+    async fn refuse_a_cluster(&self, conn: &mut ConnectionManager) -> Result<(), RedisBusError> {
+        let info: Result<String, redis::RedisError> =
+            redis::cmd("INFO").arg("cluster").query_async(conn).await;
+        match info {
+            Ok(text) if text.lines().any(|l| l.trim() == "cluster_enabled:1") => {
+                Err(RedisBusError::ClusterNotSupported {
+                    url: redact_url(&self.inner.config.redis_url),
+                })
+            }
+            Ok(_) => Ok(()),
+            Err(e) if crate::error::is_connection_error(&e) => Err(self.connect_error(e)),
+            Err(e) => {
+                tracing::debug!(error = %e, "INFO cluster not available; cluster mode not checked");
+                Ok(())
+            }
+        }
     }
 
     /// A dedicated connection for blocking reads: its response timeout covers the block time.

@@ -94,6 +94,19 @@ pub enum RedisBusError {
         /// Events refused, with Redis's error, in batch order.
         failed: Vec<(uuid::Uuid, redis::RedisError)>,
     },
+    /// The server is a Redis Cluster node (`cluster_enabled:1`). This version of the bus
+    /// needs a standalone Redis (a primary, replicated or behind Sentinel as you like): its
+    /// scripts use a stream's keys together, which a cluster spreads over hash slots. Not
+    /// transient: point `redis_url` at a standalone Redis.
+    #[error(
+        "Redis at {url} is a Redis Cluster node (cluster_enabled:1); this version of the bus \
+         needs a standalone Redis: point redis_url at one (the bus's scripts use keys in \
+         different hash slots, which a cluster refuses with CROSSSLOT or MOVED)"
+    )]
+    ClusterNotSupported {
+        /// The URL, password redacted.
+        url: String,
+    },
     /// `start_consuming` was called while this bus is already consuming; the running
     /// consumer is not affected.
     #[error("this bus is already consuming; call stop_consuming first")]
@@ -123,6 +136,7 @@ impl RedisBusError {
                 .find(|kind| !kind.is_transient())
                 .unwrap_or(ErrorKind::Unavailable),
             Self::AlreadyConsuming => ErrorKind::InvalidState,
+            Self::ClusterNotSupported { .. } => ErrorKind::Config,
         }
     }
 
