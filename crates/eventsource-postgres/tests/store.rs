@@ -398,3 +398,27 @@ async fn snapshots_in_postgres() {
     assert_eq!(loaded.tracking_number.as_deref(), Some("TRACK"));
     assert_eq!(repo.stats().ignored(), 1);
 }
+
+/// Setup errors carry the kind a retry loop needs: a database that does not exist is not
+/// transient (retrying a typo cannot help), nothing listening is.
+#[tokio::test]
+async fn setup_errors_say_whether_retrying_can_help() {
+    let url = database_url();
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("a database URL names its database");
+    let missing = format!("{base}/no_such_database_{}", std::process::id());
+    let err = PostgresEventStore::connect(&missing, PostgresStoreConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SetupError::Connect { .. }), "{err:?}");
+    assert!(!err.is_transient(), "{err}: {:?}", err.kind());
+    let nothing = PostgresEventStore::connect(
+        "postgres://postgres@127.0.0.1:1/test",
+        PostgresStoreConfig::default(),
+    )
+    .await
+    .unwrap_err();
+    // sqlx keeps trying until its acquire timeout: Unavailable or Timeout, both transient.
+    assert!(nothing.is_transient(), "{nothing}: {:?}", nothing.kind());
+}

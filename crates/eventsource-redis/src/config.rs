@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The longest duration an option accepts.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Prefix of the environment variables [`RedisEventBusConfig::from_env`] reads.
 pub const ENV_PREFIX: &str = "EVENTSOURCE_REDIS_";
 
@@ -113,6 +116,16 @@ macro_rules! bus_options {
             pub const TEXT_KEYS: &'static [&'static str] = &[
                 $( bus_options!(@key $field $(, $py)?), $($($alias,)*)? )*
             ];
+
+            /// The option (field name) a text key sets, aliases included.
+            fn option_of(key: &str) -> Option<&'static str> {
+                $(
+                    if key == bus_options!(@key $field $(, $py)?) $($(|| key == $alias)*)? {
+                        return Some(stringify!($field));
+                    }
+                )*
+                None
+            }
 
             /// Sets the option whose text key is `key` from its text form; `Ok(false)` when no
             /// option has that key.
@@ -454,6 +467,26 @@ impl RedisEventBusConfig {
         self.client()?;
         positive("socket_timeout", self.socket_timeout)?;
         positive("socket_connect_timeout", self.socket_connect_timeout)?;
+        // Beyond a year a duration is a mistake, and sums of them (a read's timeout is
+        // `block + socket_timeout`) or Redis's own limits (EXPIRE in seconds) would overflow.
+        for (field, value) in [
+            ("socket_timeout", self.socket_timeout),
+            ("socket_connect_timeout", self.socket_connect_timeout),
+            ("block", self.block),
+            ("pending_idle", self.pending_idle),
+            ("retry_key_expiry", self.retry_key_expiry),
+            ("recovery_interval", self.recovery_interval),
+            ("metrics_interval", self.metrics_interval),
+            ("prune_idle_consumers", self.prune_idle_consumers),
+            ("reconnect_max_delay", self.reconnect_max_delay),
+        ] {
+            if value > MAX_DURATION {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{value:?} is above the limit of 365 days"),
+                ));
+            }
+        }
         non_empty("stream_prefix", &self.stream_prefix)?;
         non_empty("consumer_group", &self.consumer_group)?;
         if let Some(name) = &self.consumer_name {
@@ -692,9 +725,11 @@ impl RedisEventBusConfig {
         if let Some(url) = lookup("REDIS_URL") {
             c.redis_url = url;
         }
+        let mut seen = OptionsSeen::default();
         for key in Self::TEXT_KEYS {
             let variable = format!("{ENV_PREFIX}{}", key.to_ascii_uppercase());
             if let Some(raw) = lookup(&variable) {
+                seen.once(key, &variable)?;
                 c.set_text(key, &raw).map_err(|e| ConfigError {
                     reason: format!("environment variable {variable}: {}", e.reason),
                     ..e
@@ -706,6 +741,28 @@ impl RedisEventBusConfig {
     }
 }
 
+/// Which options a text source set, and under which name: an option given twice (under its
+/// name and an alias, `batch_size` and `stream_read_count`) is refused rather than one
+/// silently winning.
+#[derive(Default)]
+struct OptionsSeen(Vec<(&'static str, String)>);
+
+impl OptionsSeen {
+    fn once(&mut self, key: &str, shown_as: &str) -> Result<(), ConfigError> {
+        let Some(option) = RedisEventBusConfig::option_of(key) else {
+            return Ok(());
+        };
+        if let Some((_, first)) = self.0.iter().find(|(o, _)| *o == option) {
+            return Err(ConfigError::new(
+                option,
+                format!("given twice, as {first} and as {shown_as}: keep one"),
+            ));
+        }
+        self.0.push((option, shown_as.to_owned()));
+        Ok(())
+    }
+}
+
 /// The names among `names` under [`ENV_PREFIX`] that name no option.
 fn unknown_env_vars(names: impl Iterator<Item = String>) -> Vec<String> {
     names
@@ -714,7 +771,7 @@ fn unknown_env_vars(names: impl Iterator<Item = String>) -> Vec<String> {
                 !OTHER_ENV_VARS.contains(&rest)
                     && !RedisEventBusConfig::TEXT_KEYS
                         .iter()
-                        .any(|key| key.eq_ignore_ascii_case(rest))
+                        .any(|key| key.to_ascii_uppercase() == rest)
             })
         })
         .collect()
@@ -737,7 +794,9 @@ impl<'de> Deserialize<'de> for RedisEventBusConfig {
         }
         let map = std::collections::BTreeMap::<String, Option<Text>>::deserialize(deserializer)?;
         let mut config = Self::default();
+        let mut seen = OptionsSeen::default();
         for (key, value) in map {
+            seen.once(&key, &key).map_err(serde::de::Error::custom)?;
             let raw = match value {
                 None => continue,
                 Some(Text::Bool(b)) => b.to_string(),
@@ -784,13 +843,19 @@ mod tests {
             "EVENTSOURCE_REDIS_BLOCK_MS",
             "EVENTSOURCE_REDIS_BLOCK",
             "EVENTSOURCE_REDIS_READER",
+            "EVENTSOURCE_REDIS_block_ms",
             "REDIS_URL",
             "PATH",
         ]
         .map(String::from);
+        // Lower case is not read, so it is reported too.
         assert_eq!(
             unknown_env_vars(names.into_iter()),
-            ["EVENTSOURCE_REDIS_BATCH_SISE", "EVENTSOURCE_REDIS_BLOCK"]
+            [
+                "EVENTSOURCE_REDIS_BATCH_SISE",
+                "EVENTSOURCE_REDIS_BLOCK",
+                "EVENTSOURCE_REDIS_block_ms"
+            ]
         );
     }
 }

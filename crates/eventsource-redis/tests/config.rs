@@ -88,6 +88,11 @@ fn invalid_options_name_the_field() {
             "retry_key_expiry",
         ),
         (d().reconnect_max_delay_ms(99), "reconnect_max_delay"),
+        (
+            d().socket_timeout(Duration::from_secs(400 * 24 * 3600)),
+            "socket_timeout",
+        ),
+        (d().retry_key_expiry_seconds(u64::MAX), "retry_key_expiry"),
     ];
     for (config, field) in cases {
         let (got, text) = refused(config);
@@ -186,6 +191,15 @@ fn from_environment_variables() {
         assert_eq!(err.field, field, "{err}");
         assert!(err.to_string().contains(variable), "{err}");
     }
+    // An option given under its name and its alias is refused, not silently one of them.
+    let both = RedisEventBusConfig::from_lookup(|k| match k {
+        "EVENTSOURCE_REDIS_BATCH_SIZE" => Some("500".to_string()),
+        "EVENTSOURCE_REDIS_STREAM_READ_COUNT" => Some("100".to_string()),
+        _ => None,
+    })
+    .unwrap_err();
+    assert_eq!(both.field, "batch_size");
+    assert!(both.to_string().contains("given twice"), "{both}");
     // Parsed, then validated: a block time not below the socket timeout.
     let err = RedisEventBusConfig::from_lookup(|k| {
         (k == "EVENTSOURCE_REDIS_SOCKET_TIMEOUT").then(|| "1".to_string())
@@ -221,6 +235,11 @@ fn deserialises_with_both_batch_names() {
     assert_eq!(py.retry_key_expiry, Duration::from_secs(3600));
     assert_eq!(py.consumer_name, None);
     assert!(!py.enable_dlq);
+    let both = serde_json::from_str::<RedisEventBusConfig>(
+        r#"{"batch_size":500,"stream_read_count":100}"#,
+    )
+    .unwrap_err();
+    assert!(both.to_string().contains("given twice"), "{both}");
     let err = serde_json::from_str::<RedisEventBusConfig>(r#"{"block_ms":"soon"}"#).unwrap_err();
     assert!(err.to_string().contains("block_ms"), "{err}");
 }

@@ -267,3 +267,20 @@ fn an_own_field_named_like_a_base_field_is_refused() {
         assert!(err.to_string().contains("rename"), "{err}");
     }
 }
+
+/// A newtype event reads on the fast path too (its inner struct sees the own fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Wrapped(Strict);
+crate::domain_event!(Wrapped, "Wrapped", aggregate = "Thing");
+
+#[test]
+fn a_newtype_event_decodes_on_the_fast_path() {
+    let data = Wrapped(Strict {
+        name: "n".into(),
+        count: 7,
+    });
+    let envelope = Event::new(Uuid::new_v4(), data.clone()).into_envelope();
+    let text = writer_agrees(&envelope).expect("writes");
+    let decoded = fast_agrees::<Wrapped>(&text).expect("the fast path reads a newtype");
+    assert_eq!(decoded.data.as_ref(), &data);
+}

@@ -384,10 +384,18 @@ impl<'de> serde::Deserializer<'de> for OwnFields<'_, 'de> {
         serde::Deserializer::deserialize_map(self.0, SkipBase(visitor))
     }
 
+    /// A newtype event (`struct E(Inner)`) reads its inner type from the same own fields.
+    fn deserialize_newtype_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        visitor.visit_newtype_struct(self)
+    }
+
     serde::forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
-        identifier ignored_any
+        option unit unit_struct seq tuple tuple_struct map struct enum identifier ignored_any
     }
 }
 

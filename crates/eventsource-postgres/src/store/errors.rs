@@ -33,7 +33,9 @@ mod sqlstate {
     pub(super) const INVALID_AUTHORIZATION_CLASS: &str = "28";
     /// insufficient_privilege (a missing grant).
     pub(super) const INSUFFICIENT_PRIVILEGE: &str = "42501";
-    /// Class 53, insufficient resources (disk full, out of memory, too many connections).
+    /// too_many_connections: passes when other clients disconnect.
+    pub(super) const TOO_MANY_CONNECTIONS: &str = "53300";
+    /// Class 53, insufficient resources (disk full, out of memory).
     pub(super) const INSUFFICIENT_RESOURCES_CLASS: &str = "53";
     /// serialization_failure, deadlock_detected: retry the transaction.
     pub(super) const RETRY_TRANSACTION: [&str; 2] = ["40001", "40P01"];
@@ -62,6 +64,7 @@ pub(crate) fn sqlx_error_kind(e: &sqlx::Error) -> ErrorKind {
                 let code = code.as_ref();
                 if code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS)
                     || sqlstate::SERVER_GOING_AWAY.contains(&code)
+                    || code == sqlstate::TOO_MANY_CONNECTIONS
                 {
                     ErrorKind::Unavailable
                 } else if code == sqlstate::LOCK_NOT_AVAILABLE || code == sqlstate::QUERY_CANCELED {

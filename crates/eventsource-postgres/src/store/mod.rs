@@ -52,14 +52,14 @@ pub enum SetupError {
 
 impl SetupError {
     /// What kind of failure this is: `Config`; for a failed connection or migration, the
-    /// kind of the PostgreSQL error (`Unavailable`, `Authentication`, `Permission`, ...).
+    /// kind of the PostgreSQL error (`Unavailable`, `Authentication`, `Permission`, ...; an
+    /// unclassified refusal such as "database does not exist" is `Other`, not transient).
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Config { .. } => ErrorKind::Config,
-            Self::Connect { source, .. } => match sqlx_error_kind(source) {
-                ErrorKind::Other => ErrorKind::Unavailable,
-                kind => kind,
-            },
+            // I/O and pool timeouts are Unavailable / Timeout; a refusal PostgreSQL names (no
+            // such database, a bad role) keeps its own kind: retrying a typo cannot help.
+            Self::Connect { source, .. } => sqlx_error_kind(source),
             Self::Migrate(source) => sqlx_error_kind(source),
         }
     }
