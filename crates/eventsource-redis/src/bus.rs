@@ -634,16 +634,51 @@ impl RedisEventBus {
                     }
                     return Err(RedisBusError::PartialPublish { published, failed });
                 }
-                return Ok(published.into_iter().map(|(_, id)| id).collect());
+                published.into_iter().map(|(_, id)| id).collect()
             };
-            bump(&self.inner.counters.events_published, ids.len() as u64);
-            for event in events {
-                self.inner.metrics.published(event.event_type());
+            if events.len() == 1 {
+                bump(&self.inner.counters.events_published, 1);
+                self.inner.metrics.published(events[0].event_type());
             }
+            self.wait_for_replicas(&mut conn, events, &ids).await?;
             Ok(ids)
         }
         .instrument(span)
         .await
+    }
+
+    /// With `publish_replicas` set: `WAIT` until that many replicas have the events (or the
+    /// timeout), and refuse to call the publish durable when fewer did.
+    async fn wait_for_replicas(
+        &self,
+        conn: &mut ConnectionManager,
+        events: &[EventEnvelope],
+        ids: &[String],
+    ) -> Result<(), RedisBusError> {
+        let wanted = self.inner.config.publish_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let replicas: u32 = redis::cmd("WAIT")
+            .arg(wanted)
+            .arg(crate::config::millis(
+                self.inner.config.publish_replicas_timeout,
+            ))
+            .query_async(conn)
+            .await
+            .map_err(|e| self.command_error("WAIT", e))?;
+        if replicas >= wanted {
+            return Ok(());
+        }
+        Err(RedisBusError::NotReplicated {
+            published: events
+                .iter()
+                .map(EventEnvelope::event_id)
+                .zip(ids.iter().cloned())
+                .collect(),
+            replicas,
+            wanted,
+        })
     }
 
     pub(crate) fn command_error(

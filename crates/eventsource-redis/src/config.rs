@@ -280,6 +280,16 @@ bus_options! {
     /// Expiry of those keys, in whole seconds (text: `retry_key_expiry_seconds`). Default
     /// one day.
     retry_key_expiry: Duration = Duration::from_secs(86_400), whole_secs(retry_key_expiry_seconds);
+    /// Replicas every publish waits for (`WAIT`) before it returns; 0 (the default) does not
+    /// wait. Redis replicates asynchronously: an entry the master accepted but had not sent on
+    /// is lost if a replica takes over. With N > 0 a publish returns
+    /// [`RedisBusError::NotReplicated`](crate::RedisBusError::NotReplicated) when fewer than
+    /// N replicas confirmed within `publish_replicas_timeout`. Costs one round trip plus the
+    /// replication delay per publish call (a batch waits once).
+    publish_replicas: u32 = 0, parse;
+    /// How long a publish waits for `publish_replicas` (text: `publish_replicas_timeout_ms`).
+    /// Default 1 s.
+    publish_replicas_timeout: Duration = Duration::from_secs(1), millis(publish_replicas_timeout_ms);
     /// Emit tracing spans (publish, process, handle) and carry W3C trace context in entries.
     /// Default true.
     enable_tracing: bool = true, parse;
@@ -479,6 +489,7 @@ impl RedisEventBusConfig {
             ("metrics_interval", self.metrics_interval),
             ("prune_idle_consumers", self.prune_idle_consumers),
             ("reconnect_max_delay", self.reconnect_max_delay),
+            ("publish_replicas_timeout", self.publish_replicas_timeout),
         ] {
             if value > MAX_DURATION {
                 return Err(ConfigError::new(
@@ -546,6 +557,12 @@ impl RedisEventBusConfig {
                     "{} is above the limit of 10000000 remembered ids",
                     self.dedupe_window
                 ),
+            ));
+        }
+        if self.publish_replicas > 0 && self.publish_replicas_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::new(
+                "publish_replicas_timeout",
+                "must be at least 1 ms when publish_replicas is set (0 would wait for ever)",
             ));
         }
         if self.reconnect_max_delay < Duration::from_millis(100) {

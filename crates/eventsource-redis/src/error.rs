@@ -107,6 +107,23 @@ pub enum RedisBusError {
         /// The URL, password redacted.
         url: String,
     },
+    /// The events were written on the master, but fewer replicas than `publish_replicas`
+    /// confirmed them within `publish_replicas_timeout`: a failover now could lose them.
+    /// Republishing is safe for consumers that dedupe by event id (it may duplicate them).
+    #[error(
+        "{} event(s) written, but confirmed by {replicas} of {wanted} replicas within \
+         publish_replicas_timeout; a failover now could lose them (republish if that \
+         matters: consumers dedupe by event id; check the replicas: INFO replication)",
+        published.len()
+    )]
+    NotReplicated {
+        /// Events written on the master, with their stream ids, in batch order.
+        published: Vec<(uuid::Uuid, String)>,
+        /// Replicas that confirmed.
+        replicas: u32,
+        /// Replicas asked for.
+        wanted: u32,
+    },
     /// `start_consuming` was called while this bus is already consuming; the running
     /// consumer is not affected.
     #[error("this bus is already consuming; call stop_consuming first")]
@@ -137,6 +154,7 @@ impl RedisBusError {
                 .unwrap_or(ErrorKind::Unavailable),
             Self::AlreadyConsuming => ErrorKind::InvalidState,
             Self::ClusterNotSupported { .. } => ErrorKind::Config,
+            Self::NotReplicated { .. } => ErrorKind::Timeout,
         }
     }
 
