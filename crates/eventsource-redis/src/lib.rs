@@ -147,6 +147,7 @@ pub mod metrics;
 pub mod ops;
 #[cfg(feature = "otel")]
 pub mod otel;
+mod publish;
 mod reader;
 pub mod recovery;
 mod scripts;

@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 mod envelope;
+mod fast;
 mod metadata;
 #[cfg(test)]
 mod tests;
@@ -23,9 +24,9 @@ mod wire;
 
 use envelope::EventData;
 pub use envelope::EventEnvelope;
+pub(crate) use fast::decode_typed_fast;
 pub use metadata::{EventMetadata, now_micros, validate_aggregate_type};
 pub use typed::Event;
-pub(crate) use wire::decode_typed_fast;
 
 /// The base keys of the flat JSON form, in wire order.
 pub const BASE_FIELDS: [&str; 12] = [

@@ -6,6 +6,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod client;
+mod text;
+
+pub use client::redact_url;
+use text::{parse_text, text_secs};
+
 /// The longest duration an option accepts.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -343,26 +349,6 @@ pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Parses an option's text form, naming the option when it does not parse.
-fn parse_text<T: std::str::FromStr>(key: &'static str, raw: &str) -> Result<T, ConfigError>
-where
-    T::Err: fmt::Display,
-{
-    raw.trim()
-        .parse::<T>()
-        .map_err(|e| ConfigError::new(key, format!("{raw:?} does not parse: {e}")))
-}
-
-/// A duration written as a number of seconds.
-fn text_secs(key: &'static str, secs: f64) -> Result<Duration, ConfigError> {
-    Duration::try_from_secs_f64(secs).map_err(|_| {
-        ConfigError::new(
-            key,
-            format!("{secs} is not a duration (a non-negative number of seconds)"),
-        )
-    })
-}
-
 /// What a consumer does with an entry its version of the event type cannot decode.
 ///
 /// "Malformed" entries (not JSON, no payload, invalid base fields) are dead-lettered at once
@@ -389,48 +375,6 @@ impl std::str::FromStr for RejectedPolicy {
             other => Err(format!("{other:?} is not one of retry, dead_letter")),
         }
     }
-}
-
-/// `redis://user:secret@host` → `redis://user:***@host`; URLs without a password unchanged.
-///
-/// Parsed with the `url` crate, so a password holding `/`, `?`, `#` or `@` (percent-encoded
-/// as it must be, or not) never leaks; `redis://secret@host` (a password where the user
-/// would be) becomes `redis://***@host`; a `pass`/`password` query parameter (Unix socket
-/// URLs) is replaced too. A URL that does not parse keeps only its scheme and what follows
-/// its last `@`.
-pub fn redact_url(url: &str) -> String {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        return match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}***{}", &url[..scheme + 3], &url[at..])
-            }
-            (None, Some(at)) => format!("***{}", &url[at..]),
-            _ => url.to_owned(),
-        };
-    };
-    if parsed.password().is_some() {
-        let _ = parsed.set_password(Some("***"));
-    } else if !parsed.username().is_empty() {
-        let _ = parsed.set_username("***");
-    }
-    let secret_query = parsed
-        .query_pairs()
-        .any(|(k, _)| k == "pass" || k == "password");
-    if secret_query {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if k == "pass" || k == "password" {
-                    "***".to_owned()
-                } else {
-                    v.into_owned()
-                };
-                (k.into_owned(), v)
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    parsed.to_string()
 }
 
 fn non_empty(field: &'static str, value: &str) -> Result<(), ConfigError> {
@@ -580,100 +524,6 @@ impl RedisEventBusConfig {
         Ok(())
     }
 
-    /// The redis-rs client for this configuration: the URL, and for `rediss://` the TLS
-    /// options (CA file, client certificate and key, insecure mode).
-    ///
-    /// # Errors
-    /// [`ConfigError`] naming the field: an unparsable URL, TLS options without a
-    /// `rediss://` URL, a certificate file that cannot be read, a certificate without its key,
-    /// or `rediss://` without the `tls` feature.
-    pub fn client(&self) -> Result<redis::Client, ConfigError> {
-        let tls = self.redis_url.starts_with("rediss://");
-        for (field, set) in [
-            ("tls_ca_file", self.tls_ca_file.is_some()),
-            ("tls_cert_file", self.tls_cert_file.is_some()),
-            ("tls_key_file", self.tls_key_file.is_some()),
-            ("tls_insecure", self.tls_insecure),
-        ] {
-            if set && !tls {
-                return Err(ConfigError::new(
-                    field,
-                    "applies to TLS only: use a rediss:// URL",
-                ));
-            }
-        }
-        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
-            return Err(ConfigError::new(
-                if self.tls_cert_file.is_some() {
-                    "tls_key_file"
-                } else {
-                    "tls_cert_file"
-                },
-                "a client certificate needs both tls_cert_file and tls_key_file",
-            ));
-        }
-        let unparsable = |e: redis::RedisError| {
-            ConfigError::new(
-                "redis_url",
-                format!("{:?} does not parse: {e}", redact_url(&self.redis_url)),
-            )
-        };
-        if !tls {
-            return redis::Client::open(self.redis_url.as_str()).map_err(unparsable);
-        }
-        #[cfg(not(feature = "tls"))]
-        {
-            Err(ConfigError::new(
-                "redis_url",
-                "rediss:// (TLS) needs the `tls` feature of eventsource-redis: \
-                 `cargo add eventsource-redis --features tls`",
-            ))
-        }
-        #[cfg(feature = "tls")]
-        {
-            let mut url = self.redis_url.clone();
-            if self.tls_insecure && !url.contains("#insecure") {
-                url.push_str("#insecure");
-            }
-            let read = |field: &'static str, path: &std::path::Path| {
-                std::fs::read(path).map_err(|e| {
-                    ConfigError::new(field, format!("cannot read {}: {e}", path.display()))
-                })
-            };
-            if self.tls_ca_file.is_none() && self.tls_cert_file.is_none() {
-                return redis::Client::open(url.as_str()).map_err(unparsable);
-            }
-            let root_cert = match &self.tls_ca_file {
-                Some(path) => Some(read("tls_ca_file", path)?),
-                None => None,
-            };
-            let client_tls = match (&self.tls_cert_file, &self.tls_key_file) {
-                (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-                    client_cert: read("tls_cert_file", cert)?,
-                    client_key: read("tls_key_file", key)?,
-                }),
-                _ => None,
-            };
-            redis::Client::build_with_tls(
-                url.as_str(),
-                redis::TlsCertificates {
-                    client_tls,
-                    root_cert,
-                },
-            )
-            .map_err(|e| {
-                ConfigError::new(
-                    if self.tls_cert_file.is_some() {
-                        "tls_cert_file"
-                    } else {
-                        "tls_ca_file"
-                    },
-                    format!("the TLS files do not load: {e}"),
-                )
-            })
-        }
-    }
-
     /// The main stream: `{stream_prefix}:stream`.
     pub fn stream_name(&self) -> String {
         format!("{}:stream", self.stream_prefix)
@@ -709,132 +559,6 @@ impl RedisEventBusConfig {
             .clone()
             .unwrap_or_else(default_consumer_name)
     }
-
-    /// Reads options from environment variables: `EVENTSOURCE_REDIS_` followed by the option's
-    /// text key in upper case (see [`TEXT_KEYS`](Self::TEXT_KEYS): `EVENTSOURCE_REDIS_URL`,
-    /// `EVENTSOURCE_REDIS_STREAM_PREFIX`, `EVENTSOURCE_REDIS_BLOCK_MS` in milliseconds,
-    /// `EVENTSOURCE_REDIS_SOCKET_TIMEOUT` in seconds, ...). Unset variables keep the defaults;
-    /// `REDIS_URL` is used when no `EVENTSOURCE_REDIS_URL` is set. A variable under the prefix
-    /// that names no option (a typo) is logged as a warning, with the known names.
-    ///
-    /// # Errors
-    /// [`ConfigError`] naming the option whose variable does not parse, or any validation
-    /// error.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
-        for name in unknown_env_vars(names) {
-            tracing::warn!(
-                variable = %name,
-                known = %Self::TEXT_KEYS.join(", ").to_ascii_uppercase(),
-                "ignoring an environment variable that names no bus option (a typo?); `known` lists the names that may follow EVENTSOURCE_REDIS_"
-            );
-        }
-        Self::from_lookup(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
-    }
-
-    /// As [`from_env`](Self::from_env), reading variables through `lookup` (for tests and
-    /// other sources); unknown names cannot be listed this way, so none are warned about.
-    ///
-    /// # Errors
-    /// As [`from_env`](Self::from_env).
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut c = Self::default();
-        if let Some(url) = lookup("REDIS_URL") {
-            c.redis_url = url;
-        }
-        let mut seen = OptionsSeen::default();
-        for key in Self::TEXT_KEYS {
-            let variable = format!("{ENV_PREFIX}{}", key.to_ascii_uppercase());
-            if let Some(raw) = lookup(&variable) {
-                seen.once(key, &variable)?;
-                c.set_text(key, &raw).map_err(|e| ConfigError {
-                    reason: format!("environment variable {variable}: {}", e.reason),
-                    ..e
-                })?;
-            }
-        }
-        c.validate()?;
-        Ok(c)
-    }
-}
-
-/// Which options a text source set, and under which name: an option given twice (under its
-/// name and an alias, `batch_size` and `stream_read_count`) is refused rather than one
-/// silently winning.
-#[derive(Default)]
-struct OptionsSeen(Vec<(&'static str, String)>);
-
-impl OptionsSeen {
-    fn once(&mut self, key: &str, shown_as: &str) -> Result<(), ConfigError> {
-        let Some(option) = RedisEventBusConfig::option_of(key) else {
-            return Ok(());
-        };
-        if let Some((_, first)) = self.0.iter().find(|(o, _)| *o == option) {
-            return Err(ConfigError::new(
-                option,
-                format!("given twice, as {first} and as {shown_as}: keep one"),
-            ));
-        }
-        self.0.push((option, shown_as.to_owned()));
-        Ok(())
-    }
-}
-
-/// The names among `names` under [`ENV_PREFIX`] that name no option.
-fn unknown_env_vars(names: impl Iterator<Item = String>) -> Vec<String> {
-    names
-        .filter(|name| {
-            name.strip_prefix(ENV_PREFIX).is_some_and(|rest| {
-                !OTHER_ENV_VARS.contains(&rest)
-                    && !RedisEventBusConfig::TEXT_KEYS
-                        .iter()
-                        .any(|key| key.to_ascii_uppercase() == rest)
-            })
-        })
-        .collect()
-}
-
-/// Reads the text form: a map from text keys (the Python names: `block_ms`, `socket_timeout`
-/// in seconds, `stream_read_count` or `batch_size`, ...) to strings, numbers or booleans;
-/// missing keys keep the defaults, `null` keeps the default, an unknown key is refused. The
-/// result is not validated here: the bus validates when it is built.
-impl<'de> Deserialize<'de> for RedisEventBusConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Text {
-            Bool(bool),
-            Unsigned(u64),
-            Signed(i64),
-            Float(f64),
-            String(String),
-        }
-        let map = std::collections::BTreeMap::<String, Option<Text>>::deserialize(deserializer)?;
-        let mut config = Self::default();
-        let mut seen = OptionsSeen::default();
-        for (key, value) in map {
-            seen.once(&key, &key).map_err(serde::de::Error::custom)?;
-            let raw = match value {
-                None => continue,
-                Some(Text::Bool(b)) => b.to_string(),
-                Some(Text::Unsigned(n)) => n.to_string(),
-                Some(Text::Signed(n)) => n.to_string(),
-                Some(Text::Float(f)) => f.to_string(),
-                Some(Text::String(s)) => s,
-            };
-            match config.set_text(&key, &raw) {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(serde::de::Error::custom(format!(
-                        "unknown option `{key}`, expected one of {}",
-                        Self::TEXT_KEYS.join(", ")
-                    )));
-                }
-                Err(e) => return Err(serde::de::Error::custom(e)),
-            }
-        }
-        Ok(config)
-    }
 }
 
 /// `{hostname}-{8 random hex chars}`, as eventsource-py names consumers.
@@ -846,33 +570,4 @@ pub fn default_consumer_name() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned());
     format!("{host}-{:08x}", fastrand::u32(..))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unknown_variables_under_the_prefix_are_found() {
-        let names = [
-            "EVENTSOURCE_REDIS_URL",
-            "EVENTSOURCE_REDIS_BATCH_SISE",
-            "EVENTSOURCE_REDIS_BLOCK_MS",
-            "EVENTSOURCE_REDIS_BLOCK",
-            "EVENTSOURCE_REDIS_READER",
-            "EVENTSOURCE_REDIS_block_ms",
-            "REDIS_URL",
-            "PATH",
-        ]
-        .map(String::from);
-        // Lower case is not read, so it is reported too.
-        assert_eq!(
-            unknown_env_vars(names.into_iter()),
-            [
-                "EVENTSOURCE_REDIS_BATCH_SISE",
-                "EVENTSOURCE_REDIS_BLOCK",
-                "EVENTSOURCE_REDIS_block_ms"
-            ]
-        );
-    }
 }
