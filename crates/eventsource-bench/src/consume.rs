@@ -319,61 +319,64 @@ pub(crate) async fn consume_tls_workload(o: &Options) -> Result<Json, Error> {
 
 /// `consume_1` with a Prometheus recorder installed in the consumer next to none.
 pub(crate) async fn consume_metrics_workload(o: &Options) -> Result<Json, Error> {
-    let n = o.n.unwrap_or(20_000);
-    let (mut off, mut on) = (vec![], vec![]);
-    for run in 1..=o.repeat {
-        off.push(
-            consume_run(o, n, 1, &Spec::new(Profile::Quick))
-                .await?
-                .events_per_sec,
-        );
-        let with = Spec {
-            metrics: true,
-            ..Spec::new(Profile::Quick)
-        };
-        on.push(consume_run(o, n, 1, &with).await?.events_per_sec);
-        eprintln!(
-            "  consume_1_metrics run {run}: recorder installed {:>9.0}/s   none {:>9.0}/s   ratio {:.3}",
-            on[run - 1],
-            off[run - 1],
-            on[run - 1] / off[run - 1]
-        );
-    }
-    let mut out = throughput_json(&on, Some(&off));
-    out["n"] = json!(n);
-    out["config"] = json!(
-        "workload settings (batch 100, block 100 ms, tracing off); the consumer process with a Prometheus recorder installed (every metric recorded, never scraped) vs without one; limit_* is the run without"
-    );
-    Ok(out)
+    let with = Spec {
+        metrics: true,
+        ..Spec::new(Profile::Quick)
+    };
+    quick_versus(
+        o,
+        "consume_1_metrics",
+        &with,
+        ("recorder installed", "none"),
+        "workload settings (batch 100, block 100 ms, tracing off); the consumer process with a Prometheus recorder installed (every metric recorded, never scraped) vs without one; limit_* is the run without",
+    )
+    .await
 }
 
 /// `consume_1` with 3 typed handlers on the event type next to 1.
 pub(crate) async fn consume_handlers_workload(o: &Options) -> Result<Json, Error> {
+    let with = Spec {
+        handlers: 3,
+        ..Spec::new(Profile::Quick)
+    };
+    quick_versus(
+        o,
+        "consume_1_3handlers",
+        &with,
+        ("3 handlers", "1 handler"),
+        "workload settings (batch 100, block 100 ms, tracing off); 3 typed handlers on OrderCreated, each reading the event, vs 1; limit_* is the run with 1",
+    )
+    .await
+}
+
+/// One consumer process at the workload settings with `with` next to without, `repeat`
+/// times; `with`'s rate against the plain run's (reported as the limit).
+async fn quick_versus(
+    o: &Options,
+    name: &str,
+    with: &Spec,
+    (with_label, plain_label): (&str, &str),
+    config: &str,
+) -> Result<Json, Error> {
     let n = o.n.unwrap_or(20_000);
-    let (mut one, mut three) = (vec![], vec![]);
+    let (mut plain, mut changed) = (vec![], vec![]);
     for run in 1..=o.repeat {
-        one.push(
+        plain.push(
             consume_run(o, n, 1, &Spec::new(Profile::Quick))
                 .await?
                 .events_per_sec,
         );
-        let with = Spec {
-            handlers: 3,
-            ..Spec::new(Profile::Quick)
-        };
-        three.push(consume_run(o, n, 1, &with).await?.events_per_sec);
+        changed.push(consume_run(o, n, 1, with).await?.events_per_sec);
         eprintln!(
-            "  consume_1_3handlers run {run}: 3 handlers {:>9.0}/s   1 handler {:>9.0}/s   ratio {:.3}",
-            three[run - 1],
-            one[run - 1],
-            three[run - 1] / one[run - 1]
+            "  {name} run {run}: {with_label} {:>9.0}/s   {plain_label} {:>9.0}/s   ratio {:.3}",
+            changed[run - 1],
+            plain[run - 1],
+            changed[run - 1] / plain[run - 1]
         );
     }
-    let mut out = throughput_json(&three, Some(&one));
+    let mut out = throughput_json(&changed, Some(&plain));
     out["n"] = json!(n);
-    out["config"] = json!(
-        "workload settings (batch 100, block 100 ms, tracing off); 3 typed handlers on OrderCreated, each reading the event, vs 1; limit_* is the run with 1"
-    );
+    out["config"] = json!(config);
     Ok(out)
 }
 
