@@ -52,10 +52,15 @@ pub(crate) async fn raw_pipelined(
     Ok(rate)
 }
 
-/// The raw loop: XREADGROUP COUNT 100, acking the previous batch in the same round trip.
-pub(crate) async fn raw_consume(url: &str, n: usize) -> Result<f64, Error> {
+/// A connection and a stream of `n` entries under a fresh prefix (returned for the
+/// clean-up), with the group `raw` at its start.
+async fn prefilled_group(
+    url: &str,
+    tag: &str,
+    n: usize,
+) -> Result<(redis::aio::MultiplexedConnection, String, String), Error> {
     let mut conn = raw_conn(url).await?;
-    let p = prefix("raw-consume");
+    let p = prefix(tag);
     let stream = format!("{p}:stream");
     prefill(&mut conn, &stream, n).await?;
     let _: () = redis::cmd("XGROUP")
@@ -65,6 +70,12 @@ pub(crate) async fn raw_consume(url: &str, n: usize) -> Result<f64, Error> {
         .arg("0")
         .query_async(&mut conn)
         .await?;
+    Ok((conn, p, stream))
+}
+
+/// The raw loop: XREADGROUP COUNT 100, acking the previous batch in the same round trip.
+pub(crate) async fn raw_consume(url: &str, n: usize) -> Result<f64, Error> {
+    let (mut conn, p, stream) = prefilled_group(url, "raw-consume", n).await?;
     let t = Instant::now();
     let mut acks: Vec<String> = Vec::new();
     let mut got = 0;
@@ -199,17 +210,7 @@ fn raw_consume_minimal(addr: &str, stream: &str, n: usize) -> Result<f64, Error>
 
 /// [`raw_consume_minimal`] over a stream of `n` entries, on a blocking thread; events/s.
 pub(crate) async fn raw_consume_physical(url: &str, n: usize) -> Result<f64, Error> {
-    let mut conn = raw_conn(url).await?;
-    let p = prefix("raw-min");
-    let stream = format!("{p}:stream");
-    prefill(&mut conn, &stream, n).await?;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("raw")
-        .arg("0")
-        .query_async(&mut conn)
-        .await?;
+    let (mut conn, p, stream) = prefilled_group(url, "raw-min", n).await?;
     let addr = match redis::Client::open(url)?.get_connection_info().addr() {
         redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
         _ => return Err("the minimal raw loop needs a redis:// TCP address".into()),

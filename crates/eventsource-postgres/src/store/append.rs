@@ -149,7 +149,8 @@ impl PostgresEventStore {
         })
     }
 
-    async fn stream_version_now(
+    /// The stream's current version (0 when it has no events).
+    pub(super) async fn stream_version_now(
         &self,
         aggregate_id: Uuid,
         aggregate_type: &str,

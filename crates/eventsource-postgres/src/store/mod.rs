@@ -366,19 +366,7 @@ impl EventStore for PostgresEventStore {
         aggregate_id: Uuid,
         aggregate_type: &'a str,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(async move {
-            let sql = format!(
-                "SELECT COALESCE(MAX(version), 0) FROM {events} WHERE aggregate_id = $1 AND aggregate_type = $2",
-                events = self.names.events
-            );
-            let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .bind(aggregate_id)
-                .bind(aggregate_type)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(backend)?;
-            Ok(v as u64)
-        })
+        Box::pin(self.stream_version_now(aggregate_id, aggregate_type))
     }
 
     fn current_position(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
