@@ -63,6 +63,10 @@ pub(crate) enum Workload {
     /// peak memory of a consumer over 200,000 events
     #[value(name = "rss")]
     Rss,
+    /// publish and consume on one Redis node, and on a 3-master Redis Cluster with 1 and with
+    /// 12 partitions (PartitionedEventBus), servers of the workload's own, side by side
+    #[value(name = "scale_out")]
+    ScaleOut,
     /// PostgreSQL store: one event per append vs a one-row INSERT
     #[value(name = "pg_append_1")]
     PgAppend1,
@@ -105,7 +109,7 @@ impl Workload {
 /// A group of workloads; naming one replaces the workloads named before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Group {
-    /// every Redis workload (publish_* .. rss)
+    /// every Redis workload (publish_* .. scale_out)
     #[value(name = "redis")]
     Redis,
     /// every PostgreSQL workload (pg_* and outbox_relay)

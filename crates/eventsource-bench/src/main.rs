@@ -12,7 +12,8 @@
 //! ([`publish`]); `consume_1`, `consume_2proc`, `consume_2proc_slow`,
 //! `consume_2proc_slowhandler_dup`, `consume_1_tls`, `consume_1_metrics`,
 //! `consume_1_3handlers`, `dispatch_3handlers` (in process, no Redis) and `rss` ([`consume`]);
-//! `latency_500`, `latency_5000` ([`latency`]). PostgreSQL workloads: `pg_append_1`,
+//! `latency_500`, `latency_5000` ([`latency`]); `scale_out` ([`scale`]: one node vs a
+//! cluster with 1 and 12 partitions, on servers of its own). PostgreSQL workloads: `pg_append_1`,
 //! `pg_append_16`, `pg_append_batch100`, `pg_catchup`, `outbox_relay` ([`pg`]). The raw limits
 //! are in [`limits`], the statistics in [`stats`], the command line in [`cli`].
 //!
@@ -36,6 +37,7 @@ mod latency;
 mod limits;
 mod pg;
 mod publish;
+mod scale;
 mod stats;
 
 use std::collections::BTreeMap;
@@ -79,6 +81,7 @@ async fn run(o: &Options, workload: Workload) -> Result<Vec<(String, Json)>, Err
         W::Latency500 => one(name, latency::workload(o, 500).await),
         W::Latency5000 => one(name, latency::workload(o, 5000).await),
         W::Rss => one(name, consume::rss_workload(o).await),
+        W::ScaleOut => one(name, scale::workload(o).await),
         W::PgAppend1 | W::PgAppend16 | W::PgAppendBatch100 | W::PgCatchup | W::OutboxRelay => {
             pg::workload(o, name).await
         }

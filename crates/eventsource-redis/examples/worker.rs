@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
-use eventsource_redis::{RedisEventBus, RedisEventBusConfig, RedisEventBusService};
+use eventsource_redis::{
+    PartitionedEventBus, RedisEventBus, RedisEventBusConfig, RedisEventBusService,
+};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
@@ -61,42 +63,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // Connected on first use, so the worker starts (and waits for its Redis, as the service
     // does) when Redis is not up yet; a handler that cannot record fails and is retried.
     let records = std::sync::Arc::new(tokio::sync::OnceCell::new());
+    let record = Recorder {
+        client,
+        records,
+        handled_key,
+        started_key,
+        ledger_key,
+        group,
+        sleep,
+    };
+    if config.partitions > 1 || config.cluster {
+        return run_partitioned(config, registry, record).await;
+    }
     let bus = RedisEventBus::new(config, registry)?;
-    let me = bus.consumer_name().to_owned();
-    bus.subscribe_to_all_events(move |event: EventEnvelope| {
-        let (client, records) = (client.clone(), records.clone());
-        let key = handled_key.clone();
-        let started = started_key.clone();
-        let ledger = ledger_key.clone();
-        let line = format!("{group} {me} {}", event.event_id());
-        async move {
-            let mut conn = records
-                .get_or_try_init(|| client.get_multiplexed_async_connection())
-                .await?
-                .clone();
-            redis::cmd("RPUSH")
-                .arg(&started)
-                .arg(event.event_id().to_string())
-                .query_async::<i64>(&mut conn)
-                .await?;
-            tokio::time::sleep(sleep).await;
-            let micros = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_micros())
-                .unwrap_or(0);
-            redis::pipe()
-                .cmd("SADD")
-                .arg(&key)
-                .arg(event.event_id().to_string())
-                .ignore()
-                .cmd("RPUSH")
-                .arg(&ledger)
-                .arg(format!("{line} {micros}"))
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-        }
-    });
+    record.subscribe(&bus, bus.consumer_name());
     let surface = match std::env::var("EVENTSOURCE_HTTP_LISTEN") {
         Ok(addr) => {
             eventsource_redis::http::install_prometheus_recorder();
@@ -122,5 +102,109 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     println!("worker stopped");
     println!("{}", serde_json::json!({ "stats": bus.stats() }));
+    Ok(())
+}
+
+/// Records each handling (see the module docs).
+#[derive(Clone)]
+struct Recorder {
+    client: redis::Client,
+    records: std::sync::Arc<tokio::sync::OnceCell<redis::aio::MultiplexedConnection>>,
+    handled_key: String,
+    started_key: String,
+    ledger_key: String,
+    group: String,
+    sleep: Duration,
+}
+
+impl Recorder {
+    fn subscribe(&self, bus: &impl EventBus, me: &str) {
+        let this = self.clone();
+        let line_start = format!("{} {me}", self.group);
+        bus.subscribe_to_all_events(move |event: EventEnvelope| {
+            let this = this.clone();
+            let line = format!("{line_start} {}", event.event_id());
+            async move {
+                let mut conn = this
+                    .records
+                    .get_or_try_init(|| this.client.get_multiplexed_async_connection())
+                    .await?
+                    .clone();
+                redis::cmd("RPUSH")
+                    .arg(&this.started_key)
+                    .arg(event.event_id().to_string())
+                    .query_async::<i64>(&mut conn)
+                    .await?;
+                tokio::time::sleep(this.sleep).await;
+                let micros = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros())
+                    .unwrap_or(0);
+                redis::pipe()
+                    .cmd("SADD")
+                    .arg(&this.handled_key)
+                    .arg(event.event_id().to_string())
+                    .ignore()
+                    .cmd("RPUSH")
+                    .arg(&this.ledger_key)
+                    .arg(format!("{line} {micros}"))
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+        });
+    }
+}
+
+/// `partitions > 1` or `cluster`: `WORKER_CONSUMERS` (default 1) partitioned consumers in
+/// this process, named `<consumer name>-<k>` when there are several.
+async fn run_partitioned(
+    config: RedisEventBusConfig,
+    registry: EventRegistry,
+    record: Recorder,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let consumers: usize = std::env::var("WORKER_CONSUMERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let base = config.effective_consumer_name();
+    let mut buses = Vec::new();
+    for k in 0..consumers {
+        let name = if consumers == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{k}")
+        };
+        let bus = PartitionedEventBus::new(config.clone().consumer_name(name), registry.clone())?;
+        record.subscribe(&bus, bus.consumer_name());
+        println!(
+            "worker {} consuming {} partitions of {}",
+            bus.consumer_name(),
+            bus.partition_count(),
+            config.stream_prefix
+        );
+        buses.push(bus);
+    }
+    let tasks: Vec<_> = buses
+        .iter()
+        .map(|bus| {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.start_consuming().await })
+        })
+        .collect();
+    eventsource_redis::service::shutdown_signal().await;
+    for bus in &buses {
+        bus.stop_consuming();
+    }
+    for task in tasks {
+        task.await??;
+    }
+    println!("worker stopped");
+    for bus in &buses {
+        println!(
+            "{}",
+            serde_json::json!({ "consumer": bus.consumer_name(), "stats": bus.stats(), "ownership": bus.ownership_stats() })
+        );
+    }
     Ok(())
 }

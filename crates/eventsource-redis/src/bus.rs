@@ -9,6 +9,8 @@ use eventsource_core::EventRegistry;
 use eventsource_core::bus::{EventBus, Subscribers};
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::conn::{ClusterShared, Commands};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{RedisEventBusConfig, redact_url};
@@ -41,6 +43,7 @@ pub(crate) struct Counters {
     pub(crate) entries_taken_over: AtomicU64,
     pub(crate) entries_released: AtomicU64,
     pub(crate) dead_letters_skipped_acked: AtomicU64,
+    pub(crate) acks_fenced: AtomicU64,
 }
 
 /// The ids of the last `capacity` events this consumer handled successfully.
@@ -131,6 +134,10 @@ impl Control {
     pub(crate) fn stop_token(&self) -> CancellationToken {
         lock(&self.stop).clone()
     }
+}
+
+pub(crate) fn lock_read<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -243,16 +250,22 @@ pub(crate) struct Inner {
     pub(crate) stream: String,
     pub(crate) dlq_stream: String,
     pub(crate) client: redis::Client,
+    /// The cluster this bus's partition lives on (`cluster = true`), shared by the
+    /// partitions of one [`PartitionedEventBus`](crate::PartitionedEventBus).
+    pub(crate) cluster: Option<Arc<ClusterShared>>,
+    /// While set, acknowledgements and dead letters apply only while the partition's owner
+    /// key still holds this consumer's lease (one script checks and acts).
+    pub(crate) fence: std::sync::RwLock<Option<crate::conn::Fence>>,
     pub(crate) registry: EventRegistry,
-    pub(crate) subscribers: Subscribers,
+    pub(crate) subscribers: Arc<Subscribers>,
     pub(crate) counters: Counters,
     /// The same events through the `metrics` facade.
     pub(crate) metrics: crate::metrics::BusMetrics,
     /// The multiplexed command connection (publish, ack, claim, info). Created on first use;
     /// reconnects by itself.
-    pub(crate) commands: tokio::sync::Mutex<Option<ConnectionManager>>,
+    pub(crate) commands: tokio::sync::Mutex<Option<Commands>>,
     /// A copy of the connection for the hot path (no async lock per command).
-    pub(crate) commands_ready: std::sync::RwLock<Option<ConnectionManager>>,
+    pub(crate) commands_ready: std::sync::RwLock<Option<Commands>>,
     pub(crate) connected: AtomicBool,
     /// Stop, abort, pause and the current problem of the consume loop.
     pub(crate) control: Control,
@@ -298,6 +311,29 @@ impl RedisEventBus {
         registry: EventRegistry,
     ) -> Result<Self, RedisBusError> {
         config.validate()?;
+        for (field, set) in [
+            ("partitions", config.partitions > 1),
+            ("cluster", config.cluster),
+        ] {
+            if set {
+                return Err(crate::ConfigError::new(
+                    field,
+                    "is an option of PartitionedEventBus: build that instead of RedisEventBus",
+                )
+                .into());
+            }
+        }
+        Self::part(config, registry, Arc::new(Subscribers::new()), None)
+    }
+
+    /// A bus on one stream, sharing `subscribers` (and a cluster connection) with the other
+    /// partitions of a [`PartitionedEventBus`](crate::PartitionedEventBus).
+    pub(crate) fn part(
+        config: RedisEventBusConfig,
+        registry: EventRegistry,
+        subscribers: Arc<Subscribers>,
+        cluster: Option<Arc<ClusterShared>>,
+    ) -> Result<Self, RedisBusError> {
         let client = config.client()?;
         let consumer_name = config.effective_consumer_name();
         Ok(Self {
@@ -306,8 +342,10 @@ impl RedisEventBus {
                 dlq_stream: config.dlq_stream_name(),
                 consumer_name,
                 client,
+                cluster,
+                fence: std::sync::RwLock::new(None),
                 registry,
-                subscribers: Subscribers::new(),
+                subscribers,
                 counters: Counters::default(),
                 metrics: crate::metrics::BusMetrics::new(
                     &config.stream_name(),
@@ -425,7 +463,7 @@ impl RedisEventBus {
     }
 
     /// The command connection, created on first use.
-    pub(crate) async fn commands(&self) -> Result<ConnectionManager, RedisBusError> {
+    pub(crate) async fn commands(&self) -> Result<Commands, RedisBusError> {
         if let Some(conn) = self
             .inner
             .commands_ready
@@ -440,6 +478,22 @@ impl RedisEventBus {
             return Ok(conn.clone());
         }
         let cfg = &self.inner.config;
+        if let Some(cluster) = &self.inner.cluster {
+            let conn = Commands::Cluster(
+                cluster
+                    .connection()
+                    .await
+                    .map_err(|e| self.connect_error(e))?,
+            );
+            self.inner.connected.store(true, Ordering::Relaxed);
+            *slot = Some(conn.clone());
+            *self
+                .inner
+                .commands_ready
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+            return Ok(conn);
+        }
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(cfg.socket_timeout))
             .set_connection_timeout(Some(cfg.socket_connect_timeout))
@@ -451,6 +505,7 @@ impl RedisEventBus {
                 .await
                 .map_err(|e| self.connect_error(e))?;
         self.refuse_a_cluster(&mut conn).await?;
+        let conn = Commands::Single(conn);
         self.inner.connected.store(true, Ordering::Relaxed);
         *slot = Some(conn.clone());
         *self
@@ -491,8 +546,20 @@ impl RedisEventBus {
         // Named so operators (and fault tests) can find it: CLIENT LIST / CLIENT KILL.
         let name = format!("eventsource-reader:{}", self.inner.consumer_name)
             .replace(|c: char| c.is_whitespace(), "_");
+        let node;
+        let client = match &self.inner.cluster {
+            // On a cluster, the master serving this partition's slot (looked up again at each
+            // reconnection, so a read follows a failover or a moved slot).
+            Some(cluster) => {
+                node = cluster
+                    .client_for_key(&self.inner.config.redis_url, &self.inner.stream)
+                    .await?;
+                &node
+            }
+            None => &self.inner.client,
+        };
         crate::reader::Reader::open(
-            &self.inner.client,
+            client,
             cfg.socket_connect_timeout,
             cfg.block + cfg.socket_timeout,
             &name,
@@ -502,10 +569,7 @@ impl RedisEventBus {
 
     /// `XGROUP CREATE <stream> <group> 0 MKSTREAM`; an existing group is fine.
     /// Returns whether the group was created now.
-    pub(crate) async fn ensure_group(
-        &self,
-        conn: &mut ConnectionManager,
-    ) -> Result<bool, RedisBusError> {
+    pub(crate) async fn ensure_group(&self, conn: &mut Commands) -> Result<bool, RedisBusError> {
         let result: Result<Value, redis::RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.inner.stream)

@@ -94,14 +94,55 @@ pub enum RedisBusError {
         /// Events refused, with Redis's error, in batch order.
         failed: Vec<(uuid::Uuid, redis::RedisError)>,
     },
-    /// The server is a Redis Cluster node (`cluster_enabled:1`). This version of the bus
-    /// needs a standalone Redis (a primary, replicated or behind Sentinel as you like): its
-    /// scripts use a stream's keys together, which a cluster spreads over hash slots. Not
-    /// transient: point `redis_url` at a standalone Redis.
+    /// A batch spanning several partitions of a
+    /// [`PartitionedEventBus`](crate::PartitionedEventBus) was written to some partitions
+    /// and not (or not wholly) to others. Republish only the failed partitions' events.
     #[error(
-        "Redis at {url} is a Redis Cluster node (cluster_enabled:1); this version of the bus \
-         needs a standalone Redis: point redis_url at one (the bus's scripts use keys in \
-         different hash slots, which a cluster refuses with CROSSSLOT or MOVED)"
+        "{} of {} events published; {} partition(s) failed, partition {}: {}",
+        published.len(),
+        published.len() + failed.iter().map(|f| f.events.len()).sum::<usize>(),
+        failed.len(),
+        failed.first().map(|f| f.partition).unwrap_or_default(),
+        failed.first().map(|f| f.error.to_string()).unwrap_or_default()
+    )]
+    PartitionsFailed {
+        /// Events of the partitions that succeeded, with their stream ids, in batch order.
+        published: Vec<(uuid::Uuid, String)>,
+        /// Each partition that failed, with its events and its error (which says what of
+        /// them was written: `PartialPublish` and `NotReplicated` list theirs; after a timeout
+        /// or a dropped connection some may have been).
+        failed: Vec<PartitionFailure>,
+    },
+    /// A [`PartitionedEventBus`](crate::PartitionedEventBus) was configured with another
+    /// number of partitions than the stream was created with. Changing it would route an
+    /// aggregate's new events to another partition than its old ones (and so to another
+    /// consumer, out of order): drain the stream and start under a new `stream_prefix`, or
+    /// configure the stored number. Not transient.
+    #[error(
+        "{key} says the stream has {stored} partition(s), this bus is configured with \
+         {configured}: set partitions = {stored} (EVENTSOURCE_REDIS_PARTITIONS={stored}), or \
+         drain the stream and start the new partitioning under another stream_prefix"
+    )]
+    PartitionsChanged {
+        /// The key recording the number (`{<prefix>}:partitions`), or the unpartitioned
+        /// stream that holds entries.
+        key: String,
+        /// The number the stream has.
+        stored: u32,
+        /// The number this bus was configured with.
+        configured: u32,
+    },
+    /// The server is a Redis Cluster node (`cluster_enabled:1`) and the bus was not
+    /// configured for a cluster. [`RedisEventBus`](crate::RedisEventBus) keeps
+    /// eventsource-py's key names, whose scripts use keys a cluster spreads over hash slots;
+    /// a [`PartitionedEventBus`](crate::PartitionedEventBus) with `cluster = true` puts each
+    /// partition's keys in one slot. Not transient.
+    #[error(
+        "Redis at {url} is a Redis Cluster node (cluster_enabled:1): RedisEventBus needs a \
+         standalone Redis (its scripts use keys in different hash slots, which a cluster \
+         refuses with CROSSSLOT or MOVED); on a cluster use PartitionedEventBus with \
+         cluster = true (EVENTSOURCE_REDIS_CLUSTER=true), or point redis_url at a \
+         standalone Redis"
     )]
     ClusterNotSupported {
         /// The URL, password redacted.
@@ -133,7 +174,8 @@ pub enum RedisBusError {
 impl RedisBusError {
     /// What kind of failure this is, for retry decisions, logs and metrics without matching
     /// variants or inspecting the redis-rs cause. A partial publish has the kind of its
-    /// refusals (`Unavailable` only when every one was a connection failure).
+    /// refusals (`Unavailable` only when every one was a connection failure); a publish over
+    /// partitions the first lasting kind among its partitions' errors, else the first one's.
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Config(e) => e.kind(),
@@ -152,8 +194,14 @@ impl RedisBusError {
                 .map(|(_, e)| redis_error_kind(e))
                 .find(|kind| !kind.is_transient())
                 .unwrap_or(ErrorKind::Unavailable),
+            Self::PartitionsFailed { failed, .. } => failed
+                .iter()
+                .map(|f| f.error.kind())
+                .find(|kind| !kind.is_transient())
+                .or_else(|| failed.first().map(|f| f.error.kind()))
+                .unwrap_or(ErrorKind::Other),
             Self::AlreadyConsuming => ErrorKind::InvalidState,
-            Self::ClusterNotSupported { .. } => ErrorKind::Config,
+            Self::ClusterNotSupported { .. } | Self::PartitionsChanged { .. } => ErrorKind::Config,
             Self::NotReplicated { .. } => ErrorKind::Timeout,
         }
     }
@@ -312,4 +360,16 @@ pub(crate) fn bus_error_is_nogroup(e: &RedisBusError) -> bool {
         RedisBusError::Command { source, .. } => is_nogroup(source),
         _ => false,
     }
+}
+
+/// One partition's part of a failed [`RedisBusError::PartitionsFailed`] publish.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct PartitionFailure {
+    /// The partition.
+    pub partition: u32,
+    /// Its events in the batch, in batch order.
+    pub events: Vec<uuid::Uuid>,
+    /// Why they were not (all) published.
+    pub error: RedisBusError,
 }

@@ -71,9 +71,42 @@ pub struct BusStats {
     pub entries_released: u64,
     /// Dead letters not written because the entry was acknowledged (handled) first.
     pub dead_letters_skipped_acked: u64,
+    /// Acknowledgements and dead letters refused because this consumer no longer held the
+    /// partition ([`PartitionedEventBus`](crate::PartitionedEventBus)): the entries stay
+    /// pending for the partition's new owner, which handles them again.
+    pub acks_fenced: u64,
 }
 
 impl BusStats {
+    /// Adds `other`'s counters to these (a partitioned bus sums its partitions).
+    pub fn absorb(&mut self, other: &BusStats) {
+        self.events_published += other.events_published;
+        self.events_consumed += other.events_consumed;
+        self.events_processed_success += other.events_processed_success;
+        self.events_processed_failed += other.events_processed_failed;
+        self.messages_recovered += other.messages_recovered;
+        self.messages_sent_to_dlq += other.messages_sent_to_dlq;
+        self.handler_errors += other.handler_errors;
+        self.reconnections += other.reconnections;
+        self.events_skipped_no_subscriber += other.events_skipped_no_subscriber;
+        self.events_skipped_unregistered += other.events_skipped_unregistered;
+        self.events_skipped_other_group += other.events_skipped_other_group;
+        self.malformed_messages += other.malformed_messages;
+        self.messages_dropped_dlq_disabled += other.messages_dropped_dlq_disabled;
+        self.entries_deleted_while_pending += other.entries_deleted_while_pending;
+        self.group_recreations += other.group_recreations;
+        self.recovery_runs += other.recovery_runs;
+        self.acks_not_applied += other.acks_not_applied;
+        self.consumer_name_in_use += other.consumer_name_in_use;
+        self.duplicates_skipped += other.duplicates_skipped;
+        self.events_dispatched += other.events_dispatched;
+        self.events_rejected += other.events_rejected;
+        self.entries_taken_over += other.entries_taken_over;
+        self.entries_released += other.entries_released;
+        self.dead_letters_skipped_acked += other.dead_letters_skipped_acked;
+        self.acks_fenced += other.acks_fenced;
+    }
+
     /// As a JSON object keyed by counter name (the tutorial's `get_stats_dict()` keys among
     /// them; key order is serde_json's, sorted unless the application enables its
     /// `preserve_order` feature).
@@ -276,6 +309,7 @@ impl RedisEventBus {
             entries_taken_over: get(&c.entries_taken_over),
             entries_released: get(&c.entries_released),
             dead_letters_skipped_acked: get(&c.dead_letters_skipped_acked),
+            acks_fenced: get(&c.acks_fenced),
         }
     }
 

@@ -132,6 +132,7 @@
 mod bus;
 pub mod codec;
 pub mod config;
+mod conn;
 mod consume;
 pub mod dlq;
 mod error;
@@ -147,6 +148,7 @@ pub mod metrics;
 pub mod ops;
 #[cfg(feature = "otel")]
 pub mod otel;
+mod partitioned;
 mod publish;
 mod reader;
 pub mod recovery;
@@ -159,13 +161,16 @@ pub use bus::RedisEventBus;
 pub use config::{ConfigError, RedisEventBusConfig, RejectedPolicy};
 pub use consume::ShutdownReport;
 pub use dlq::{DlqMessage, HistoryError, HistorySummary, ReplayOutcome};
-pub use error::RedisBusError;
+pub use error::{PartitionFailure, RedisBusError};
 /// The error classification shared by the workspace ([`RedisBusError::kind`]).
 pub use eventsource_core::ErrorKind;
 pub use info::{
     BusStats, GroupInfo, Health, HealthStatus, PendingEntry, StreamDetails, StreamInfo,
 };
 pub use ops::{ConsumerInfo, PurgeOutcome};
+pub use partitioned::{
+    OwnershipStats, PartitionState, PartitionTotals, PartitionedEventBus, partition_of,
+};
 pub use recovery::{RecoveryOptions, RecoveryStats};
 /// redis-rs, whose types appear in this crate's public API (`redis::RedisError` as the cause
 /// of [`RedisBusError`], `redis::Client` from [`RedisEventBusConfig::client`]): use this

@@ -2,10 +2,10 @@
 //! exact per-event results when Redis refuses part of a batch, the optional wait for
 //! replicas, and the object-safe [`EventPublisher`] a repository holds.
 
+use crate::conn::Commands;
 use eventsource_core::BoxFuture;
 use eventsource_core::EventEnvelope;
 use eventsource_core::bus::{BusError, EventPublisher};
-use redis::aio::ConnectionManager;
 use tracing::Instrument;
 
 use crate::bus::{RedisEventBus, bump};
@@ -133,7 +133,7 @@ impl RedisEventBus {
     /// timeout), and refuse to call the publish durable when fewer did.
     async fn wait_for_replicas(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Commands,
         events: &[EventEnvelope],
         ids: &[String],
     ) -> Result<(), RedisBusError> {
@@ -141,12 +141,11 @@ impl RedisEventBus {
         if wanted == 0 {
             return Ok(());
         }
-        let replicas: u32 = redis::cmd("WAIT")
-            .arg(wanted)
-            .arg(crate::config::millis(
-                self.inner.config.publish_replicas_timeout,
-            ))
-            .query_async(conn)
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(wanted).arg(crate::config::millis(
+            self.inner.config.publish_replicas_timeout,
+        ));
+        let replicas: u32 = crate::conn::on_master_of(conn, &self.inner.stream, wait)
             .await
             .map_err(|e| self.command_error("WAIT", e))?;
         if replicas >= wanted {

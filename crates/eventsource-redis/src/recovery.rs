@@ -349,6 +349,11 @@ impl RedisEventBus {
     /// period. Two processes sharing a name share one pending list, so each may re-run the
     /// other's entries. Best effort: a restart right after a crash can look the same.
     pub(crate) async fn check_name_in_use(&self) {
+        if self.fence().is_some() {
+            // A partition held under a lease: only its holder consumes it, and taking it over
+            // (XAUTOCLAIM) has just made this name look active.
+            return;
+        }
         let cfg = &self.inner.config;
         let Ok(mut conn) = self.commands().await else {
             return;

@@ -101,18 +101,22 @@ return out
 
 /// Moves one pending entry to the dead-letter stream, only if the acknowledgement applies.
 ///
-/// `KEYS[1]` stream, `KEYS[2]` dead-letter stream, `KEYS[3]` the group's failure-reason key.
+/// `KEYS[1]` stream, `KEYS[2]` dead-letter stream, `KEYS[3]` the group's failure-reason key,
+/// `KEYS[4]` the partition's owner key (or any key when there is no fence).
 /// `ARGV`: group, consumer, id, min idle (`-1`: the entry must be this consumer's; otherwise
 /// another owner's entry must be idle at least this long), retry count, reason, DLQ enabled
-/// (`1`/`0`), timestamp, prefer the recorded reason (`1`/`0`).
+/// (`1`/`0`), timestamp, prefer the recorded reason (`1`/`0`), fence (`""`: none; else the
+/// value `KEYS[4]` must hold).
 ///
-/// Returns `[0]` not pending (someone acknowledged it: nothing written), `[1]` someone else
+/// Returns `[5]` when the fence does not hold (this consumer lost the partition: nothing
+/// written), `[0]` not pending (someone acknowledged it: nothing written), `[1]` someone else
 /// holds it actively (nothing written), `[2]` deleted from the stream (acknowledged, nothing
 /// to write), `[3, reason, dlq id]` dead-lettered, `[4, reason]` acknowledged without a dead
 /// letter (DLQ disabled). The dead letter copies the entry's fields byte for byte.
 pub(crate) static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if ARGV[10] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[10] then return {5} end
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 then return {0} end
 local min_idle = tonumber(ARGV[4])
@@ -203,6 +207,19 @@ end
 if ARGV[2] ~= '' and group ~= ARGV[2] then return {1, group} end
 redis.call('XDEL', KEYS[1], ARGV[1])
 return {2}
+",
+    )
+});
+
+/// Acknowledges entries only while the partition's owner key holds this consumer's lease.
+///
+/// `KEYS[1]` stream, `KEYS[2]` owner key. `ARGV`: group, fence value, then ids. Returns -1
+/// (nothing acknowledged) when the owner key holds anything else, else XACK's count.
+pub(crate) static FENCED_ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
+return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
 ",
     )
 });

@@ -32,6 +32,8 @@ pub struct ClusterNode {
 pub struct OwnCluster {
     /// Every node, in the order they were created (the first three start as masters).
     pub nodes: Vec<Option<OwnRedis>>,
+    /// The port of each node, running or not.
+    all_ports: Vec<u16>,
     dir: PathBuf,
 }
 
@@ -49,27 +51,8 @@ impl OwnCluster {
         let dir = temp_dir(&format!("cluster-{tag}"));
         let mut nodes = Vec::new();
         for i in 0..6 {
-            // The cluster bus listens on port + 10000: both must be free.
-            let port = loop {
-                let p = free_port();
-                if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
-                    break p;
-                }
-            };
-            let node_dir = dir.join(format!("node{i}"));
-            std::fs::create_dir_all(&node_dir).expect("node directory");
-            nodes.push(Some(OwnRedis::start(
-                port,
-                &node_dir,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                ],
-            )));
+            let port = cluster_port();
+            nodes.push(Some(start_node(&dir, i, port)));
         }
         let addresses: Vec<String> = nodes
             .iter()
@@ -89,7 +72,12 @@ impl OwnCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = Self { nodes, dir };
+        let all_ports = nodes.iter().flatten().map(|n| n.port).collect();
+        let cluster = Self {
+            nodes,
+            all_ports,
+            dir,
+        };
         cluster.wait_until_ok(Duration::from_secs(60));
         cluster.wait_for_replicas(Duration::from_secs(60));
         cluster
@@ -117,6 +105,49 @@ impl OwnCluster {
             .into_iter()
             .find(|n| n.master && !n.failed && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
             .map(|n| n.port)
+    }
+
+    /// Adds a fresh node as a replica of the master with the fewest replicas (after a
+    /// failover: the promoted master, which has none), as an operator replaces a dead node
+    /// (`redis-cli --cluster add-node … --cluster-slave`); returns once it is in sync. Returns
+    /// its port.
+    ///
+    /// # Panics
+    /// When the node cannot be added or does not sync within 60 s.
+    pub fn add_replica(&mut self) -> u16 {
+        let port = cluster_port();
+        let i = self.all_ports.len();
+        self.nodes.push(Some(start_node(&self.dir, i, port)));
+        self.all_ports.push(port);
+        let existing = self
+            .ports()
+            .into_iter()
+            .find(|p| *p != port)
+            .expect("a running node");
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("add-node")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("127.0.0.1:{existing}"))
+            .arg("--cluster-slave")
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster add-node failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let started = Instant::now();
+        while !cli(port, &["INFO", "replication"]).contains("master_link_status:up") {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the new replica on {port} did not sync (logs under {})",
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        port
     }
 
     /// Kills (SIGKILL) the node on `port`, as a crash.
@@ -263,6 +294,34 @@ fn parse_nodes(text: &str) -> Vec<ClusterNode> {
             })
         })
         .collect()
+}
+
+/// A free port whose cluster bus port (port + 10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// Starts node `i` of the cluster in its own directory under `dir`, on `port`.
+fn start_node(dir: &std::path::Path, i: usize, port: u16) -> OwnRedis {
+    let node_dir = dir.join(format!("node{i}"));
+    std::fs::create_dir_all(&node_dir).expect("node directory");
+    OwnRedis::start(
+        port,
+        &node_dir,
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ],
+    )
 }
 
 #[cfg(test)]

@@ -111,9 +111,14 @@ impl Drop for Cleanup {
         let result = (|| -> redis::RedisResult<()> {
             let client = redis::Client::open(redis_url())?;
             let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
-            let keys: Vec<String> = redis::cmd("KEYS")
+            // `<prefix>:…`, and a partitioned bus's `{<prefix>}:…` / `{<prefix>:p<i>}:…`.
+            let mut keys: Vec<String> = redis::cmd("KEYS")
                 .arg(format!("{}:*", self.0))
                 .query(&mut conn)?;
+            let tagged: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{{{}*", self.0))
+                .query(&mut conn)?;
+            keys.extend(tagged);
             if !keys.is_empty() {
                 redis::cmd("DEL").arg(keys).query::<()>(&mut conn)?;
             }

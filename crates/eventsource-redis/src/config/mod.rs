@@ -45,7 +45,7 @@ impl ConfigError {
         eventsource_core::ErrorKind::Config
     }
 
-    fn new(field: &'static str, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> Self {
         Self {
             field,
             reason: reason.into(),
@@ -342,6 +342,23 @@ bus_options! {
     /// drain the stream into the DLQ and a rollback continues where it stopped. 0 = never
     /// pause. Default 10.
     pause_after_rejections: u32 = 10, parse;
+    /// Partitions of the stream ([`PartitionedEventBus`](crate::PartitionedEventBus) only):
+    /// each event goes to partition `aggregate_id mod partitions` (the UUID as a 128-bit
+    /// big-endian integer), each partition has one owner per group at a time, so events of
+    /// one aggregate are handled in order by one consumer. 1 (the default) keeps the key names
+    /// of [`RedisEventBus`](crate::RedisEventBus) on a single node. At most 1024.
+    partitions: u32 = 1, parse;
+    /// Connect to a Redis Cluster ([`PartitionedEventBus`](crate::PartitionedEventBus) only):
+    /// `redis_url` names one node, the rest are discovered. Every partition's keys share one
+    /// hash tag, `{<stream_prefix>:p<i>}`, so its scripts stay in one slot. Default false.
+    cluster: bool = false, parse;
+    /// How long a consumer's hold on a partition lasts without renewal
+    /// ([`PartitionedEventBus`](crate::PartitionedEventBus); text: `partition_lease_ms`). A
+    /// consumer renews it every twentieth of it; a consumer that dies loses its partitions
+    /// after at most this long, and a consumer that cannot renew stops handling them before
+    /// it lapses. Also how long a silent member stays in the group's member list. Default
+    /// 10 s.
+    partition_lease: Duration = Duration::from_secs(10), millis(partition_lease_ms);
 }
 
 /// A duration in whole milliseconds, as Redis takes them (saturating).
@@ -434,6 +451,7 @@ impl RedisEventBusConfig {
             ("prune_idle_consumers", self.prune_idle_consumers),
             ("reconnect_max_delay", self.reconnect_max_delay),
             ("publish_replicas_timeout", self.publish_replicas_timeout),
+            ("partition_lease", self.partition_lease),
         ] {
             if value > MAX_DURATION {
                 return Err(ConfigError::new(
@@ -513,6 +531,24 @@ impl RedisEventBusConfig {
             return Err(ConfigError::new(
                 "reconnect_max_delay",
                 "must be at least 100 ms",
+            ));
+        }
+        if self.partitions == 0 || self.partitions > 1024 {
+            return Err(ConfigError::new(
+                "partitions",
+                format!("{} must be between 1 and 1024", self.partitions),
+            ));
+        }
+        if self.partition_lease < Duration::from_millis(500) {
+            return Err(ConfigError::new(
+                "partition_lease",
+                "must be at least 500 ms (it is renewed every twentieth of it)",
+            ));
+        }
+        if self.cluster && !self.redis_url.starts_with("redis://") {
+            return Err(ConfigError::new(
+                "cluster",
+                "a cluster is reached over redis:// (TCP, no TLS) in this version",
             ));
         }
         if self.max_entry_bytes < 1024 {

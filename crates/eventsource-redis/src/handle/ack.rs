@@ -50,21 +50,49 @@ impl RedisEventBus {
         }
     }
 
-    /// One XACK for `acks`; counts the acknowledgements Redis did not apply. A failure
+    /// The partition lease acknowledgements must check, if any.
+    pub(crate) fn fence(&self) -> Option<crate::conn::Fence> {
+        crate::bus::lock_read(&self.inner.fence).clone()
+    }
+
+    /// One XACK for `acks` (through the fence script when the bus holds a partition); counts the acknowledgements Redis did not apply. A failure
     /// reason recorded by an earlier attempt of an entry now acknowledged simply expires.
     pub(crate) async fn ack(&self, acks: &[String]) -> Result<(), RedisBusError> {
         if acks.is_empty() {
             return Ok(());
         }
-        let mut cmd = redis::cmd("XACK");
-        cmd.arg(&self.inner.stream)
-            .arg(&self.inner.config.consumer_group)
-            .arg(acks);
         let mut conn = self.commands().await?;
-        let applied: u64 = cmd
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.command_error("XACK", e))?;
+        let applied: u64 = if let Some(fence) = self.fence() {
+            let applied: i64 = crate::scripts::FENCED_ACK
+                .key(&self.inner.stream)
+                .key(&fence.key)
+                .arg(&self.inner.config.consumer_group)
+                .arg(&fence.value)
+                .arg(acks)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.command_error("EVALSHA (fenced ack)", e))?;
+            if applied < 0 {
+                let n = acks.len() as u64;
+                bump(&self.inner.counters.acks_fenced, n);
+                tracing::warn!(
+                    count = n,
+                    stream = %self.inner.stream,
+                    "acknowledgement refused: this consumer no longer holds the partition; \
+                     its new owner handles these entries again"
+                );
+                return Ok(());
+            }
+            applied.unsigned_abs()
+        } else {
+            let mut cmd = redis::cmd("XACK");
+            cmd.arg(&self.inner.stream)
+                .arg(&self.inner.config.consumer_group)
+                .arg(acks);
+            cmd.query_async(&mut conn)
+                .await
+                .map_err(|e| self.command_error("XACK", e))?
+        };
         {
             let applied = applied.min(acks.len() as u64);
             let missing = acks.len() as u64 - applied;

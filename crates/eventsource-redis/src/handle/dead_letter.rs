@@ -48,11 +48,13 @@ impl RedisEventBus {
             DeadLetterMode::Mine => -1,
             DeadLetterMode::Idle(ms) => i64::try_from(ms).unwrap_or(i64::MAX),
         };
+        let fence = self.fence();
         let mut conn = self.commands().await?;
         let reply: Vec<Value> = scripts::DEAD_LETTER
             .key(&self.inner.stream)
             .key(&self.inner.dlq_stream)
             .key(cfg.error_key(id))
+            .key(fence.as_ref().map_or(&self.inner.stream, |f| &f.key))
             .arg(&cfg.consumer_group)
             .arg(&self.inner.consumer_name)
             .arg(id)
@@ -62,6 +64,7 @@ impl RedisEventBus {
             .arg(if cfg.enable_dlq { "1" } else { "0" })
             .arg(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false))
             .arg(if prefer_recorded { "1" } else { "0" })
+            .arg(fence.as_ref().map_or("", |f| f.value.as_str()))
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.command_error("EVALSHA (dead letter)", e))?;
@@ -106,6 +109,11 @@ impl RedisEventBus {
                 bump(&c.dead_letters_skipped_acked, 1);
                 tracing::info!(message_id = %id, "not dead-lettered: it was acknowledged meanwhile (handled by its owner)");
                 DeadLettered::AlreadyAcked
+            }
+            5 => {
+                bump(&c.acks_fenced, 1);
+                tracing::warn!(message_id = %id, "not dead-lettered: this consumer no longer holds the partition; its new owner handles the entry");
+                DeadLettered::Busy
             }
             _ => DeadLettered::Busy,
         })

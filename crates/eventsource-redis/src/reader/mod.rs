@@ -57,7 +57,7 @@ impl From<redis::RedisError> for ReadError {
             Self::NoGroup(e.to_string())
         } else if e.is_timeout() {
             Self::TimedOut(e.to_string())
-        } else if crate::error::is_connection_error(&e) {
+        } else if crate::error::is_connection_error(&e) || e.code().is_some_and(moves_the_read) {
             Self::Connection(e.to_string())
         } else {
             Self::Server(e.to_string())
@@ -474,11 +474,29 @@ fn protocol(what: &str) -> ReadError {
     ReadError::Protocol(what.to_owned())
 }
 
+/// Replies after which the read must reconnect (and, on a cluster, look up the partition's
+/// master again): the node is loading or lost its master, or — on a cluster — the slot moved
+/// (`MOVED`, `ASK`), the node became a replica (`READONLY`), or the cluster is failing over
+/// (`CLUSTERDOWN`, `TRYAGAIN`).
+fn moves_the_read(text: &str) -> bool {
+    [
+        "LOADING",
+        "MASTERDOWN",
+        "MOVED",
+        "ASK",
+        "READONLY",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+    ]
+    .iter()
+    .any(|code| text.starts_with(code))
+}
+
 fn server_error(line: &[u8]) -> ReadError {
     let text = String::from_utf8_lossy(line).into_owned();
     if text.starts_with("NOGROUP") {
         ReadError::NoGroup(text)
-    } else if text.starts_with("LOADING") || text.starts_with("MASTERDOWN") {
+    } else if moves_the_read(&text) {
         ReadError::Connection(text)
     } else {
         ReadError::Server(text)
