@@ -40,6 +40,28 @@ pub(crate) struct Cli {
         default_value = "default"
     )]
     pub(crate) group: String,
+    /// Partitions of the stream (a PartitionedEventBus's): its keys are
+    /// `{prefix:p<i>}:stream`, ... With more than one, `info` sums the partitions and lists
+    /// them; the other commands need `--partition`.
+    #[arg(
+        long,
+        global = true,
+        env = "EVENTSOURCE_REDIS_PARTITIONS",
+        default_value_t = 1
+    )]
+    pub(crate) partitions: u32,
+    /// The Redis URL names a node of a Redis Cluster (a PartitionedEventBus's).
+    #[arg(
+        long,
+        global = true,
+        env = "EVENTSOURCE_REDIS_CLUSTER",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        default_value_t = false
+    )]
+    pub(crate) cluster: bool,
+    /// With --partitions / --cluster: run the command on this partition only.
+    #[arg(long, global = true)]
+    pub(crate) partition: Option<u32>,
     /// Print one JSON document instead of text.
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -64,8 +86,12 @@ pub(crate) enum ColorChoice {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Stream length and ids, the groups, pending entries and dead letters.
+    /// Stream length and ids, the groups, pending entries and dead letters (partitioned:
+    /// summed, and each partition with its owner).
     Info,
+    /// A partitioned stream's partitions: length, pending, dead letters and the consumer
+    /// holding each in the group.
+    Partitions,
     /// Judge the group: consumers alive, lag, oldest pending entry, dead letters. Exit 0 when
     /// healthy, 1 when not: usable as a Kubernetes exec probe.
     Health(HealthArgs),

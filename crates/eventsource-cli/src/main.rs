@@ -24,7 +24,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use eventsource_core::EventRegistry;
-use eventsource_redis::{RedisBusError, RedisEventBus, RedisEventBusConfig};
+use eventsource_redis::{PartitionedEventBus, RedisBusError, RedisEventBus, RedisEventBusConfig};
 
 use crate::cli::{Cli, Command};
 use crate::output::Out;
@@ -102,8 +102,46 @@ async fn run(cli: Cli, out: Out) -> Outcome {
         .consumer_group(cli.group.clone())
         .consumer_name("eventsource-cli")
         .enable_tracing(false);
-    let bus = RedisEventBus::new(config, EventRegistry::new())?;
+    let partitioned = cli.partitions > 1 || cli.cluster;
+    let bus = if partitioned {
+        let all = PartitionedEventBus::new(
+            config.partitions(cli.partitions).cluster(cli.cluster),
+            EventRegistry::new(),
+        )?;
+        match (cli.partition, &cli.command) {
+            (Some(i), _) if i >= cli.partitions => {
+                return Err(Failure::Usage(format!(
+                    "--partition {i}: the stream has partitions 0..{}",
+                    cli.partitions
+                )));
+            }
+            (Some(i), _) => all.partition(i).clone(),
+            (None, Command::Info | Command::Partitions) => {
+                return commands::partitions(&all, out).await;
+            }
+            (None, Command::Dashboard { .. }) => {
+                return Err(Failure::Usage(
+                    "the dashboard shows one stream: give --partition".into(),
+                ));
+            }
+            (None, _) => {
+                return Err(Failure::Usage(format!(
+                    "the stream has {} partitions: name one with --partition <i> \
+                     (`eventsource partitions` lists them)",
+                    cli.partitions
+                )));
+            }
+        }
+    } else {
+        if cli.partition.is_some_and(|i| i > 0) {
+            return Err(Failure::Usage(
+                "--partition needs --partitions (or --cluster)".into(),
+            ));
+        }
+        RedisEventBus::new(config, EventRegistry::new())?
+    };
     match cli.command {
+        Command::Partitions => commands::partitions_of_one(&bus, out).await,
         Command::Info => commands::info(&bus, out).await,
         Command::Health(args) => commands::health(&bus, out, &args).await,
         Command::Groups => commands::groups(&bus, out).await,
@@ -116,6 +154,11 @@ async fn run(cli: Cli, out: Out) -> Outcome {
         } => commands::recover(&bus, out, min_idle, max_retries).await,
         Command::Dlq(command) => dlq::run(&bus, out, command).await,
         Command::Trim { dry_run, yes } => commands::trim(&bus, out, dry_run, yes).await,
-        Command::Dashboard { listen } => dashboard::run(&cli.url, &cli.prefix, &listen).await,
+        Command::Dashboard { .. } if cli.cluster => Err(Failure::Usage(
+            "the dashboard does not connect to a Redis Cluster in this version".into(),
+        )),
+        Command::Dashboard { listen } => {
+            dashboard::run(&cli.url, &bus.config().stream_prefix, &listen).await
+        }
     }
 }

@@ -5,7 +5,10 @@
 //! list `{stream_prefix}:ledger`, which the fault tests' ledger reads; in the Redis at
 //! `WORKER_LEDGER_URL` when set, else the bus's), optionally sleeping per event (`WORKER_SLEEP_MS`), and shuts
 //! down gracefully on SIGTERM/SIGINT. With `EVENTSOURCE_HTTP_LISTEN=127.0.0.1:9464` it also
-//! serves `/metrics`, `/healthz` and `/readyz` there.
+//! serves `/metrics`, `/healthz` and `/readyz` there. With `EVENTSOURCE_REDIS_PARTITIONS` > 1
+//! or `EVENTSOURCE_REDIS_CLUSTER=true` it runs `WORKER_CONSUMERS` (default 1)
+//! `PartitionedEventBus` consumers named `<consumer name>-<k>` (the HTTP surface is for the
+//! single-stream bus only).
 //!
 //! ```text
 //! EVENTSOURCE_REDIS_STREAM_PREFIX=orders EVENTSOURCE_REDIS_CONSUMER_NAME=w1 \
