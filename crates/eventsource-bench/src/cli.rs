@@ -323,9 +323,9 @@ mod tests {
     #[test]
     fn a_group_replaces_what_came_before_and_names_add_to_it() {
         let redis = workloads(&["--workload", "consume_1", "--workload", "redis"]);
-        assert_eq!(redis.len(), 14);
+        assert_eq!(redis.len(), 15);
         assert_eq!(redis.first().map(String::as_str), Some("publish_single"));
-        assert_eq!(redis.last().map(String::as_str), Some("rss"));
+        assert_eq!(redis.last().map(String::as_str), Some("scale_out"));
         let more = workloads(&["--workload", "postgres", "--workload", "rss"]);
         assert_eq!(
             more,
@@ -338,7 +338,7 @@ mod tests {
                 "rss"
             ]
         );
-        assert_eq!(workloads(&["--workload", "all"]).len(), 19);
+        assert_eq!(workloads(&["--workload", "all"]).len(), 20);
     }
 
     #[test]
