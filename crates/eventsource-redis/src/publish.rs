@@ -169,12 +169,18 @@ impl EventPublisher for RedisEventBus {
             self.publish_events(events)
                 .await
                 .map(drop)
-                .map_err(|e| match e {
-                    RedisBusError::InvalidEvent { event_id, source } => {
-                        BusError::InvalidEvent { event_id, source }
-                    }
-                    other => BusError::transport(other.kind(), other),
-                })
+                .map_err(into_bus_error)
         })
+    }
+}
+
+/// A publish error as the bus contract reports it: invalid events as such, the rest as
+/// transport errors carrying their kind.
+pub(crate) fn into_bus_error(e: RedisBusError) -> BusError {
+    match e {
+        RedisBusError::InvalidEvent { event_id, source } => {
+            BusError::InvalidEvent { event_id, source }
+        }
+        other => BusError::transport(other.kind(), other),
     }
 }

@@ -283,3 +283,69 @@ async fn an_owner_that_lost_its_lease_cannot_acknowledge() {
     assert!(bus.shutdown(Duration::from_secs(10)).await);
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_consume_future_stops_its_partitions() {
+    let prefix = unique_prefix("part-drop");
+    let _cleanup = Cleanup(prefix.clone());
+    let a = partitioned(&prefix, "a", 2);
+    let handled_by_a = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    a.subscribe_to_all_events({
+        let n = handled_by_a.clone();
+        move |_e: EventEnvelope| {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {}
+        }
+    });
+    let task = tokio::spawn({
+        let a = a.clone();
+        async move { a.start_consuming().await }
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            a.owned_partitions().len() == 2
+        })
+        .await
+    );
+    // The application drops the consuming future (a select! that lost, an aborted task).
+    task.abort();
+    let _ = task.await;
+    assert!(!a.is_consuming());
+    // Its partition consumers stop with it: they finish their read, then nothing more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = interleaved(10, 1);
+    a.publish_events(&events).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        handled_by_a.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a dropped consume loop left its partitions consuming"
+    );
+    // Its leases lapse (nobody renews them) and another consumer takes over.
+    let b = partitioned(&prefix, "b", 2);
+    let handled_by_b = counting_partitioned(&b);
+    let b_task = tokio::spawn({
+        let b = b.clone();
+        async move { b.start_consuming().await }
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            handled_by_b.load(std::sync::atomic::Ordering::SeqCst) == 10
+        })
+        .await
+    );
+    assert!(b.shutdown(Duration::from_secs(10)).await);
+    b_task.await.unwrap().unwrap();
+}
+
+fn counting_partitioned(bus: &PartitionedEventBus) -> Arc<std::sync::atomic::AtomicUsize> {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    bus.subscribe_to_all_events({
+        let n = n.clone();
+        move |_e: EventEnvelope| {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {}
+        }
+    });
+    n
+}

@@ -85,35 +85,12 @@ impl RedisEventBus {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), RedisBusError> {
         let control = &self.inner.control;
-        let (stop, abort) = {
-            let mut running = false;
-            control.running.send_if_modified(|r| {
-                running = *r;
-                *r = true;
-                !running
-            });
-            if running {
-                return Err(RedisBusError::AlreadyConsuming);
-            }
-            let stop = control.stop_token().child_token();
-            let abort = CancellationToken::new();
-            *lock(&control.abort) = abort.clone();
-            lock(&control.left_pending).clear();
-            (stop, abort)
-        };
-        struct Finish<'a>(&'a RedisEventBus);
-        impl Drop for Finish<'_> {
-            fn drop(&mut self) {
-                let control = &self.0.inner.control;
-                // A stop aimed at this run is used up; the next run starts fresh.
-                let mut token = lock(&control.stop);
-                if token.is_cancelled() {
-                    *token = CancellationToken::new();
-                }
-                control.running.send_replace(false);
-            }
-        }
-        let _finish = Finish(self);
+        let guard = RunGuard::claim(&control.running, &control.stop)?;
+        let stop = control.stop_token().child_token();
+        let abort = CancellationToken::new();
+        *lock(&control.abort) = abort.clone();
+        lock(&control.left_pending).clear();
+        let _guard = guard;
         let run = self.run(stop.clone(), abort);
         tokio::pin!(run);
         tokio::pin!(shutdown);
@@ -191,6 +168,46 @@ impl RedisEventBus {
     /// Why the consumer is paused, if it is.
     pub fn paused_reason(&self) -> Option<String> {
         lock(&self.inner.control.paused).clone()
+    }
+}
+
+/// Marks a consume loop as running for as long as it lives: refuses a second loop, and on
+/// drop (the loop ended, or its future was dropped) marks it stopped and uses up a stop that
+/// was aimed at it, so the next run starts fresh.
+pub(crate) struct RunGuard<'a> {
+    running: &'a tokio::sync::watch::Sender<bool>,
+    stop: &'a std::sync::Mutex<CancellationToken>,
+}
+
+impl<'a> RunGuard<'a> {
+    /// Claims the loop.
+    ///
+    /// # Errors
+    /// [`RedisBusError::AlreadyConsuming`] when a loop runs.
+    pub(crate) fn claim(
+        running: &'a tokio::sync::watch::Sender<bool>,
+        stop: &'a std::sync::Mutex<CancellationToken>,
+    ) -> Result<Self, RedisBusError> {
+        let mut was_running = false;
+        running.send_if_modified(|r| {
+            was_running = *r;
+            *r = true;
+            !was_running
+        });
+        if was_running {
+            return Err(RedisBusError::AlreadyConsuming);
+        }
+        Ok(Self { running, stop })
+    }
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        let mut token = lock(self.stop);
+        if token.is_cancelled() {
+            *token = CancellationToken::new();
+        }
+        self.running.send_replace(false);
     }
 }
 

@@ -381,12 +381,7 @@ impl EventPublisher for PartitionedEventBus {
             self.publish_events(events)
                 .await
                 .map(drop)
-                .map_err(|e| match e {
-                    RedisBusError::InvalidEvent { event_id, source } => {
-                        BusError::InvalidEvent { event_id, source }
-                    }
-                    other => BusError::transport(other.kind(), other),
-                })
+                .map_err(crate::publish::into_bus_error)
         })
     }
 }

@@ -164,27 +164,10 @@ impl PartitionedEventBus {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), RedisBusError> {
         let control = &self.inner.control;
-        let mut was_running = false;
-        control.running.send_if_modified(|r| {
-            was_running = *r;
-            *r = true;
-            !was_running
-        });
-        if was_running {
-            return Err(RedisBusError::AlreadyConsuming);
-        }
-        struct Finish<'a>(&'a Control);
-        impl Drop for Finish<'_> {
-            fn drop(&mut self) {
-                let mut token = lock(&self.0.stop);
-                if token.is_cancelled() {
-                    *token = CancellationToken::new();
-                }
-                self.0.running.send_replace(false);
-            }
-        }
-        let _finish = Finish(control);
+        let _guard = crate::consume::RunGuard::claim(&control.running, &control.stop)?;
         let stop = lock(&control.stop).clone();
+        // Dropping this future stops the partitions' consumers too (their tokens are
+        // children of `stop`).
         let _stop_on_drop = CancelOnDrop(stop.clone());
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(100);
@@ -215,7 +198,7 @@ impl PartitionedEventBus {
             "joining the group's members"
         );
         loop {
-            self.tick(&mut held).await;
+            self.tick(&mut held, &stop).await;
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -246,7 +229,7 @@ impl PartitionedEventBus {
     /// One round of the ownership loop. Every Redis call is bounded by a quarter of the
     /// lease, and renewals and takes run concurrently, so a master that does not answer (a
     /// failover) cannot hold up the renewal of partitions on the other masters.
-    async fn tick(&self, held: &mut BTreeMap<u32, Held>) {
+    async fn tick(&self, held: &mut BTreeMap<u32, Held>, stop: &CancellationToken) {
         let lease = self.inner.config.partition_lease;
         let limit = lease / 4;
         // Partitions whose consumer finished: give the lease up.
@@ -304,8 +287,8 @@ impl PartitionedEventBus {
         }
         for i in assigned.iter().flatten() {
             if !held.contains_key(i) {
-                let (bus, i) = (self.clone(), *i);
-                steps.spawn(async move { Step::Took(i, bus.take(i, limit).await) });
+                let (bus, i, stop) = (self.clone(), *i, stop.child_token());
+                steps.spawn(async move { Step::Took(i, bus.take(i, limit, stop).await) });
             }
         }
         while let Some(step) = steps.join_next().await {
@@ -405,10 +388,16 @@ impl PartitionedEventBus {
     }
 
     /// Tries to take partition `i`: the lease, then the previous owner's pending entries,
-    /// then its consumer. Each Redis step is bounded by `limit`. When the pending entries
+    /// then its consumer, which stops when `stop` is cancelled. Each Redis step is bounded
+    /// by `limit`. When the pending entries
     /// cannot be claimed the lease is given back (consuming new entries before them would
     /// break the aggregates' order) and the next round tries again.
-    async fn take(&self, i: u32, limit: Duration) -> Result<Option<Held>, String> {
+    async fn take(
+        &self,
+        i: u32,
+        limit: Duration,
+        stop: CancellationToken,
+    ) -> Result<Option<Held>, String> {
         let part = self.partition(i);
         let acquire = async {
             let mut conn = part.commands().await?;
@@ -457,7 +446,6 @@ impl PartitionedEventBus {
         c.handed_over.fetch_add(handed_over, Ordering::Relaxed);
         tracing::info!(partition = i, lease = %value, handed_over, "took partition");
         lock_write_owned(&self.inner.control.owned).insert(i, value.clone());
-        let stop = CancellationToken::new();
         let task = {
             let (part, stop) = (part.clone(), stop.clone());
             tokio::spawn(async move {
