@@ -42,7 +42,8 @@ pub(crate) struct Cli {
     pub(crate) group: String,
     /// Partitions of the stream (a PartitionedEventBus's): its keys are
     /// `{prefix:p<i>}:stream`, ... With more than one, `info` sums the partitions and lists
-    /// them; the other commands need `--partition`.
+    /// them with their owners, and the other commands run on every partition in turn (or on
+    /// the one `--partition` names; `tail`, `dashboard` and dead letters named by id need it).
     #[arg(
         long,
         global = true,
@@ -84,7 +85,7 @@ pub(crate) enum ColorChoice {
     Never,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub(crate) enum Command {
     /// Stream length and ids, the groups, pending entries and dead letters (partitioned:
     /// summed, and each partition with its owner).
@@ -138,7 +139,7 @@ pub(crate) enum Command {
     },
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct HealthArgs {
     /// Unhealthy when no consumer of the group read within this time (consumers of this bus
     /// read at least once a second, also when idle).
@@ -155,7 +156,7 @@ pub(crate) struct HealthArgs {
     pub(crate) max_dlq: Option<u64>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct TailArgs {
     /// Start after this entry id (`$`: only new events; `0`: from the beginning).
     #[arg(long, default_value = "$")]
@@ -171,7 +172,7 @@ pub(crate) struct TailArgs {
     pub(crate) no_follow: bool,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub(crate) enum DlqCommand {
     /// The oldest dead letters of the group: type, event, retries, reason.
     List {
@@ -193,7 +194,7 @@ pub(crate) enum DlqCommand {
     Purge(Selection),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct Selection {
     /// Dead-letter ids.
     #[arg(required_unless_present = "all", conflicts_with = "all")]

@@ -4,7 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use eventsource_redis::{PartitionedEventBus, RecoveryOptions, RedisEventBus, StreamInfo};
+use eventsource_redis::{RecoveryOptions, RedisEventBus, StreamInfo};
 use serde::Serialize;
 use serde_json::json;
 
@@ -92,94 +92,6 @@ pub(crate) async fn info(bus: &RedisEventBus, out: Out) -> Outcome {
     out.line(&format!("consumers     {}", info.active_consumers));
     groups_table(out, &info);
     Ok(ExitCode::SUCCESS)
-}
-
-/// One partition as `partitions` reports it.
-#[derive(Serialize)]
-struct PartitionRow {
-    partition: u32,
-    stream: String,
-    length: u64,
-    pending: u64,
-    dead_letters: u64,
-    owner: Option<String>,
-    token: Option<u64>,
-}
-
-/// A partitioned stream: the totals and each partition with the consumer holding it.
-pub(crate) async fn partitions(bus: &PartitionedEventBus, out: Out) -> Outcome {
-    let owners = bus.partition_owners().await?;
-    let mut rows = Vec::new();
-    let (mut length, mut pending, mut dead_letters) = (0, 0, 0);
-    for (i, part) in bus.partitions().iter().enumerate() {
-        let info = part.try_stream_info().await?;
-        length += info.stream.length;
-        pending += info.pending_messages;
-        dead_letters += info.dlq_messages;
-        let state = owners.get(i);
-        rows.push(PartitionRow {
-            partition: u32::try_from(i).unwrap_or(u32::MAX),
-            stream: info.stream.name,
-            length: info.stream.length,
-            pending: info.pending_messages,
-            dead_letters: info.dlq_messages,
-            owner: state.and_then(|s| s.owner.clone()),
-            token: state.and_then(|s| s.token),
-        });
-    }
-    if length == 0 && rows.iter().all(|r| r.owner.is_none()) {
-        warn(&format!(
-            "no partition of {} holds entries or has an owner (check --prefix, --partitions)",
-            bus.config().stream_prefix
-        ));
-    }
-    if out.json {
-        out.json(&json!({
-            "partitions": bus.partition_count(),
-            "group": bus.config().consumer_group,
-            "length": length,
-            "pending": pending,
-            "dead_letters": dead_letters,
-            "per_partition": rows,
-        }));
-        return Ok(ExitCode::SUCCESS);
-    }
-    out.line(&format!(
-        "partitions    {} of {} (group {})",
-        bus.partition_count(),
-        bus.config().stream_prefix,
-        bus.config().consumer_group
-    ));
-    out.line(&format!("length        {length}"));
-    out.line(&format!("pending       {pending}"));
-    out.line(&format!("dead letters  {dead_letters}"));
-    let table: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.partition.to_string(),
-                r.stream.clone(),
-                r.length.to_string(),
-                r.pending.to_string(),
-                r.dead_letters.to_string(),
-                r.owner.clone().unwrap_or_else(|| "-".to_owned()),
-            ]
-        })
-        .collect();
-    out.table(
-        &["partition", "stream", "length", "pending", "dlq", "owner"],
-        &table,
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `partitions` on an unpartitioned stream (or one partition of a partitioned one).
-pub(crate) async fn partitions_of_one(bus: &RedisEventBus, out: Out) -> Outcome {
-    warn(&format!(
-        "{} is one stream (no --partitions given, or --partition chose one): showing its info",
-        bus.stream_name()
-    ));
-    info(bus, out).await
 }
 
 fn groups_table(out: Out, info: &StreamInfo) {

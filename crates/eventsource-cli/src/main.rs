@@ -19,6 +19,7 @@ mod commands;
 mod dashboard;
 mod dlq;
 mod output;
+mod partitions;
 
 use std::process::ExitCode;
 
@@ -102,63 +103,66 @@ async fn run(cli: Cli, out: Out) -> Outcome {
         .consumer_group(cli.group.clone())
         .consumer_name("eventsource-cli")
         .enable_tracing(false);
-    let partitioned = cli.partitions > 1 || cli.cluster;
-    let bus = if partitioned {
-        let all = PartitionedEventBus::new(
-            config.partitions(cli.partitions).cluster(cli.cluster),
-            EventRegistry::new(),
-        )?;
-        match (cli.partition, &cli.command) {
-            (Some(i), _) if i >= cli.partitions => {
-                return Err(Failure::Usage(format!(
-                    "--partition {i}: the stream has partitions 0..{}",
-                    cli.partitions
-                )));
-            }
-            (Some(i), _) => all.partition(i).clone(),
-            (None, Command::Info | Command::Partitions) => {
-                return commands::partitions(&all, out).await;
-            }
-            (None, Command::Dashboard { .. }) => {
-                return Err(Failure::Usage(
-                    "the dashboard shows one stream: give --partition".into(),
-                ));
-            }
-            (None, _) => {
-                return Err(Failure::Usage(format!(
-                    "the stream has {} partitions: name one with --partition <i> \
-                     (`eventsource partitions` lists them)",
-                    cli.partitions
-                )));
-            }
-        }
-    } else {
+    if let Command::Dashboard { .. } = cli.command
+        && cli.cluster
+    {
+        return Err(Failure::Usage(
+            "the dashboard does not connect to a Redis Cluster in this version".into(),
+        ));
+    }
+    if cli.partitions <= 1 && !cli.cluster {
         if cli.partition.is_some_and(|i| i > 0) {
             return Err(Failure::Usage(
                 "--partition needs --partitions (or --cluster)".into(),
             ));
         }
-        RedisEventBus::new(config, EventRegistry::new())?
-    };
-    match cli.command {
-        Command::Partitions => commands::partitions_of_one(&bus, out).await,
-        Command::Info => commands::info(&bus, out).await,
-        Command::Health(args) => commands::health(&bus, out, &args).await,
-        Command::Groups => commands::groups(&bus, out).await,
-        Command::Consumers => commands::consumers(&bus, out).await,
-        Command::Pending { count } => commands::pending(&bus, out, count).await,
-        Command::Tail(args) => commands::tail(&bus, out, &args).await,
+        let bus = RedisEventBus::new(config, EventRegistry::new())?;
+        if let Command::Partitions = cli.command {
+            return partitions::partitions_of_one(&bus, out).await;
+        }
+        return one_stream(&bus, out, cli.command).await;
+    }
+    let all = PartitionedEventBus::new(
+        config.partitions(cli.partitions).cluster(cli.cluster),
+        EventRegistry::new(),
+    )?;
+    match (cli.partition, cli.command) {
+        (Some(i), _) if i >= cli.partitions => Err(Failure::Usage(format!(
+            "--partition {i}: the stream has partitions 0..{}",
+            cli.partitions
+        ))),
+        (Some(i), Command::Partitions) => {
+            partitions::partitions_of_one(all.partition(i), out).await
+        }
+        (Some(i), command) => one_stream(all.partition(i), out, command).await,
+        (None, Command::Info | Command::Partitions) => partitions::partitions(&all, out).await,
+        (None, command) => partitions::each(&all, out, command).await,
+    }
+}
+
+/// Runs `command` on one stream (a bus's, or one partition's).
+async fn one_stream(bus: &RedisEventBus, out: Out, command: Command) -> Outcome {
+    match command {
+        Command::Partitions => partitions::partitions_of_one(bus, out).await,
+        Command::Info => commands::info(bus, out).await,
+        Command::Health(args) => commands::health(bus, out, &args).await,
+        Command::Groups => commands::groups(bus, out).await,
+        Command::Consumers => commands::consumers(bus, out).await,
+        Command::Pending { count } => commands::pending(bus, out, count).await,
+        Command::Tail(args) => commands::tail(bus, out, &args).await,
         Command::Recover {
             min_idle,
             max_retries,
-        } => commands::recover(&bus, out, min_idle, max_retries).await,
-        Command::Dlq(command) => dlq::run(&bus, out, command).await,
-        Command::Trim { dry_run, yes } => commands::trim(&bus, out, dry_run, yes).await,
-        Command::Dashboard { .. } if cli.cluster => Err(Failure::Usage(
-            "the dashboard does not connect to a Redis Cluster in this version".into(),
-        )),
+        } => commands::recover(bus, out, min_idle, max_retries).await,
+        Command::Dlq(command) => dlq::run(bus, out, command).await,
+        Command::Trim { dry_run, yes } => commands::trim(bus, out, dry_run, yes).await,
         Command::Dashboard { listen } => {
-            dashboard::run(&cli.url, &bus.config().stream_prefix, &listen).await
+            dashboard::run(
+                &bus.config().redis_url,
+                &bus.config().stream_prefix,
+                &listen,
+            )
+            .await
         }
     }
 }

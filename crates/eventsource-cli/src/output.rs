@@ -5,6 +5,22 @@ use std::io::{IsTerminal, Write};
 
 use crate::cli::ColorChoice;
 
+thread_local! {
+    /// The JSON documents [`Out::json`] kept instead of printing, while [`capture`] runs.
+    static CAPTURED: std::cell::RefCell<Option<Vec<serde_json::Value>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` keeping the JSON documents it prints; returns its result and the documents. The
+/// command runs on the thread that awaits it (the CLI's `block_on`), so a thread-local holds
+/// them.
+pub(crate) async fn capture<T>(f: impl Future<Output = T>) -> (T, Vec<serde_json::Value>) {
+    CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let result = f.await;
+    let docs = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    (result, docs)
+}
+
 /// How output is written.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Out {
@@ -34,8 +50,19 @@ impl Out {
         }
     }
 
-    /// Prints `value` as one pretty JSON document.
+    /// Prints `value` as one pretty JSON document (or keeps it, while [`capture`] runs, for
+    /// the document of a command run on several partitions).
     pub(crate) fn json(&self, value: &impl serde::Serialize) {
+        let kept = CAPTURED.with(|c| {
+            c.borrow_mut().as_mut().map(|docs| {
+                docs.push(serde_json::to_value(value).unwrap_or_else(
+                    |e| serde_json::json!({"error": format!("cannot encode the output: {e}")}),
+                ));
+            })
+        });
+        if kept.is_some() {
+            return;
+        }
         let text = serde_json::to_string_pretty(value)
             .unwrap_or_else(|e| format!("{{\"error\":\"cannot encode the output: {e}\"}}"));
         self.line(&text);
