@@ -7,8 +7,7 @@
 //! down gracefully on SIGTERM/SIGINT. With `EVENTSOURCE_HTTP_LISTEN=127.0.0.1:9464` it also
 //! serves `/metrics`, `/healthz` and `/readyz` there. With `EVENTSOURCE_REDIS_PARTITIONS` > 1
 //! or `EVENTSOURCE_REDIS_CLUSTER=true` it runs `WORKER_CONSUMERS` (default 1)
-//! `PartitionedEventBus` consumers named `<consumer name>-<k>` (the HTTP surface is for the
-//! single-stream bus only).
+//! `PartitionedEventBus` consumers named `<consumer name>-<k>` (ready when all are healthy).
 //!
 //! ```text
 //! EVENTSOURCE_REDIS_STREAM_PREFIX=orders EVENTSOURCE_REDIS_CONSUMER_NAME=w1 \
@@ -188,6 +187,21 @@ async fn run_partitioned(
         );
         buses.push(bus);
     }
+    let surface = match std::env::var("EVENTSOURCE_HTTP_LISTEN") {
+        Ok(addr) => {
+            eventsource_redis::http::install_prometheus_recorder();
+            let readiness = buses.iter().fold(
+                eventsource_redis::http::Readiness::new(),
+                |readiness, bus| readiness.partitioned_consumer(bus.clone()),
+            );
+            let surface = eventsource_redis::http::HttpSurface::start(addr.as_str(), readiness)
+                .await
+                .map_err(|e| format!("EVENTSOURCE_HTTP_LISTEN={addr}: {e}"))?;
+            println!("metrics and health on http://{}", surface.local_addr());
+            Some(surface)
+        }
+        Err(_) => None,
+    };
     let tasks: Vec<_> = buses
         .iter()
         .map(|bus| {
@@ -201,6 +215,9 @@ async fn run_partitioned(
     }
     for task in tasks {
         task.await??;
+    }
+    if let Some(surface) = surface {
+        surface.shutdown().await;
     }
     println!("worker stopped");
     for bus in &buses {

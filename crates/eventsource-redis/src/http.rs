@@ -117,6 +117,19 @@ impl Default for Readiness {
     }
 }
 
+/// A consumer is ready when healthy; otherwise the status and the reason.
+fn ready_if_healthy(health: crate::Health) -> Result<(), String> {
+    if health.status == crate::HealthStatus::Healthy {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            health.status,
+            health.error.unwrap_or_else(|| "not consuming".into())
+        ))
+    }
+}
+
 impl Readiness {
     /// No checks yet (always ready).
     pub fn new() -> Self {
@@ -140,18 +153,22 @@ impl Readiness {
         let name = format!("consumer {}", bus.stream_name());
         self.check(name, move || {
             let bus = bus.clone();
-            async move {
-                let health = bus.health_check().await;
-                if health.status == crate::HealthStatus::Healthy {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{}: {}",
-                        health.status,
-                        health.error.unwrap_or_else(|| "not consuming".into())
-                    ))
-                }
-            }
+            async move { ready_if_healthy(bus.health_check().await) }
+        })
+    }
+
+    /// A partitioned consumer: ready when its
+    /// [`health_check`](crate::PartitionedEventBus::health_check) says healthy.
+    #[must_use]
+    pub fn partitioned_consumer(self, bus: crate::PartitionedEventBus) -> Self {
+        let name = format!(
+            "consumer {} ({} partitions)",
+            bus.config().stream_prefix,
+            bus.partition_count()
+        );
+        self.check(name, move || {
+            let bus = bus.clone();
+            async move { ready_if_healthy(bus.health_check().await) }
         })
     }
 

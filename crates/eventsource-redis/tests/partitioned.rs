@@ -349,3 +349,50 @@ fn counting_partitioned(bus: &PartitionedEventBus) -> Arc<std::sync::atomic::Ato
     });
     n
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_sums_the_partitions_and_says_which_one_fails() {
+    use eventsource_redis::HealthStatus;
+    let dir = temp_dir("part-health");
+    let mut redis = OwnRedis::start(free_port(), &dir, &[]);
+    let prefix = unique_prefix("part-health");
+    let bus = PartitionedEventBus::new(
+        config(&prefix, "g", "c1")
+            .redis_url(redis.url())
+            .partitions(3)
+            .partition_lease(Duration::from_secs(1))
+            .socket_timeout(Duration::from_secs(1))
+            .block_ms(100),
+        registry(),
+    )
+    .unwrap();
+    bus.subscribe_to_all_events(|_e: EventEnvelope| async {
+        Err::<(), eventsource_core::bus::HandlerError>("always fails".into())
+    });
+    bus.connect().await.unwrap();
+    let idle = bus.health_check().await;
+    assert_eq!(idle.status, HealthStatus::Degraded, "{idle:?}");
+    bus.publish_events(&interleaved(6, 1)).await.unwrap();
+    let task = tokio::spawn({
+        let b = bus.clone();
+        async move { b.start_consuming().await }
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let h = bus.health_check().await;
+            h.status == HealthStatus::Healthy && h.pending_messages == 6
+        })
+        .await,
+        "{:?}",
+        bus.health_check().await
+    );
+    // Redis dies: unhealthy, naming a partition and why.
+    redis.kill();
+    let sick = bus.health_check().await;
+    assert_eq!(sick.status, HealthStatus::Unhealthy, "{sick:?}");
+    assert!(!sick.connected);
+    let error = sick.error.unwrap_or_default();
+    assert!(error.starts_with("partition 0 ("), "{error}");
+    assert!(bus.shutdown(Duration::from_secs(15)).await);
+    task.await.unwrap().unwrap();
+}

@@ -13,6 +13,7 @@
 //! key names of [`RedisEventBus`] (`<prefix>:stream`), so an existing stream and
 //! eventsource-py keep working.
 
+mod health;
 mod owner;
 mod run;
 

@@ -20,6 +20,8 @@ pub(super) struct Control {
     running: tokio::sync::watch::Sender<bool>,
     /// Partition → lease value, for the partitions this consumer holds.
     owned: std::sync::RwLock<BTreeMap<u32, String>>,
+    /// Why the ownership loop cannot work right now (its heartbeat fails), if it cannot.
+    pub(super) problem: std::sync::Mutex<Option<String>>,
     pub(super) counters: OwnershipCounters,
 }
 
@@ -29,6 +31,7 @@ impl Default for Control {
             stop: std::sync::Mutex::new(CancellationToken::new()),
             running: tokio::sync::watch::channel(false).0,
             owned: std::sync::RwLock::new(BTreeMap::new()),
+            problem: std::sync::Mutex::new(None),
             counters: OwnershipCounters::default(),
         }
     }
@@ -243,7 +246,15 @@ impl PartitionedEventBus {
                 self.let_go(i, &h.value).await;
             }
         }
-        let assigned = match tokio::time::timeout(limit, self.heartbeat(false)).await {
+        let heartbeat = tokio::time::timeout(limit, self.heartbeat(false)).await;
+        *lock(&self.inner.control.problem) = match &heartbeat {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("the membership heartbeat fails: {e}")),
+            Err(_) => Some(format!(
+                "the membership heartbeat gets no reply within {limit:?}"
+            )),
+        };
+        let assigned = match heartbeat {
             Ok(Ok(members)) => Some(owner::assigned_to(
                 &self.inner.member,
                 self.partition_count(),
@@ -357,6 +368,7 @@ impl PartitionedEventBus {
         if let Err(e) = self.heartbeat(true).await {
             tracing::warn!(error = %e, "leaving the group's members failed; they drop this member after partition_lease");
         }
+        *lock(&self.inner.control.problem) = None;
         tracing::info!(member = %self.inner.member, "left the group's members");
     }
 
