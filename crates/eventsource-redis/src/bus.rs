@@ -258,6 +258,8 @@ pub(crate) struct Inner {
     pub(crate) fence: std::sync::RwLock<Option<crate::conn::Fence>>,
     pub(crate) registry: EventRegistry,
     pub(crate) subscribers: Arc<Subscribers>,
+    /// A bus of its own (not a partition): refuse a prefix a partitioned bus uses.
+    pub(crate) guard_partitioned: bool,
     pub(crate) counters: Counters,
     /// The same events through the `metrics` facade.
     pub(crate) metrics: crate::metrics::BusMetrics,
@@ -323,7 +325,7 @@ impl RedisEventBus {
                 .into());
             }
         }
-        Self::part(config, registry, Arc::new(Subscribers::new()), None)
+        Self::build(config, registry, Arc::new(Subscribers::new()), None, true)
     }
 
     /// A bus on one stream, sharing `subscribers` (and a cluster connection) with the other
@@ -333,6 +335,16 @@ impl RedisEventBus {
         registry: EventRegistry,
         subscribers: Arc<Subscribers>,
         cluster: Option<Arc<ClusterShared>>,
+    ) -> Result<Self, RedisBusError> {
+        Self::build(config, registry, subscribers, cluster, false)
+    }
+
+    fn build(
+        config: RedisEventBusConfig,
+        registry: EventRegistry,
+        subscribers: Arc<Subscribers>,
+        cluster: Option<Arc<ClusterShared>>,
+        guard_partitioned: bool,
     ) -> Result<Self, RedisBusError> {
         let client = config.client()?;
         let consumer_name = config.effective_consumer_name();
@@ -344,6 +356,7 @@ impl RedisEventBus {
                 client,
                 cluster,
                 fence: std::sync::RwLock::new(None),
+                guard_partitioned,
                 registry,
                 subscribers,
                 counters: Counters::default(),
@@ -409,16 +422,18 @@ impl RedisEventBus {
     /// [`RedisBusError::Connect`] when Redis cannot be reached.
     pub async fn connect(&self) -> Result<(), RedisBusError> {
         let mut conn = self.commands().await?;
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(|source| {
-                if source.code() == Some("MISCONF") {
-                    self.command_error("PING", source)
-                } else {
-                    self.connect_error(source)
-                }
-            })?;
+        // On a cluster: the master serving this stream (redis-rs would send PING to every
+        // master and fail when any one is down).
+        let _: String =
+            crate::conn::on_master_of(&mut conn, &self.inner.stream, redis::cmd("PING"))
+                .await
+                .map_err(|source| {
+                    if source.code() == Some("MISCONF") {
+                        self.command_error("PING", source)
+                    } else {
+                        self.connect_error(source)
+                    }
+                })?;
         self.ensure_group(&mut conn).await?;
         let risks = self.server_risks().await;
         for warning in &risks.warnings {
@@ -477,22 +492,36 @@ impl RedisEventBus {
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
         }
-        let cfg = &self.inner.config;
-        if let Some(cluster) = &self.inner.cluster {
-            let conn = Commands::Cluster(
+        let conn = match &self.inner.cluster {
+            // The partitions of a cluster share one command connection.
+            Some(cluster) => Commands::Cluster(
                 cluster
                     .connection()
                     .await
-                    .map_err(|e| self.connect_error(e))?,
-            );
-            self.inner.connected.store(true, Ordering::Relaxed);
-            *slot = Some(conn.clone());
-            *self
-                .inner
-                .commands_ready
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
-            return Ok(conn);
+                    .map_err(|e| self.cluster_connect_error(e))?,
+            ),
+            None => self.open_commands().await?,
+        };
+        self.inner.connected.store(true, Ordering::Relaxed);
+        *slot = Some(conn.clone());
+        *self
+            .inner
+            .commands_ready
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// A new command connection of its own (not the bus's shared one): to the node, checked
+    /// as [`commands`](Self::commands) checks it, or a new connection to the cluster.
+    pub(crate) async fn open_commands(&self) -> Result<Commands, RedisBusError> {
+        let cfg = &self.inner.config;
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster
+                .new_connection()
+                .await
+                .map(Commands::Cluster)
+                .map_err(|e| self.cluster_connect_error(e));
         }
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(cfg.socket_timeout))
@@ -505,15 +534,53 @@ impl RedisEventBus {
                 .await
                 .map_err(|e| self.connect_error(e))?;
         self.refuse_a_cluster(&mut conn).await?;
-        let conn = Commands::Single(conn);
-        self.inner.connected.store(true, Ordering::Relaxed);
-        *slot = Some(conn.clone());
-        *self
-            .inner
-            .commands_ready
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
-        Ok(conn)
+        if self.inner.guard_partitioned {
+            self.refuse_a_partitioned_stream(&mut conn).await?;
+        }
+        Ok(Commands::Single(conn))
+    }
+
+    /// Refuses a prefix whose stream a `PartitionedEventBus` with several partitions
+    /// created: this bus would write `<prefix>:stream`, which no consumer of it reads. A
+    /// user that may not read the key (a narrow ACL) is not checked.
+    async fn refuse_a_partitioned_stream(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> Result<(), RedisBusError> {
+        let key = format!("{{{}}}:partitions", self.inner.config.stream_prefix);
+        let stored: Result<Option<u32>, redis::RedisError> =
+            redis::cmd("GET").arg(&key).query_async(conn).await;
+        match stored {
+            Ok(Some(stored)) if stored > 1 => Err(RedisBusError::PartitionsChanged {
+                key,
+                stored,
+                configured: 1,
+            }),
+            Ok(_) => Ok(()),
+            Err(e) if crate::error::is_connection_error(&e) => Err(self.connect_error(e)),
+            Err(e) => {
+                tracing::debug!(error = %e, "the partition count is not readable; not checked");
+                Ok(())
+            }
+        }
+    }
+
+    /// A failure to open the cluster connection; `cluster = true` pointed at a node that is
+    /// not in cluster mode is a configuration error, not an outage to wait out.
+    fn cluster_connect_error(&self, e: redis::RedisError) -> RedisBusError {
+        if e.to_string().contains("cluster support disabled") {
+            self.inner.connected.store(false, Ordering::Relaxed);
+            return crate::ConfigError::new(
+                "cluster",
+                format!(
+                    "{} is not a Redis Cluster node (cluster_enabled:0): set cluster = false \
+                     (EVENTSOURCE_REDIS_CLUSTER=false), or point redis_url at a cluster node",
+                    redact_url(&self.inner.config.redis_url)
+                ),
+            )
+            .into();
+        }
+        self.connect_error(e)
     }
 
     /// Refuses a Redis Cluster node once per new command connection: the bus's scripts use a

@@ -143,6 +143,12 @@ impl ClusterShared {
             .cloned()
     }
 
+    /// A connection of its own (for the ownership loop: a `WAIT` on the shared one blocks
+    /// it for the replication delay).
+    pub(crate) async fn new_connection(&self) -> Result<ClusterConnection, redis::RedisError> {
+        self.client.get_async_connection().await
+    }
+
     /// A redis-rs client for the master now serving `key`: `url` (for its credentials and
     /// database) with that master's host and port.
     pub(crate) async fn client_for_key(
@@ -153,18 +159,27 @@ impl ClusterShared {
         use crate::reader::ReadError;
         let mut conn = self.connection().await?;
         let (host, port) = master_of_key(&mut conn, key).await?;
-        let mut parsed =
-            url::Url::parse(url).map_err(|e| ReadError::Connection(format!("redis_url: {e}")))?;
-        parsed
-            .set_host(Some(&host))
-            .and_then(|()| {
-                parsed
-                    .set_port(Some(port))
-                    .map_err(|()| url::ParseError::InvalidPort)
-            })
-            .map_err(|e| ReadError::Connection(format!("node {host}:{port}: {e}")))?;
-        redis::Client::open(parsed.as_str()).map_err(ReadError::from)
+        let node = node_url(url, &host, port).map_err(ReadError::Connection)?;
+        redis::Client::open(node.as_str()).map_err(ReadError::from)
     }
+}
+
+/// `url` (scheme, credentials, database) pointed at `host:port` instead; an IPv6 address
+/// goes in brackets.
+fn node_url(url: &str, host: &str, port: u16) -> Result<String, String> {
+    let mut parsed = url::Url::parse(url).map_err(|e| format!("redis_url: {e}"))?;
+    let url_host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    parsed
+        .set_host(Some(&url_host))
+        .map_err(|e| format!("node {host}:{port}: {e}"))?;
+    parsed
+        .set_port(Some(port))
+        .map_err(|()| format!("node {host}:{port}: no port in this URL"))?;
+    Ok(parsed.into())
 }
 
 /// A consumer's hold on a partition: acknowledgements and dead letters check that `key`
@@ -175,4 +190,26 @@ pub(crate) struct Fence {
     pub(crate) key: String,
     /// `<member>:<token>` this consumer wrote there.
     pub(crate) value: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_url;
+
+    #[test]
+    fn a_node_url_keeps_the_credentials_and_brackets_ipv6() {
+        assert_eq!(
+            node_url("redis://user:secret@seed:7000/0", "10.0.0.7", 7002).unwrap(),
+            "redis://user:secret@10.0.0.7:7002/0"
+        );
+        assert_eq!(
+            node_url("redis://seed:7000", "2001:db8::1", 7001).unwrap(),
+            "redis://[2001:db8::1]:7001"
+        );
+        assert_eq!(
+            node_url("redis://seed:7000", "::1", 7001).unwrap(),
+            "redis://[::1]:7001"
+        );
+        assert!(node_url("not a url", "h", 1).is_err());
+    }
 }

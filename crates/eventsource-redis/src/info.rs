@@ -447,11 +447,11 @@ impl RedisEventBus {
         let Ok(mut conn) = self.commands().await else {
             return ServerRisks::default();
         };
-        let text: Result<String, redis::RedisError> = redis::cmd("INFO")
-            .arg("memory")
-            .arg("persistence")
-            .query_async(&mut conn)
-            .await;
+        let mut info = redis::cmd("INFO");
+        info.arg("memory").arg("persistence");
+        // On a cluster: the master serving this stream (redis-rs would ask every node).
+        let text: Result<String, redis::RedisError> =
+            crate::conn::on_master_of(&mut conn, &self.inner.stream, info).await;
         match text {
             Ok(text) => ServerRisks::from_info(&text),
             Err(e) => {

@@ -214,12 +214,17 @@ return {2}
 /// Acknowledges entries only while the partition's owner key holds this consumer's lease.
 ///
 /// `KEYS[1]` stream, `KEYS[2]` owner key. `ARGV`: group, fence value, then ids. Returns -1
-/// (nothing acknowledged) when the owner key holds anything else, else XACK's count.
+/// (nothing acknowledged) when the owner key holds anything else, else XACK's count. The ids
+/// go to XACK 500 at a time: `unpack` of thousands of values overflows Lua's C stack.
 pub(crate) static FENCED_ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
-return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+local acked = 0
+for i = 3, #ARGV, 500 do
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+end
+return acked
 ",
     )
 });

@@ -396,3 +396,83 @@ async fn health_sums_the_partitions_and_says_which_one_fails() {
     assert!(bus.shutdown(Duration::from_secs(15)).await);
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_refuses_before_writing_anything() {
+    let prefix = unique_prefix("part-refuse");
+    let _cleanup = Cleanup(prefix.clone());
+    let bus = partitioned(&prefix, "p", 4);
+    // An invalid event anywhere in a batch over several partitions: nothing is written.
+    let mut events = interleaved(12, 1);
+    let bad = Event::new(
+        uuid::Uuid::new_v4(),
+        OrderShipped {
+            tracking_number: "T".into(),
+        },
+    )
+    .with_aggregate_version(0)
+    .into_envelope();
+    events.push(bad.clone());
+    let err = bus.publish_events(&events).await.unwrap_err();
+    assert!(
+        matches!(err, RedisBusError::InvalidEvent { event_id, .. } if event_id == bad.event_id()),
+        "{err:?}"
+    );
+    assert_eq!(bus.totals().await.unwrap().length, 0);
+
+    // A publisher configured with another partition count is refused at its first publish,
+    // without connecting first.
+    bus.publish_events(&interleaved(4, 1)).await.unwrap();
+    let other = partitioned(&prefix, "p2", 8);
+    let err = other.publish_events(&interleaved(4, 1)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RedisBusError::PartitionsChanged {
+                stored: 4,
+                configured: 8,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // So is a single-stream bus on the prefix: it would write a stream nobody reads.
+    let single =
+        eventsource_redis::RedisEventBus::new(config(&prefix, "g", "s"), registry()).unwrap();
+    let err = single.publish_events(&[created(1)]).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RedisBusError::PartitionsChanged {
+                stored: 4,
+                configured: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(bus.totals().await.unwrap().length, 4);
+    let mut conn = raw().await;
+    let plain: u64 = redis::cmd("XLEN")
+        .arg(format!("{prefix}:stream"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(plain, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_against_a_single_node_is_a_configuration_error() {
+    let prefix = unique_prefix("part-notcluster");
+    let _cleanup = Cleanup(prefix.clone());
+    let bus =
+        PartitionedEventBus::new(config(&prefix, "g", "c").cluster(true), registry()).unwrap();
+    let err = bus.connect().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err:?}");
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("cluster = false"), "{err}");
+    // consume_until gives up at once instead of retrying for ever.
+    let started = std::time::Instant::now();
+    assert!(bus.start_consuming().await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -366,3 +366,104 @@ async fn a_master_killed_mid_run_with_and_without_publish_replicas() {
         "the promoted master had no replica: some publishes unconfirmed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_replay_trim_and_the_cli_work_on_a_cluster() {
+    use eventsource_core::testkit::orders::OrderCreated;
+    let cluster = OwnCluster::start("scale-dlq");
+    let node = cluster.urls()[0].clone();
+    let prefix = unique_prefix("scale-dlq");
+    let bus = PartitionedEventBus::new(
+        cluster_config(&node, &prefix, "c1")
+            .max_retries(1)
+            .pending_idle(Duration::from_millis(200))
+            .recovery_interval(Duration::from_millis(100)),
+        registry(),
+    )
+    .unwrap();
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    bus.subscribe({
+        let fail = fail.clone();
+        move |event: Event<OrderCreated>| {
+            let refuse =
+                fail.load(std::sync::atomic::Ordering::SeqCst) && event.customer_id == "poison";
+            async move {
+                if refuse {
+                    Err::<(), eventsource_core::bus::HandlerError>("card declined".into())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    });
+    bus.connect().await.unwrap();
+    let poison = Event::new(
+        uuid::Uuid::new_v4(),
+        OrderCreated {
+            customer_id: "poison".into(),
+            total_amount: 1.0,
+        },
+    )
+    .into_envelope();
+    let partition = partition_of(poison.aggregate_id(), 12);
+    let mut events: Vec<EventEnvelope> = (0..23).map(created).collect();
+    events.push(poison.clone());
+    bus.publish_events(&events).await.unwrap();
+    let task = tokio::spawn({
+        let b = bus.clone();
+        async move { b.start_consuming().await }
+    });
+    // Retried once, then dead-lettered in its partition's dead-letter stream.
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            bus.totals()
+                .await
+                .is_ok_and(|t| t.dead_letters == 1 && t.pending == 0)
+        })
+        .await,
+        "{:?} {:?}",
+        bus.totals().await,
+        bus.stats()
+    );
+    let part = bus.partition(partition);
+    let letters = part.dlq_messages(10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0]
+            .error()
+            .unwrap_or_default()
+            .contains("card declined")
+    );
+
+    // Replayed after the fix, it is handled: 23 + the replayed one consumed (its failed
+    // deliveries were dead-lettered, not consumed).
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        part.replay_dlq_message(&letters[0].message_id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            bus.totals()
+                .await
+                .is_ok_and(|t| t.dead_letters == 0 && t.pending == 0)
+                && bus.stats().events_consumed == 24
+        })
+        .await,
+        "{:?}",
+        bus.stats()
+    );
+    // Trimming what the group acknowledged works per partition (scripts in one slot).
+    let mut trimmed = 0;
+    for p in bus.partitions() {
+        trimmed += p.trim_acknowledged().await.unwrap().removed;
+    }
+    eprintln!(
+        "trimmed {trimmed} of 25 entries; left {:?}",
+        bus.totals().await
+    );
+    assert!(trimmed > 0);
+    assert!(bus.shutdown(Duration::from_secs(10)).await);
+    task.await.unwrap().unwrap();
+}

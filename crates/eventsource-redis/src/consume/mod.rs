@@ -165,6 +165,13 @@ impl RedisEventBus {
         tracing::info!("consumer resumed");
     }
 
+    /// Abandons the running handlers of the current run (their futures are dropped, their
+    /// entries given back), as a shutdown past its timeout does; with a stop requested, the
+    /// run then ends.
+    pub(crate) fn abandon_handlers(&self) {
+        lock(&self.inner.control.abort).cancel();
+    }
+
     /// Why the consumer is paused, if it is.
     pub fn paused_reason(&self) -> Option<String> {
         lock(&self.inner.control.paused).clone()

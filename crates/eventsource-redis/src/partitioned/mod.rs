@@ -14,6 +14,7 @@
 //! eventsource-py keep working.
 
 mod health;
+mod hold;
 mod owner;
 mod run;
 
@@ -23,6 +24,7 @@ use eventsource_core::BoxFuture;
 use eventsource_core::bus::{BusError, EventBus, EventPublisher, Subscribers};
 use eventsource_core::{EventEnvelope, EventRegistry};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::conn::ClusterShared;
 use crate::{BusStats, RedisBusError, RedisEventBus, RedisEventBusConfig};
@@ -82,6 +84,10 @@ struct Inner {
     members_key: String,
     marker_key: String,
     control: run::Control,
+    /// The ownership loop's own connection.
+    control_conn: tokio::sync::OnceCell<crate::conn::Commands>,
+    /// Set once the stream's partition count was checked.
+    count_checked: tokio::sync::OnceCell<()>,
 }
 
 impl std::fmt::Debug for PartitionedEventBus {
@@ -151,6 +157,8 @@ impl PartitionedEventBus {
                 subscribers,
                 registry,
                 control: run::Control::default(),
+                control_conn: tokio::sync::OnceCell::new(),
+                count_checked: tokio::sync::OnceCell::new(),
                 config,
             }),
         })
@@ -223,6 +231,24 @@ impl PartitionedEventBus {
     /// (or, for `partitions > 1`, an unpartitioned stream under the same prefix holds
     /// entries); connection errors as [`RedisEventBus::connect`].
     pub async fn connect(&self) -> Result<(), RedisBusError> {
+        self.check_partition_count().await?;
+        for part in &self.inner.parts {
+            part.connect().await?;
+        }
+        Ok(())
+    }
+
+    /// Records the partition count at the stream's first use, and refuses another count
+    /// (once per bus: the first `connect` or publish).
+    async fn check_partition_count(&self) -> Result<(), RedisBusError> {
+        self.inner
+            .count_checked
+            .get_or_try_init(|| self.record_partition_count())
+            .await?;
+        Ok(())
+    }
+
+    async fn record_partition_count(&self) -> Result<(), RedisBusError> {
         let configured = self.inner.config.partitions;
         let first = self.partition(0);
         let mut conn = first.commands().await?;
@@ -264,19 +290,21 @@ impl PartitionedEventBus {
                 });
             }
         }
-        for part in &self.inner.parts {
-            part.connect().await?;
-        }
         Ok(())
     }
 
     /// Publishes events, each to its aggregate's partition: events of one partition go in
     /// one round trip, in their order in `events`, and the partitions are written
-    /// concurrently (on a cluster, to their masters at once). Returns the stream ids in
-    /// `events` order.
+    /// concurrently (on a cluster, to their masters at once). Every event is validated and
+    /// encoded before anything is sent. Returns the stream ids in `events` order.
+    ///
+    /// The first publish of a bus (or `connect`) checks the stream's partition count
+    /// (`{<prefix>}:partitions`): events are never routed by another count than the stream
+    /// was created with.
     ///
     /// # Errors
-    /// When the batch touches one partition, that partition's error as
+    /// [`RedisBusError::InvalidEvent`] (nothing sent); [`RedisBusError::PartitionsChanged`]
+    /// (nothing sent); when the batch touches one partition, that partition's error as
     /// [`RedisEventBus::publish_events`] gives it; when it touches several and any failed,
     /// [`RedisBusError::PartitionsFailed`] with what was written and each failed partition's
     /// events and error (every partition is attempted).
@@ -284,6 +312,10 @@ impl PartitionedEventBus {
         &self,
         events: &[EventEnvelope],
     ) -> Result<Vec<String>, RedisBusError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_partition_count().await?;
         let p = self.partition_count();
         let mut by_partition: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
         for (i, event) in events.iter().enumerate() {
@@ -292,22 +324,40 @@ impl PartitionedEventBus {
                 .or_default()
                 .push(i);
         }
-        if by_partition.len() <= 1 {
-            let partition = by_partition.keys().next().copied().unwrap_or(0);
-            return self.partition(partition).publish_events(events).await;
-        }
-        let mut writes = tokio::task::JoinSet::new();
+        let first = self.partition(0);
+        let span = first.publish_span(&self.inner.config.stream_prefix, events.len());
+        let _entered = span.enter();
+        // Everything is encoded before anything is sent: an invalid event refuses the batch.
+        let mut writes = Vec::with_capacity(by_partition.len());
         for (partition, positions) in by_partition {
             let batch: Vec<EventEnvelope> = positions.iter().map(|i| events[*i].clone()).collect();
+            let commands = self.partition(partition).encode(&batch)?;
+            writes.push((partition, positions, batch, commands));
+        }
+        drop(_entered);
+        if let [(partition, _, batch, _)] = writes.as_slice() {
+            let (partition, batch) = (*partition, batch.clone());
+            let commands = writes.pop().map(|w| w.3).unwrap_or_default();
+            return self
+                .partition(partition)
+                .send(&batch, commands)
+                .instrument(span)
+                .await;
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (partition, positions, batch, commands) in writes {
             let bus = self.partition(partition).clone();
-            writes.spawn(async move {
-                let result = bus.publish_events(&batch).await;
-                (partition, positions, result)
-            });
+            tasks.spawn(
+                async move {
+                    let result = bus.send(&batch, commands).await;
+                    (partition, positions, result)
+                }
+                .instrument(span.clone()),
+            );
         }
         let mut ids = vec![String::new(); events.len()];
         let mut failed = Vec::new();
-        while let Some(joined) = writes.join_next().await {
+        while let Some(joined) = tasks.join_next().await {
             let (partition, positions, result) =
                 joined.map_err(|e| RedisBusError::UnexpectedReply {
                     command: "publish (a partition's task)",

@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::Value;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::hold::{Held, Step};
 use super::owner;
 use super::{CancelOnDrop, PartitionedEventBus};
 use crate::bus::{lock, lock_read};
-use crate::conn::Fence;
 use crate::error::RedisBusError;
 
 /// The lifecycle state of a partitioned bus's consume loop.
@@ -19,7 +19,7 @@ pub(super) struct Control {
     stop: std::sync::Mutex<CancellationToken>,
     running: tokio::sync::watch::Sender<bool>,
     /// Partition → lease value, for the partitions this consumer holds.
-    owned: std::sync::RwLock<BTreeMap<u32, String>>,
+    pub(super) owned: std::sync::RwLock<BTreeMap<u32, String>>,
     /// Why the ownership loop cannot work right now (its heartbeat fails), if it cannot.
     pub(super) problem: std::sync::Mutex<Option<String>>,
     pub(super) counters: OwnershipCounters,
@@ -40,10 +40,10 @@ impl Default for Control {
 /// What the ownership loop did (read with [`PartitionedEventBus::ownership_stats`]).
 #[derive(Debug, Default)]
 pub(super) struct OwnershipCounters {
-    taken: AtomicU64,
-    released: AtomicU64,
-    lost: AtomicU64,
-    handed_over: AtomicU64,
+    pub(super) taken: AtomicU64,
+    pub(super) released: AtomicU64,
+    pub(super) lost: AtomicU64,
+    pub(super) handed_over: AtomicU64,
 }
 
 /// Counters of the ownership loop of one [`PartitionedEventBus`].
@@ -73,22 +73,39 @@ pub struct PartitionState {
     pub token: Option<u64>,
 }
 
-/// A partition this consumer holds.
-struct Held {
-    value: String,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-    renewed: Instant,
-    /// Stopping: the lease is released once its consumer finished.
-    releasing: bool,
-}
-
 impl PartitionedEventBus {
     /// The partitions this consumer holds right now.
     pub fn owned_partitions(&self) -> Vec<u32> {
         lock_read(&self.inner.control.owned)
             .keys()
             .copied()
+            .collect()
+    }
+
+    /// Pauses every partition's consumer (see [`RedisEventBus::pause`](crate::RedisEventBus::pause));
+    /// a partition taken later starts paused too, until [`resume`](Self::resume). A
+    /// partition pauses by itself after `pause_after_rejections` rejected entries in a row.
+    pub fn pause(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        for part in self.partitions() {
+            part.pause(reason.clone());
+        }
+    }
+
+    /// Resumes every paused partition.
+    pub fn resume(&self) {
+        for part in self.partitions() {
+            if part.paused_reason().is_some() {
+                part.resume();
+            }
+        }
+    }
+
+    /// The partitions that are paused, with the reason.
+    pub fn paused_partitions(&self) -> Vec<(u32, String)> {
+        (0u32..)
+            .zip(self.partitions())
+            .filter_map(|(i, part)| part.paused_reason().map(|r| (i, r)))
             .collect()
     }
 
@@ -155,8 +172,10 @@ impl PartitionedEventBus {
     /// are free: a partition's previous owner releases it after finishing its batch, or its
     /// lease lapses when it died. Taking a partition first claims its previous owner's
     /// pending entries, then consumes it as a [`RedisEventBus`](crate::RedisEventBus) does,
-    /// with acknowledgements fenced by the lease. A consumer that cannot renew a lease for
-    /// three quarters of `partition_lease` stops that partition before the lease lapses.
+    /// with acknowledgements fenced by the lease. A consumer whose lease of a partition has
+    /// not been renewed for three quarters of `partition_lease`, or whose renewal finds it
+    /// lost, stops that partition and abandons its running handlers (their entries stay
+    /// pending for the next owner).
     ///
     /// # Errors
     /// [`RedisBusError::AlreadyConsuming`]; [`RedisBusError::PartitionsChanged`] and other
@@ -192,8 +211,7 @@ impl PartitionedEventBus {
             }
         }
         let mut held: BTreeMap<u32, Held> = BTreeMap::new();
-        let tick = (self.inner.config.partition_lease / 20)
-            .clamp(Duration::from_millis(50), Duration::from_millis(500));
+        let tick = self.tick_interval();
         tracing::info!(
             member = %self.inner.member,
             partitions = self.partition_count(),
@@ -230,42 +248,28 @@ impl PartitionedEventBus {
     }
 
     /// One round of the ownership loop. Every Redis call is bounded by a quarter of the
-    /// lease, and renewals and takes run concurrently, so a master that does not answer (a
-    /// failover) cannot hold up the renewal of partitions on the other masters.
+    /// lease, and renewals, takes and releases run concurrently, so a master that does not
+    /// answer (a failover) cannot hold up the partitions on the other masters. Partitions
+    /// being handed over stay renewed until their consumer has finished.
     async fn tick(&self, held: &mut BTreeMap<u32, Held>, stop: &CancellationToken) {
-        let lease = self.inner.config.partition_lease;
-        let limit = lease / 4;
-        // Partitions whose consumer finished: give the lease up.
-        let finished: Vec<u32> = held
-            .iter()
-            .filter(|(_, h)| h.task.is_finished())
-            .map(|(i, _)| *i)
-            .collect();
-        for i in finished {
-            if let Some(h) = held.remove(&i) {
-                self.let_go(i, &h.value).await;
-            }
-        }
+        let limit = self.inner.config.partition_lease / 4;
         let heartbeat = tokio::time::timeout(limit, self.heartbeat(false)).await;
-        *lock(&self.inner.control.problem) = match &heartbeat {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(format!("the membership heartbeat fails: {e}")),
-            Err(_) => Some(format!(
-                "the membership heartbeat gets no reply within {limit:?}"
-            )),
-        };
         let assigned = match heartbeat {
-            Ok(Ok(members)) => Some(owner::assigned_to(
-                &self.inner.member,
-                self.partition_count(),
-                &members,
-            )),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "partition heartbeat failed; keeping the partitions held");
-                None
+            Ok(Ok(members)) => {
+                *lock(&self.inner.control.problem) = None;
+                Some(owner::assigned_to(
+                    &self.inner.member,
+                    self.partition_count(),
+                    &members,
+                ))
             }
-            Err(_) => {
-                tracing::warn!("partition heartbeat timed out; keeping the partitions held");
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => format!("the membership heartbeat fails: {e}"),
+                    _ => format!("the membership heartbeat gets no reply within {limit:?}"),
+                };
+                tracing::warn!(problem = %why, "keeping the partitions held");
+                *lock(&self.inner.control.problem) = Some(why);
                 None
             }
         };
@@ -281,47 +285,102 @@ impl PartitionedEventBus {
                 }
             }
         }
-        enum Step {
-            Renewed(u32, Result<bool, String>),
-            Took(u32, Result<Option<Held>, String>),
-        }
         let mut steps = tokio::task::JoinSet::new();
-        for (i, h) in held.iter().filter(|(_, h)| !h.releasing) {
-            let (bus, i, value) = (self.clone(), *i, h.value.clone());
-            steps.spawn(async move {
-                let result = match tokio::time::timeout(limit, bus.renew(i, &value)).await {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(_) => Err(format!("no reply within {limit:?}")),
-                };
-                Step::Renewed(i, result)
-            });
-        }
+        self.renew_and_release(held, &mut steps);
         for i in assigned.iter().flatten() {
             if !held.contains_key(i) {
                 let (bus, i, stop) = (self.clone(), *i, stop.child_token());
                 steps.spawn(async move { Step::Took(i, bus.take(i, limit, stop).await) });
             }
         }
+        self.settle(held, steps).await;
+    }
+
+    /// Stops every partition and leaves the group's members at once (so the others take
+    /// each partition as soon as it is released), then keeps renewing the partitions whose
+    /// consumers are still finishing their batch, and releases each when it is done.
+    async fn leave(&self, mut held: BTreeMap<u32, Held>) {
+        if let Err(e) = self.heartbeat(true).await {
+            tracing::warn!(error = %e, "leaving the group's members failed; they drop this member after partition_lease");
+        }
+        for h in held.values_mut() {
+            h.stop.cancel();
+            h.releasing = true;
+        }
+        let tick = self.tick_interval();
+        while !held.is_empty() {
+            let mut steps = tokio::task::JoinSet::new();
+            self.renew_and_release(&mut held, &mut steps);
+            self.settle(&mut held, steps).await;
+            if !held.is_empty() {
+                tokio::time::sleep(tick).await;
+            }
+        }
+        *lock(&self.inner.control.problem) = None;
+        tracing::info!(member = %self.inner.member, "left the group's members");
+    }
+
+    /// How often the ownership loop runs: a twentieth of the lease, 50 ms to 500 ms.
+    pub(super) fn tick_interval(&self) -> Duration {
+        (self.inner.config.partition_lease / 20)
+            .clamp(Duration::from_millis(50), Duration::from_millis(500))
+    }
+
+    /// Adds to `steps` the release of every partition whose consumer finished (removed from
+    /// `held`) and the renewal of every other one.
+    fn renew_and_release(&self, held: &mut BTreeMap<u32, Held>, steps: &mut JoinSet<Step>) {
+        let limit = self.inner.config.partition_lease / 4;
+        let finished: Vec<u32> = held
+            .iter()
+            .filter(|(_, h)| h.task.is_finished())
+            .map(|(i, _)| *i)
+            .collect();
+        for i in finished {
+            if let Some(h) = held.remove(&i) {
+                let bus = self.clone();
+                steps.spawn(async move {
+                    bus.let_go(i, &h.value, limit).await;
+                    Step::Released
+                });
+            }
+        }
+        for (i, h) in held.iter() {
+            let (bus, i, value, renewed) = (self.clone(), *i, h.value.clone(), h.renewed.clone());
+            steps.spawn(async move {
+                let sent = Instant::now();
+                let result = match tokio::time::timeout(limit, bus.renew(i, &value)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no reply within {limit:?}")),
+                };
+                if let Ok(true) = result {
+                    // The lease now runs until at least `sent + partition_lease`.
+                    let mut at = lock(&renewed);
+                    *at = (*at).max(sent);
+                }
+                Step::Renewed(i, result)
+            });
+        }
+    }
+
+    /// Waits for `steps` and applies their outcomes to `held`.
+    async fn settle(&self, held: &mut BTreeMap<u32, Held>, mut steps: JoinSet<Step>) {
         while let Some(step) = steps.join_next().await {
             match step {
-                Ok(Step::Renewed(i, Ok(true))) => {
-                    if let Some(h) = held.get_mut(&i) {
-                        h.renewed = Instant::now();
-                    }
-                }
+                Ok(Step::Renewed(_, Ok(true)) | Step::Released | Step::Took(_, Ok(None))) => {}
                 Ok(Step::Renewed(i, Ok(false))) => {
-                    tracing::warn!(
-                        partition = i,
-                        "partition lease lost (it expired or another member holds it); stopping it"
-                    );
-                    self.inner
-                        .control
-                        .counters
-                        .lost
-                        .fetch_add(1, Ordering::Relaxed);
-                    if let Some(h) = held.get_mut(&i) {
-                        h.stop.cancel();
+                    if let Some(h) = held.get_mut(&i)
+                        && !h.lost
+                    {
+                        tracing::warn!(
+                            partition = i,
+                            "partition lease lost (it expired or another member holds it); \
+                             abandoning its handlers"
+                        );
+                        self.count_lost();
+                        h.lost = true;
                         h.releasing = true;
+                        h.stop.cancel();
+                        self.partition(i).abandon_handlers();
                     }
                 }
                 Ok(Step::Renewed(i, Err(e))) => {
@@ -330,218 +389,16 @@ impl PartitionedEventBus {
                 Ok(Step::Took(i, Ok(Some(h)))) => {
                     held.insert(i, h);
                 }
-                Ok(Step::Took(_, Ok(None))) => {}
                 Ok(Step::Took(i, Err(e))) => {
                     tracing::warn!(partition = i, error = %e, "taking a partition failed; trying again");
                 }
                 Err(e) => tracing::error!(error = %e, "an ownership step panicked"),
             }
         }
-        // A lease that could not be renewed for a while is about to lapse: stop starting
-        // handlers there before another member may take it.
-        for (i, h) in held.iter_mut().filter(|(_, h)| !h.releasing) {
-            if h.renewed.elapsed() > lease * 3 / 4 {
-                tracing::warn!(
-                    partition = i,
-                    "partition lease not renewed in time; stopping it before it lapses"
-                );
-                self.inner
-                    .control
-                    .counters
-                    .lost
-                    .fetch_add(1, Ordering::Relaxed);
-                h.stop.cancel();
-                h.releasing = true;
-            }
-        }
-    }
-
-    /// Stops every partition, waits for their consumers, gives the leases up and leaves.
-    async fn leave(&self, held: BTreeMap<u32, Held>) {
-        for h in held.values() {
-            h.stop.cancel();
-        }
-        for (i, h) in held {
-            let _ = h.task.await;
-            self.let_go(i, &h.value).await;
-        }
-        if let Err(e) = self.heartbeat(true).await {
-            tracing::warn!(error = %e, "leaving the group's members failed; they drop this member after partition_lease");
-        }
-        *lock(&self.inner.control.problem) = None;
-        tracing::info!(member = %self.inner.member, "left the group's members");
-    }
-
-    /// Writes this member's heartbeat (or removes it) and returns the live members.
-    async fn heartbeat(&self, leaving: bool) -> Result<Vec<String>, RedisBusError> {
-        let part = self.partition(0);
-        let mut conn = part.commands().await?;
-        owner::HEARTBEAT
-            .key(&self.inner.members_key)
-            .arg(&self.inner.member)
-            .arg(crate::config::millis(self.inner.config.partition_lease))
-            .arg(if leaving { "1" } else { "0" })
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| part.command_error("EVALSHA (partition heartbeat)", e))
-    }
-
-    async fn renew(&self, i: u32, value: &str) -> Result<bool, RedisBusError> {
-        let part = self.partition(i);
-        let mut conn = part.commands().await?;
-        let renewed: i64 = owner::RENEW
-            .key(self.owner_key(i))
-            .arg(value)
-            .arg(crate::config::millis(self.inner.config.partition_lease))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| part.command_error("EVALSHA (renew partition lease)", e))?;
-        Ok(renewed == 1)
-    }
-
-    /// Tries to take partition `i`: the lease, then the previous owner's pending entries,
-    /// then its consumer, which stops when `stop` is cancelled. Each Redis step is bounded
-    /// by `limit`. When the pending entries
-    /// cannot be claimed the lease is given back (consuming new entries before them would
-    /// break the aggregates' order) and the next round tries again.
-    async fn take(
-        &self,
-        i: u32,
-        limit: Duration,
-        stop: CancellationToken,
-    ) -> Result<Option<Held>, String> {
-        let part = self.partition(i);
-        let acquire = async {
-            let mut conn = part.commands().await?;
-            owner::ACQUIRE
-                .key(self.owner_key(i))
-                .key(self.fence_key(i))
-                .arg(&self.inner.member)
-                .arg(crate::config::millis(self.inner.config.partition_lease))
-                .invoke_async::<Vec<Value>>(&mut conn)
-                .await
-                .map_err(|e| part.command_error("EVALSHA (take partition)", e))
-        };
-        let reply = match tokio::time::timeout(limit, acquire).await {
-            Ok(r) => r.map_err(|e| e.to_string())?,
-            // It may have been taken: then it lapses after partition_lease.
-            Err(_) => return Err(format!("no reply within {limit:?}")),
-        };
-        let value = match (
-            reply.first(),
-            reply.get(1).cloned().and_then(crate::codec::into_text),
-        ) {
-            (Some(Value::Int(1)), Some(value)) => value,
-            _ => return Ok(None),
-        };
-        let renewed = Instant::now();
-        let handed_over = match tokio::time::timeout(limit, self.claim_all_pending(i)).await {
-            Ok(Ok(n)) => n,
-            failed => {
-                let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no reply within {limit:?}"),
-                };
-                self.let_go(i, &value).await;
-                return Err(format!(
-                    "claiming the previous owner's pending entries: {why}"
-                ));
-            }
-        };
-        // From here acknowledgements in this partition check the lease.
-        *part.inner.fence.write().unwrap_or_else(|p| p.into_inner()) = Some(Fence {
-            key: self.owner_key(i),
-            value: value.clone(),
-        });
-        let c = &self.inner.control.counters;
-        c.taken.fetch_add(1, Ordering::Relaxed);
-        c.handed_over.fetch_add(handed_over, Ordering::Relaxed);
-        tracing::info!(partition = i, lease = %value, handed_over, "took partition");
-        lock_write_owned(&self.inner.control.owned).insert(i, value.clone());
-        let task = {
-            let (part, stop) = (part.clone(), stop.clone());
-            tokio::spawn(async move {
-                if let Err(e) = part.consume_until(stop.cancelled()).await {
-                    tracing::error!(partition = i, error = %e, "partition consumer ended");
-                }
-            })
-        };
-        Ok(Some(Held {
-            value,
-            stop,
-            task,
-            renewed,
-            releasing: false,
-        }))
-    }
-
-    /// Claims every pending entry of partition `i`'s group for this consumer (`XAUTOCLAIM`
-    /// with no idle minimum, `JUSTID` so delivery counts stay the number of handler starts).
-    /// Returns how many were claimed.
-    async fn claim_all_pending(&self, i: u32) -> Result<u64, RedisBusError> {
-        let part = self.partition(i);
-        let mut conn = part.commands().await?;
-        let mut cursor = "0-0".to_owned();
-        let mut claimed = 0u64;
-        loop {
-            let reply: Vec<Value> = redis::cmd("XAUTOCLAIM")
-                .arg(part.stream_name())
-                .arg(&self.inner.config.consumer_group)
-                .arg(&self.inner.member)
-                .arg(0)
-                .arg(&cursor)
-                .arg("COUNT")
-                .arg(1000)
-                .arg("JUSTID")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| part.command_error("XAUTOCLAIM (hand over a partition)", e))?;
-            let mut parts = reply.into_iter();
-            cursor = parts
-                .next()
-                .and_then(crate::codec::into_text)
-                .unwrap_or_else(|| "0-0".to_owned());
-            if let Some(Value::Array(ids)) = parts.next() {
-                claimed += ids.len() as u64;
-            }
-            if cursor == "0-0" {
-                return Ok(claimed);
-            }
-        }
-    }
-
-    /// Partition `i`'s consumer has finished: drop the fence and give the lease up.
-    async fn let_go(&self, i: u32, value: &str) {
-        let part = self.partition(i);
-        *part.inner.fence.write().unwrap_or_else(|p| p.into_inner()) = None;
-        lock_write_owned(&self.inner.control.owned).remove(&i);
-        let released: Result<i64, RedisBusError> = async {
-            let mut conn = part.commands().await?;
-            owner::RELEASE
-                .key(self.owner_key(i))
-                .arg(value)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| part.command_error("EVALSHA (release partition)", e))
-        }
-        .await;
-        match released {
-            Ok(_) => {
-                self.inner
-                    .control
-                    .counters
-                    .released
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(partition = i, "released partition");
-            }
-            Err(e) => {
-                tracing::warn!(partition = i, error = %e, "releasing a partition failed; it lapses after partition_lease")
-            }
-        }
     }
 }
 
-fn lock_write_owned(
+pub(super) fn lock_write_owned(
     m: &std::sync::RwLock<BTreeMap<u32, String>>,
 ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u32, String>> {
     m.write().unwrap_or_else(|p| p.into_inner())
