@@ -149,3 +149,144 @@ async fn a_missing_permission_names_the_command_and_the_grant() {
     assert!(matches!(err, RedisBusError::NoPermission { .. }), "{err:?}");
     assert!(!err.is_transient());
 }
+
+/// The README's rules for a partitioned bus: the consumer's rule plus the ownership
+/// commands, on the keys `~{prefix}:* ~{prefix:p*`.
+const PARTITIONED_CONSUMER_EXTRA: &str =
+    "+xautoclaim +incr +pexpire +zadd +zrange +zrem +zremrangebyscore +time";
+const PARTITIONED_PUBLISHER_RULE: &str = "+ping +client|setname +xadd +set +get";
+const PARTITIONED_KEYS: &str = "~{orders}:* ~{orders:p*";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_partitioned_rules_run_the_whole_flow() {
+    use eventsource_redis::PartitionedEventBus;
+    let port = free_port();
+    let _server = OwnRedis::start(port, &temp_dir("acl-partitioned"), &[]);
+    let consumer_rule = format!("{CONSUMER_RULE} {PARTITIONED_CONSUMER_EXTRA}");
+    let mut admin = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for (user, rule) in [
+        ("part-consumer", consumer_rule.as_str()),
+        ("part-publisher", PARTITIONED_PUBLISHER_RULE),
+    ] {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER")
+            .arg(user)
+            .arg("reset")
+            .arg("on")
+            .arg(format!(">{user}-pw"));
+        for part in PARTITIONED_KEYS.split_whitespace() {
+            cmd.arg(part);
+        }
+        cmd.arg("-@all");
+        for part in rule.split_whitespace() {
+            cmd.arg(part);
+        }
+        let _: () = cmd.query_async(&mut admin).await.unwrap();
+    }
+    let url = |user: &str| format!("redis://{user}:{user}-pw@127.0.0.1:{port}");
+    let partitioned = |user: &str, name: &str| {
+        PartitionedEventBus::new(
+            config("orders", "billing", name)
+                .redis_url(url(user))
+                .partitions(4)
+                .partition_lease(Duration::from_secs(1))
+                .max_retries(0),
+            registry(),
+        )
+        .unwrap()
+    };
+    let publisher = partitioned("part-publisher", "p");
+    let consumer = partitioned("part-consumer", "c1");
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    consumer.subscribe(move |e: Event<OrderCreated>| {
+        let h = h.clone();
+        async move {
+            if e.customer_id == "cust-0" && h.load(Ordering::SeqCst) < 100 {
+                return Err::<(), HandlerError>("first time fails".into());
+            }
+            h.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    publisher
+        .publish_events(&(0..8).map(created).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let task = tokio::spawn({
+        let c = consumer.clone();
+        async move { c.start_consuming().await }
+    });
+    assert!(wait_until(WAIT, || async { handled.load(Ordering::SeqCst) == 7 }).await);
+    assert_eq!(consumer.owned_partitions().len(), 4);
+    assert_eq!(
+        consumer.health_check().await.status,
+        eventsource_redis::HealthStatus::Healthy
+    );
+    // Recovery, the dead letter and its replay, in the failed event's partition.
+    let mut dead = 0;
+    for part in consumer.partitions() {
+        dead += part
+            .recover_pending_messages(RecoveryOptions {
+                min_idle_time_ms: Some(0),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .dlq;
+    }
+    assert_eq!(dead, 1);
+    handled.store(100, Ordering::SeqCst);
+    for part in consumer.partitions() {
+        for letter in part.get_dlq_messages(10).await.unwrap() {
+            assert!(part.replay_dlq_message(&letter.message_id).await.unwrap());
+        }
+    }
+    assert!(wait_until(WAIT, || async { handled.load(Ordering::SeqCst) == 101 }).await);
+    assert!(consumer.shutdown(Duration::from_secs(10)).await);
+    task.await.unwrap().unwrap();
+    assert_eq!(consumer.stats().reconnections, 0);
+    assert_eq!(consumer.ownership_stats().partitions_lost, 0);
+
+    // Without one of the ownership commands the consumer takes nothing, and its health
+    // names the command and the grant.
+    let without = consumer_rule.replace("+xautoclaim ", "");
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER")
+        .arg("part-consumer")
+        .arg("reset")
+        .arg("on")
+        .arg(">part-consumer-pw");
+    for part in PARTITIONED_KEYS
+        .split_whitespace()
+        .chain(["-@all"])
+        .chain(without.split_whitespace())
+    {
+        cmd.arg(part);
+    }
+    let _: () = cmd.query_async(&mut admin).await.unwrap();
+    let half = partitioned("part-consumer", "c2");
+    let task = tokio::spawn({
+        let c = half.clone();
+        async move { c.start_consuming().await }
+    });
+    assert!(
+        wait_until(WAIT, || async {
+            let health = half.health_check().await;
+            health.status == eventsource_redis::HealthStatus::Unhealthy
+                && health.error.as_deref().is_some_and(|e| {
+                    e.contains("xautoclaim") && e.contains("ACL SETUSER part-consumer")
+                })
+        })
+        .await,
+        "{:?}",
+        half.health_check().await
+    );
+    assert!(half.owned_partitions().is_empty());
+    assert!(half.shutdown(Duration::from_secs(10)).await);
+    task.await.unwrap().unwrap();
+}

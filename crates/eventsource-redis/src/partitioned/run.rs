@@ -254,22 +254,20 @@ impl PartitionedEventBus {
     async fn tick(&self, held: &mut BTreeMap<u32, Held>, stop: &CancellationToken) {
         let limit = self.inner.config.partition_lease / 4;
         let heartbeat = tokio::time::timeout(limit, self.heartbeat(false)).await;
+        let mut problem = None;
         let assigned = match heartbeat {
-            Ok(Ok(members)) => {
-                *lock(&self.inner.control.problem) = None;
-                Some(owner::assigned_to(
-                    &self.inner.member,
-                    self.partition_count(),
-                    &members,
-                ))
-            }
+            Ok(Ok(members)) => Some(owner::assigned_to(
+                &self.inner.member,
+                self.partition_count(),
+                &members,
+            )),
             failed => {
                 let why = match failed {
                     Ok(Err(e)) => format!("the membership heartbeat fails: {e}"),
                     _ => format!("the membership heartbeat gets no reply within {limit:?}"),
                 };
                 tracing::warn!(problem = %why, "keeping the partitions held");
-                *lock(&self.inner.control.problem) = Some(why);
+                problem = Some(why);
                 None
             }
         };
@@ -293,7 +291,10 @@ impl PartitionedEventBus {
                 steps.spawn(async move { Step::Took(i, bus.take(i, limit, stop).await) });
             }
         }
-        self.settle(held, steps).await;
+        let failed_take = self.settle(held, steps).await;
+        // What keeps this member from working, for its health: the heartbeat, else a
+        // partition it cannot take (a missing permission says which command).
+        *lock(&self.inner.control.problem) = problem.or(failed_take);
     }
 
     /// Stops every partition and leaves the group's members at once (so the others take
@@ -311,7 +312,7 @@ impl PartitionedEventBus {
         while !held.is_empty() {
             let mut steps = tokio::task::JoinSet::new();
             self.renew_and_release(&mut held, &mut steps);
-            self.settle(&mut held, steps).await;
+            let _ = self.settle(&mut held, steps).await;
             if !held.is_empty() {
                 tokio::time::sleep(tick).await;
             }
@@ -362,8 +363,14 @@ impl PartitionedEventBus {
         }
     }
 
-    /// Waits for `steps` and applies their outcomes to `held`.
-    async fn settle(&self, held: &mut BTreeMap<u32, Held>, mut steps: JoinSet<Step>) {
+    /// Waits for `steps` and applies their outcomes to `held`; returns why a partition could
+    /// not be taken, if one could not.
+    async fn settle(
+        &self,
+        held: &mut BTreeMap<u32, Held>,
+        mut steps: JoinSet<Step>,
+    ) -> Option<String> {
+        let mut failed_take = None;
         while let Some(step) = steps.join_next().await {
             match step {
                 Ok(Step::Renewed(_, Ok(true)) | Step::Released | Step::Took(_, Ok(None))) => {}
@@ -391,10 +398,12 @@ impl PartitionedEventBus {
                 }
                 Ok(Step::Took(i, Err(e))) => {
                     tracing::warn!(partition = i, error = %e, "taking a partition failed; trying again");
+                    failed_take.get_or_insert(format!("taking partition {i} fails: {e}"));
                 }
                 Err(e) => tracing::error!(error = %e, "an ownership step panicked"),
             }
         }
+        failed_take
     }
 }
 
