@@ -19,6 +19,9 @@
 //! | `eventsource_pending_entries` | gauge (the group's pending entries) | `stream`, `group` |
 //! | `eventsource_consumer_lag` | gauge (entries not yet delivered to the group; Redis 7) | `stream`, `group` |
 //! | `eventsource_dlq_depth` | gauge (entries in the dead-letter stream) | `stream` |
+//! | `eventsource_acks_fenced_total` | counter (acks refused: the partition's lease was lost) | `stream`, `group` |
+//! | `eventsource_partitions_owned` | gauge (partitions this consumer holds; `PartitionedEventBus`) | `prefix`, `group` |
+//! | `eventsource_partition_changes_total` | counter | `prefix`, `group`, `change` = `taken` / `released` / `lost` |
 //!
 //! The gauges are refreshed by a consuming bus every `metrics_interval` (default 10 s).
 //! Label values are bounded: the stream and group are the bus's own, reasons are fixed
@@ -64,6 +67,7 @@ mod on {
         recovered: Counter,
         reconnections: Counter,
         acks_not_applied: Counter,
+        acks_fenced: Counter,
         batch_size: Histogram,
         pending: Gauge,
         lag: Gauge,
@@ -116,6 +120,8 @@ mod on {
                     reconnections: metrics::counter!("eventsource_reconnections_total",
                         "stream" => s.clone(), "group" => g.clone()),
                     acks_not_applied: metrics::counter!("eventsource_acks_not_applied_total",
+                        "stream" => s.clone(), "group" => g.clone()),
+                    acks_fenced: metrics::counter!("eventsource_acks_fenced_total",
                         "stream" => s.clone(), "group" => g.clone()),
                     batch_size: metrics::histogram!("eventsource_batch_size",
                         "stream" => s.clone(), "group" => g.clone()),
@@ -224,6 +230,10 @@ mod on {
             self.h().batch_size.record(size as f64);
         }
 
+        pub(crate) fn acks_fenced(&self, n: u64) {
+            self.h().acks_fenced.increment(n);
+        }
+
         pub(crate) fn gauges(&self, pending: u64, lag: Option<u64>, dlq_depth: u64) {
             let h = self.h();
             h.pending.set(pending as f64);
@@ -234,6 +244,91 @@ mod on {
         }
     }
 }
+
+#[cfg(feature = "metrics")]
+mod ownership_on {
+    use metrics::{Counter, Gauge};
+
+    #[derive(Debug)]
+    struct Handles {
+        owned: Gauge,
+        taken: Counter,
+        released: Counter,
+        lost: Counter,
+    }
+
+    /// A partitioned bus's ownership metrics, resolved on first use.
+    #[derive(Debug)]
+    pub(crate) struct OwnershipMetrics {
+        prefix: String,
+        group: String,
+        handles: std::sync::OnceLock<Handles>,
+    }
+
+    impl OwnershipMetrics {
+        pub(crate) fn new(prefix: &str, group: &str) -> Self {
+            Self {
+                prefix: prefix.to_owned(),
+                group: group.to_owned(),
+                handles: std::sync::OnceLock::new(),
+            }
+        }
+
+        fn h(&self) -> &Handles {
+            self.handles.get_or_init(|| {
+                let (p, g) = (self.prefix.clone(), self.group.clone());
+                let change = |change: &'static str| {
+                    metrics::counter!("eventsource_partition_changes_total",
+                        "prefix" => p.clone(), "group" => g.clone(), "change" => change)
+                };
+                Handles {
+                    owned: metrics::gauge!("eventsource_partitions_owned",
+                        "prefix" => p.clone(), "group" => g.clone()),
+                    taken: change("taken"),
+                    released: change("released"),
+                    lost: change("lost"),
+                }
+            })
+        }
+
+        pub(crate) fn owned(&self, n: usize) {
+            self.h().owned.set(n as f64);
+        }
+        pub(crate) fn taken(&self) {
+            self.h().taken.increment(1);
+        }
+        pub(crate) fn released(&self) {
+            self.h().released.increment(1);
+        }
+        pub(crate) fn lost(&self) {
+            self.h().lost.increment(1);
+        }
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod ownership_off {
+    /// Without the `metrics` feature: nothing is recorded.
+    #[derive(Debug)]
+    pub(crate) struct OwnershipMetrics;
+
+    #[allow(clippy::unused_self)]
+    impl OwnershipMetrics {
+        pub(crate) fn new(_prefix: &str, _group: &str) -> Self {
+            Self
+        }
+        pub(crate) fn owned(&self, _n: usize) {}
+        pub(crate) fn taken(&self) {}
+        pub(crate) fn released(&self) {}
+        pub(crate) fn lost(&self) {}
+    }
+}
+
+#[cfg(feature = "metrics")]
+pub(crate) use ownership_on::OwnershipMetrics;
+
+#[cfg(not(feature = "metrics"))]
+pub(crate) use ownership_off::OwnershipMetrics;
 
 #[cfg(not(feature = "metrics"))]
 mod off {
@@ -258,6 +353,7 @@ mod off {
         pub(crate) fn recovered(&self, _n: u64) {}
         pub(crate) fn reconnected(&self) {}
         pub(crate) fn acks_not_applied(&self, _n: u64) {}
+        pub(crate) fn acks_fenced(&self, _n: u64) {}
         pub(crate) fn batch(&self, _size: usize) {}
         pub(crate) fn gauges(&self, _pending: u64, _lag: Option<u64>, _dlq_depth: u64) {}
     }

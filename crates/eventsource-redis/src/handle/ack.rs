@@ -75,6 +75,7 @@ impl RedisEventBus {
             if applied < 0 {
                 let n = acks.len() as u64;
                 bump(&self.inner.counters.acks_fenced, n);
+                self.inner.metrics.acks_fenced(n);
                 tracing::warn!(
                     count = n,
                     stream = %self.inner.stream,

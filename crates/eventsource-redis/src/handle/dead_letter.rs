@@ -112,6 +112,7 @@ impl RedisEventBus {
             }
             5 => {
                 bump(&c.acks_fenced, 1);
+                self.inner.metrics.acks_fenced(1);
                 tracing::warn!(message_id = %id, "not dead-lettered: this consumer no longer holds the partition; its new owner handles the entry");
                 DeadLettered::Busy
             }

@@ -57,6 +57,7 @@ impl PartitionedEventBus {
             .counters
             .lost
             .fetch_add(1, Ordering::Relaxed);
+        self.inner.control.metrics.lost();
     }
 
     /// Writes this member's heartbeat (or removes it) and returns the live members.
@@ -148,7 +149,13 @@ impl PartitionedEventBus {
         c.taken.fetch_add(1, Ordering::Relaxed);
         c.handed_over.fetch_add(handed_over, Ordering::Relaxed);
         tracing::info!(partition = i, lease = %value, handed_over, "took partition");
-        lock_write_owned(&self.inner.control.owned).insert(i, value.clone());
+        let owned = {
+            let mut owned = lock_write_owned(&self.inner.control.owned);
+            owned.insert(i, value.clone());
+            owned.len()
+        };
+        self.inner.control.metrics.taken();
+        self.inner.control.metrics.owned(owned);
         let renewed = Arc::new(std::sync::Mutex::new(sent));
         let done = CancellationToken::new();
         let task = {
@@ -245,7 +252,12 @@ impl PartitionedEventBus {
     pub(super) async fn let_go(&self, i: u32, value: &str, limit: Duration) {
         let part = self.partition(i);
         *part.inner.fence.write().unwrap_or_else(|p| p.into_inner()) = None;
-        lock_write_owned(&self.inner.control.owned).remove(&i);
+        let owned = {
+            let mut owned = lock_write_owned(&self.inner.control.owned);
+            owned.remove(&i);
+            owned.len()
+        };
+        self.inner.control.metrics.owned(owned);
         let release = async {
             let mut conn = self.control().await?;
             owner::RELEASE
@@ -262,6 +274,7 @@ impl PartitionedEventBus {
                     .counters
                     .released
                     .fetch_add(1, Ordering::Relaxed);
+                self.inner.control.metrics.released();
                 tracing::info!(partition = i, "released partition");
             }
             Ok(Ok(_)) => {

@@ -156,7 +156,7 @@ impl PartitionedEventBus {
                 parts,
                 subscribers,
                 registry,
-                control: run::Control::default(),
+                control: run::Control::new(&config.stream_prefix, &config.consumer_group),
                 control_conn: tokio::sync::OnceCell::new(),
                 count_checked: tokio::sync::OnceCell::new(),
                 config,

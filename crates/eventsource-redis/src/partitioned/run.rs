@@ -23,16 +23,18 @@ pub(super) struct Control {
     /// Why the ownership loop cannot work right now (its heartbeat fails), if it cannot.
     pub(super) problem: std::sync::Mutex<Option<String>>,
     pub(super) counters: OwnershipCounters,
+    pub(super) metrics: crate::metrics::OwnershipMetrics,
 }
 
-impl Default for Control {
-    fn default() -> Self {
+impl Control {
+    pub(super) fn new(prefix: &str, group: &str) -> Self {
         Self {
             stop: std::sync::Mutex::new(CancellationToken::new()),
             running: tokio::sync::watch::channel(false).0,
             owned: std::sync::RwLock::new(BTreeMap::new()),
             problem: std::sync::Mutex::new(None),
             counters: OwnershipCounters::default(),
+            metrics: crate::metrics::OwnershipMetrics::new(prefix, group),
         }
     }
 }

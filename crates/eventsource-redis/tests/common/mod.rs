@@ -9,6 +9,8 @@ use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
 use eventsource_redis::{RedisEventBus, RedisEventBusConfig};
 use redis::aio::MultiplexedConnection;
 
+pub mod http;
+
 pub use eventsource_testsupport::{
     Cleanup, DelayProxy, OwnRedis, free_port, redis_url, temp_dir, unique_prefix,
 };
