@@ -229,6 +229,9 @@ pub(crate) struct ServerRisks {
     pub(crate) warnings: Vec<String>,
     /// Redis refuses writes now (the append-only file cannot be written).
     pub(crate) refusing_writes: Option<String>,
+    /// A `volatile-*` eviction policy: keys with a time to live (a partitioned bus's leases)
+    /// can be evicted under memory pressure.
+    pub(crate) evicts_expiring_keys: Option<String>,
 }
 
 impl ServerRisks {
@@ -248,6 +251,16 @@ impl ServerRisks {
                  pressure it can delete this stream, its consumer groups and pending lists \
                  (events lost); set `maxmemory-policy noeviction` (publishes then fail with OOM \
                  instead) or a volatile-* policy"
+            ));
+        }
+        if let Some(policy) = field("maxmemory_policy")
+            && policy.starts_with("volatile-")
+        {
+            risks.evicts_expiring_keys = Some(format!(
+                "Redis may evict partition leases: maxmemory-policy is {policy}, so under \
+                 memory pressure it can delete a lease (it has a time to live) and another \
+                 member take the partition while its owner still works on it; set \
+                 `maxmemory-policy noeviction` for a partitioned bus"
             ));
         }
         // A failed AOF write makes a master refuse every write (MISCONF). A failed snapshot

@@ -34,10 +34,13 @@ async fn set_user(port: u16, user: &str, keys: &str, rule: &str) {
         .arg(user)
         .arg("reset")
         .arg("on")
-        .arg(format!(">{user}-pw"))
-        .arg(keys)
-        .arg("-@all");
-    for part in rule.split_whitespace() {
+        .arg(format!(">{user}-pw"));
+    // `keys`: one or more key patterns, space-separated.
+    for part in keys
+        .split_whitespace()
+        .chain(["-@all"])
+        .chain(rule.split_whitespace())
+    {
         cmd.arg(part);
     }
     let _: () = cmd.query_async(&mut admin).await.unwrap();
@@ -163,30 +166,14 @@ async fn the_documented_partitioned_rules_run_the_whole_flow() {
     let port = free_port();
     let _server = OwnRedis::start(port, &temp_dir("acl-partitioned"), &[]);
     let consumer_rule = format!("{CONSUMER_RULE} {PARTITIONED_CONSUMER_EXTRA}");
-    let mut admin = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    for (user, rule) in [
-        ("part-consumer", consumer_rule.as_str()),
-        ("part-publisher", PARTITIONED_PUBLISHER_RULE),
-    ] {
-        let mut cmd = redis::cmd("ACL");
-        cmd.arg("SETUSER")
-            .arg(user)
-            .arg("reset")
-            .arg("on")
-            .arg(format!(">{user}-pw"));
-        for part in PARTITIONED_KEYS.split_whitespace() {
-            cmd.arg(part);
-        }
-        cmd.arg("-@all");
-        for part in rule.split_whitespace() {
-            cmd.arg(part);
-        }
-        let _: () = cmd.query_async(&mut admin).await.unwrap();
-    }
+    set_user(port, "part-consumer", PARTITIONED_KEYS, &consumer_rule).await;
+    set_user(
+        port,
+        "part-publisher",
+        PARTITIONED_KEYS,
+        PARTITIONED_PUBLISHER_RULE,
+    )
+    .await;
     let url = |user: &str| format!("redis://{user}:{user}-pw@127.0.0.1:{port}");
     let partitioned = |user: &str, name: &str| {
         PartitionedEventBus::new(
@@ -255,20 +242,7 @@ async fn the_documented_partitioned_rules_run_the_whole_flow() {
     // Without one of the ownership commands the consumer takes nothing, and its health
     // names the command and the grant.
     let without = consumer_rule.replace("+xautoclaim ", "");
-    let mut cmd = redis::cmd("ACL");
-    cmd.arg("SETUSER")
-        .arg("part-consumer")
-        .arg("reset")
-        .arg("on")
-        .arg(">part-consumer-pw");
-    for part in PARTITIONED_KEYS
-        .split_whitespace()
-        .chain(["-@all"])
-        .chain(without.split_whitespace())
-    {
-        cmd.arg(part);
-    }
-    let _: () = cmd.query_async(&mut admin).await.unwrap();
+    set_user(port, "part-consumer", PARTITIONED_KEYS, &without).await;
     let half = partitioned("part-consumer", "c2");
     let task = tokio::spawn({
         let c = half.clone();

@@ -245,3 +245,36 @@ async fn a_batch_of_nine_thousand_is_acknowledged_through_the_fence() {
     assert!(bus.shutdown(Duration::from_secs(10)).await);
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_past_its_timeout_abandons_hung_handlers_and_gives_the_partition_up() {
+    let prefix = unique_prefix("own-shutdown");
+    let _cleanup = Cleanup(prefix.clone());
+    let bus = partitioned(config(&prefix, "g", "c1"), 2);
+    let runs = Runs::default();
+    // A handler that never returns.
+    runs.subscribe(&bus, Duration::from_secs(3600));
+    bus.connect().await.unwrap();
+    bus.publish_events(&[created(1)]).await.unwrap();
+    let task = tokio::spawn({
+        let b = bus.clone();
+        async move { b.start_consuming().await }
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            runs.running.load(Ordering::SeqCst) == 1
+        })
+        .await
+    );
+    let started = std::time::Instant::now();
+    assert!(!bus.shutdown(Duration::from_millis(500)).await, "it cannot finish in time");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    task.await.unwrap().unwrap();
+    assert_eq!(runs.running.load(Ordering::SeqCst), 0, "the handler was abandoned");
+    // Its entry stays pending for the next owner; the partitions are free.
+    let total: u64 = bus.totals().await.unwrap().pending;
+    assert_eq!(total, 1);
+    for state in bus.partition_owners().await.unwrap() {
+        assert_eq!(state.owner, None, "{state:?}");
+    }
+}

@@ -354,7 +354,12 @@ fn counting_partitioned(bus: &PartitionedEventBus) -> Arc<std::sync::atomic::Ato
 async fn health_sums_the_partitions_and_says_which_one_fails() {
     use eventsource_redis::HealthStatus;
     let dir = temp_dir("part-health");
-    let mut redis = OwnRedis::start(free_port(), &dir, &[]);
+    // An eviction policy that may evict keys with a time to live: the leases.
+    let mut redis = OwnRedis::start(
+        free_port(),
+        &dir,
+        &["--maxmemory", "100mb", "--maxmemory-policy", "volatile-lru"],
+    );
     let prefix = unique_prefix("part-health");
     let bus = PartitionedEventBus::new(
         config(&prefix, "g", "c1")
@@ -372,6 +377,11 @@ async fn health_sums_the_partitions_and_says_which_one_fails() {
     bus.connect().await.unwrap();
     let idle = bus.health_check().await;
     assert_eq!(idle.status, HealthStatus::Degraded, "{idle:?}");
+    assert!(
+        idle.warnings.iter().any(|w| w.contains("evict partition leases")),
+        "{:?}",
+        idle.warnings
+    );
     bus.publish_events(&interleaved(6, 1)).await.unwrap();
     let task = tokio::spawn({
         let b = bus.clone();

@@ -219,10 +219,19 @@ impl RedisEventBus {
                 self.refresh_gauges().await;
                 metrics_at = Some(Instant::now());
             }
+            // A read is cancelled when the run is aborted: its connection closes, so Redis
+            // delivers nothing more to this consumer (a partition whose lease lapsed must not
+            // receive entries after its successor claimed the pending ones).
             let (back, read) = match read_ahead.take() {
-                Some(pending) => pending
-                    .await
-                    .unwrap_or_else(|join| (None, Err(ReadError::Connection(join.to_string())))),
+                Some(mut pending) => tokio::select! {
+                    biased;
+                    () = abort.cancelled() => {
+                        pending.abort();
+                        break;
+                    }
+                    joined = &mut pending => joined
+                        .unwrap_or_else(|join| (None, Err(ReadError::Connection(join.to_string())))),
+                },
                 None => {
                     let r = match reader.take() {
                         Some(r) => r,
@@ -237,7 +246,11 @@ impl RedisEventBus {
                             }
                         },
                     };
-                    self.read_new(r, read_timeout).await
+                    tokio::select! {
+                        biased;
+                        () = abort.cancelled() => break,
+                        read = self.read_new(r, read_timeout) => read,
+                    }
                 }
             };
             reader = back;
@@ -294,10 +307,14 @@ impl RedisEventBus {
             }
         }
         if let Some(pending) = read_ahead.take() {
-            // Delivered to us while we were stopping: handle it rather than leave it pending.
-            if let Ok((_, Ok((items, held)))) = pending.await
+            if abort.is_cancelled() {
+                // Abandoned: close the read; what Redis delivered stays pending.
+                pending.abort();
+            } else if let Ok((_, Ok((items, held)))) = pending.await
                 && !items.is_empty()
             {
+                // Delivered to us while we were stopping: handle it rather than leave it
+                // pending.
                 self.process_held(items, held, &finish, &abort).await;
             }
         }

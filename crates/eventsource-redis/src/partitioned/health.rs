@@ -24,8 +24,24 @@ impl PartitionedEventBus {
             error: None,
             warnings: Vec::new(),
         };
+        // Every partition's health at once (on a cluster they live on different masters).
+        let mut checks = tokio::task::JoinSet::new();
         for (i, part) in (0u32..).zip(self.partitions()) {
-            let h = part.health_check().await;
+            let part = part.clone();
+            checks.spawn(async move { (i, part.health_check().await) });
+        }
+        let mut all = Vec::with_capacity(self.partitions().len());
+        while let Some(checked) = checks.join_next().await {
+            if let Ok(checked) = checked {
+                all.push(checked);
+            }
+        }
+        all.sort_by_key(|(i, _)| *i);
+        if all.len() < self.partitions().len() {
+            health.error = Some("a partition's health check panicked".into());
+        }
+        for (i, h) in all {
+            let part = self.partition(i);
             health.pending_messages += h.pending_messages;
             health.dlq_messages += h.dlq_messages;
             health.connected &= h.connected;
@@ -47,6 +63,9 @@ impl PartitionedEventBus {
                     h.error.unwrap_or_else(|| "unhealthy".into())
                 ));
             }
+        }
+        if let Some(warning) = self.partition(0).server_risks().await.evicts_expiring_keys {
+            health.warnings.push(warning);
         }
         let ownership = lock(&self.inner.control.problem).clone();
         if consuming && health.error.is_none() {

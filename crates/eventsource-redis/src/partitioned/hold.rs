@@ -35,8 +35,17 @@ pub(super) struct Held {
 /// What one concurrent step of the ownership loop did.
 pub(super) enum Step {
     Renewed(u32, Result<bool, String>),
-    Took(u32, Result<Option<Held>, String>),
     Released,
+}
+
+/// Cancels its token when dropped: a partition consumer's task ends it however it ends
+/// (a panic included), so the watchdog stops with that run.
+struct DoneGuard(CancellationToken);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }
 
 impl PartitionedEventBus {
@@ -161,10 +170,10 @@ impl PartitionedEventBus {
         let task = {
             let (part, stop, done) = (part.clone(), stop.clone(), done.clone());
             tokio::spawn(async move {
+                let _done = DoneGuard(done);
                 if let Err(e) = part.consume_until(stop.cancelled()).await {
                     tracing::error!(partition = i, error = %e, "partition consumer ended");
                 }
-                done.cancel();
             })
         };
         tokio::spawn(
@@ -195,6 +204,7 @@ impl PartitionedEventBus {
         loop {
             let deadline = *lock(&renewed) + margin;
             tokio::select! {
+                biased;
                 () = done.cancelled() => return,
                 () = tokio::time::sleep_until(deadline.into()) => {}
             }

@@ -335,45 +335,58 @@ impl PartitionedEventBus {
             writes.push((partition, positions, batch, commands));
         }
         drop(_entered);
-        if let [(partition, _, batch, _)] = writes.as_slice() {
-            let (partition, batch) = (*partition, batch.clone());
-            let commands = writes.pop().map(|w| w.3).unwrap_or_default();
+        if writes.len() == 1
+            && let Some((partition, _, _, commands)) = writes.pop()
+        {
             return self
                 .partition(partition)
-                .send(&batch, commands)
+                .send(events, commands)
                 .instrument(span)
                 .await;
         }
         let mut tasks = tokio::task::JoinSet::new();
+        let mut which = std::collections::HashMap::new();
         for (partition, positions, batch, commands) in writes {
             let bus = self.partition(partition).clone();
-            tasks.spawn(
+            let ids: Vec<uuid::Uuid> = batch.iter().map(EventEnvelope::event_id).collect();
+            let task = tasks.spawn(
                 async move {
                     let result = bus.send(&batch, commands).await;
                     (partition, positions, result)
                 }
                 .instrument(span.clone()),
             );
+            which.insert(task.id(), (partition, ids));
         }
         let mut ids = vec![String::new(); events.len()];
         let mut failed = Vec::new();
-        while let Some(joined) = tasks.join_next().await {
-            let (partition, positions, result) =
-                joined.map_err(|e| RedisBusError::UnexpectedReply {
-                    command: "publish (a partition's task)",
-                    reply: e.to_string(),
-                })?;
-            match result {
-                Ok(written) => {
+        while let Some(joined) = tasks.join_next_with_id().await {
+            match joined {
+                Ok((_, (_, positions, Ok(written)))) => {
                     for (position, id) in positions.into_iter().zip(written) {
                         ids[position] = id;
                     }
                 }
-                Err(error) => failed.push(crate::PartitionFailure {
-                    partition,
-                    events: positions.iter().map(|i| events[*i].event_id()).collect(),
-                    error,
-                }),
+                Ok((_, (partition, positions, Err(error)))) => {
+                    failed.push(crate::PartitionFailure {
+                        partition,
+                        events: positions.iter().map(|i| events[*i].event_id()).collect(),
+                        error,
+                    });
+                }
+                // A partition's send panicked: its events' outcome is unknown.
+                Err(join) => {
+                    if let Some((partition, events)) = which.remove(&join.id()) {
+                        failed.push(crate::PartitionFailure {
+                            partition,
+                            events,
+                            error: RedisBusError::UnexpectedReply {
+                                command: "publish (a partition's task)",
+                                reply: join.to_string(),
+                            },
+                        });
+                    }
+                }
             }
         }
         if failed.is_empty() {

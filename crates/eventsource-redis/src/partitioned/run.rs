@@ -24,6 +24,8 @@ pub(super) struct Control {
     pub(super) problem: std::sync::Mutex<Option<String>>,
     pub(super) counters: OwnershipCounters,
     pub(super) metrics: crate::metrics::OwnershipMetrics,
+    /// The last member set (sorted) and this member's partitions in it.
+    assigned: std::sync::Mutex<Option<(Vec<String>, Vec<u32>)>>,
 }
 
 impl Control {
@@ -35,6 +37,7 @@ impl Control {
             problem: std::sync::Mutex::new(None),
             counters: OwnershipCounters::default(),
             metrics: crate::metrics::OwnershipMetrics::new(prefix, group),
+            assigned: std::sync::Mutex::new(None),
         }
     }
 }
@@ -203,7 +206,14 @@ impl PartitionedEventBus {
                 r = self.connect() => r,
             };
             match connected {
-                Ok(()) => break,
+                Ok(()) => {
+                    if let Some(warning) =
+                        self.partition(0).server_risks().await.evicts_expiring_keys
+                    {
+                        tracing::warn!("{warning}");
+                    }
+                    break;
+                }
                 Err(e) if e.is_transient() => {
                     tracing::warn!(error = %e, "partitioned bus cannot connect yet; retrying");
                     tokio::time::sleep(backoff).await;
@@ -213,6 +223,7 @@ impl PartitionedEventBus {
             }
         }
         let mut held: BTreeMap<u32, Held> = BTreeMap::new();
+        let mut taking = Taking::new();
         let tick = self.tick_interval();
         tracing::info!(
             member = %self.inner.member,
@@ -221,7 +232,7 @@ impl PartitionedEventBus {
             "joining the group's members"
         );
         loop {
-            self.tick(&mut held, &stop).await;
+            self.tick(&mut held, &mut taking, &stop).await;
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -229,7 +240,7 @@ impl PartitionedEventBus {
                 () = tokio::time::sleep(tick) => {}
             }
         }
-        self.leave(held).await;
+        self.leave(held, taking).await;
         Ok(())
     }
 
@@ -239,30 +250,52 @@ impl PartitionedEventBus {
         lock(&self.inner.control.stop).cancel();
     }
 
-    /// Stops consuming and waits at most `timeout` for it; returns whether it finished in
-    /// time.
+    /// Stops consuming and waits at most `timeout` for the partitions' batches to finish and
+    /// be acknowledged; past the timeout it abandons the running handlers (their entries stay
+    /// pending for the partitions' next owners) and waits for the leases to be given up.
+    /// Returns whether it finished within the timeout.
     pub async fn shutdown(&self, timeout: Duration) -> bool {
         self.stop_consuming();
         let mut running = self.inner.control.running.subscribe();
-        tokio::time::timeout(timeout, running.wait_for(|r| !*r))
+        if tokio::time::timeout(timeout, running.wait_for(|r| !*r))
             .await
             .is_ok()
+        {
+            return true;
+        }
+        tracing::warn!(
+            timeout_ms = crate::config::millis(timeout),
+            "shutdown timed out; abandoning the partitions' running handlers"
+        );
+        for part in self.partitions() {
+            part.abandon_handlers();
+        }
+        let _ = running.wait_for(|r| !*r).await;
+        false
     }
 
-    /// One round of the ownership loop. Every Redis call is bounded by a quarter of the
-    /// lease, and renewals, takes and releases run concurrently, so a master that does not
-    /// answer (a failover) cannot hold up the partitions on the other masters. Partitions
-    /// being handed over stay renewed until their consumer has finished.
-    async fn tick(&self, held: &mut BTreeMap<u32, Held>, stop: &CancellationToken) {
+    /// One round of the ownership loop. The renewals (and releases of finished partitions)
+    /// run while the heartbeat is written; takes run on their own and report to a later
+    /// round, so a slow or failing master delays nothing but its own partitions. Every Redis
+    /// call is bounded by a quarter of the lease. Partitions being handed over stay renewed
+    /// until their consumer has finished.
+    async fn tick(
+        &self,
+        held: &mut BTreeMap<u32, Held>,
+        taking: &mut Taking,
+        stop: &CancellationToken,
+    ) {
         let limit = self.inner.config.partition_lease / 4;
-        let heartbeat = tokio::time::timeout(limit, self.heartbeat(false)).await;
+        let failed_take = taking.collect(held);
+        let mut steps = JoinSet::new();
+        let released = self.renew_and_release(held, &mut steps);
+        let (heartbeat, ()) = tokio::join!(
+            tokio::time::timeout(limit, self.heartbeat(false)),
+            self.settle(held, steps)
+        );
         let mut problem = None;
         let assigned = match heartbeat {
-            Ok(Ok(members)) => Some(owner::assigned_to(
-                &self.inner.member,
-                self.partition_count(),
-                &members,
-            )),
+            Ok(Ok(members)) => Some(self.assigned(&members)),
             failed => {
                 let why = match failed {
                     Ok(Err(e)) => format!("the membership heartbeat fails: {e}"),
@@ -284,40 +317,60 @@ impl PartitionedEventBus {
                     h.releasing = true;
                 }
             }
-        }
-        let mut steps = tokio::task::JoinSet::new();
-        self.renew_and_release(held, &mut steps);
-        for i in assigned.iter().flatten() {
-            if !held.contains_key(i) {
-                let (bus, i, stop) = (self.clone(), *i, stop.child_token());
-                steps.spawn(async move { Step::Took(i, bus.take(i, limit, stop).await) });
+            for &i in assigned {
+                // Not one released this round: its release must reach Redis first.
+                if !held.contains_key(&i) && !released.contains(&i) {
+                    taking.start(self, i, limit, stop.child_token());
+                }
             }
         }
-        let failed_take = self.settle(held, steps).await;
         // What keeps this member from working, for its health: the heartbeat, else a
         // partition it cannot take (a missing permission says which command).
         *lock(&self.inner.control.problem) = problem.or(failed_take);
     }
 
+    /// The partitions assigned to this member among `members` (computed again only when the
+    /// member set changes).
+    fn assigned(&self, members: &[String]) -> Vec<u32> {
+        let mut sorted = members.to_vec();
+        sorted.sort_unstable();
+        let mut cache = lock(&self.inner.control.assigned);
+        if let Some((set, mine)) = cache.as_ref()
+            && *set == sorted
+        {
+            return mine.clone();
+        }
+        let mine = owner::assigned_to(&self.inner.member, self.partition_count(), &sorted);
+        *cache = Some((sorted, mine.clone()));
+        mine
+    }
+
     /// Stops every partition and leaves the group's members at once (so the others take
     /// each partition as soon as it is released), then keeps renewing the partitions whose
-    /// consumers are still finishing their batch, and releases each when it is done.
-    async fn leave(&self, mut held: BTreeMap<u32, Held>) {
-        if let Err(e) = self.heartbeat(true).await {
-            tracing::warn!(error = %e, "leaving the group's members failed; they drop this member after partition_lease");
-        }
-        for h in held.values_mut() {
-            h.stop.cancel();
-            h.releasing = true;
+    /// consumers are still finishing their batch, and releases each when it is done (takes
+    /// still under way are waited for and released the same way).
+    async fn leave(&self, mut held: BTreeMap<u32, Held>, mut taking: Taking) {
+        let limit = self.inner.config.partition_lease / 4;
+        match tokio::time::timeout(limit, self.heartbeat(true)).await {
+            Ok(Ok(_)) => {}
+            _ => tracing::warn!(
+                "leaving the group's members failed; they drop this member after partition_lease"
+            ),
         }
         let tick = self.tick_interval();
-        while !held.is_empty() {
-            let mut steps = tokio::task::JoinSet::new();
-            self.renew_and_release(&mut held, &mut steps);
-            let _ = self.settle(&mut held, steps).await;
-            if !held.is_empty() {
-                tokio::time::sleep(tick).await;
+        loop {
+            let _ = taking.collect(&mut held);
+            for h in held.values_mut() {
+                h.stop.cancel();
+                h.releasing = true;
             }
+            if held.is_empty() && taking.is_idle() {
+                break;
+            }
+            let mut steps = JoinSet::new();
+            let _ = self.renew_and_release(&mut held, &mut steps);
+            self.settle(&mut held, steps).await;
+            tokio::time::sleep(tick).await;
         }
         *lock(&self.inner.control.problem) = None;
         tracing::info!(member = %self.inner.member, "left the group's members");
@@ -330,15 +383,19 @@ impl PartitionedEventBus {
     }
 
     /// Adds to `steps` the release of every partition whose consumer finished (removed from
-    /// `held`) and the renewal of every other one.
-    fn renew_and_release(&self, held: &mut BTreeMap<u32, Held>, steps: &mut JoinSet<Step>) {
+    /// `held`; returned) and the renewal of every other one.
+    fn renew_and_release(
+        &self,
+        held: &mut BTreeMap<u32, Held>,
+        steps: &mut JoinSet<Step>,
+    ) -> Vec<u32> {
         let limit = self.inner.config.partition_lease / 4;
         let finished: Vec<u32> = held
             .iter()
             .filter(|(_, h)| h.task.is_finished())
             .map(|(i, _)| *i)
             .collect();
-        for i in finished {
+        for &i in &finished {
             if let Some(h) = held.remove(&i) {
                 let bus = self.clone();
                 steps.spawn(async move {
@@ -363,19 +420,14 @@ impl PartitionedEventBus {
                 Step::Renewed(i, result)
             });
         }
+        finished
     }
 
-    /// Waits for `steps` and applies their outcomes to `held`; returns why a partition could
-    /// not be taken, if one could not.
-    async fn settle(
-        &self,
-        held: &mut BTreeMap<u32, Held>,
-        mut steps: JoinSet<Step>,
-    ) -> Option<String> {
-        let mut failed_take = None;
+    /// Waits for `steps` and applies their outcomes to `held`.
+    async fn settle(&self, held: &mut BTreeMap<u32, Held>, mut steps: JoinSet<Step>) {
         while let Some(step) = steps.join_next().await {
             match step {
-                Ok(Step::Renewed(_, Ok(true)) | Step::Released | Step::Took(_, Ok(None))) => {}
+                Ok(Step::Renewed(_, Ok(true)) | Step::Released) => {}
                 Ok(Step::Renewed(i, Ok(false))) => {
                     if let Some(h) = held.get_mut(&i)
                         && !h.lost
@@ -395,17 +447,68 @@ impl PartitionedEventBus {
                 Ok(Step::Renewed(i, Err(e))) => {
                     tracing::warn!(partition = i, error = %e, "renewing a partition lease failed");
                 }
-                Ok(Step::Took(i, Ok(Some(h)))) => {
-                    held.insert(i, h);
-                }
-                Ok(Step::Took(i, Err(e))) => {
-                    tracing::warn!(partition = i, error = %e, "taking a partition failed; trying again");
-                    failed_take.get_or_insert(format!("taking partition {i} fails: {e}"));
-                }
                 Err(e) => tracing::error!(error = %e, "an ownership step panicked"),
             }
         }
-        failed_take
+    }
+}
+
+/// Takes under way: each runs as a task of its own and reports to a later round.
+pub(super) struct Taking {
+    tx: tokio::sync::mpsc::UnboundedSender<(u32, Result<Option<Held>, String>)>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(u32, Result<Option<Held>, String>)>,
+    under_way: std::collections::BTreeSet<u32>,
+}
+
+impl Taking {
+    fn new() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            tx,
+            rx,
+            under_way: std::collections::BTreeSet::new(),
+        }
+    }
+
+    /// Starts taking partition `i` unless a take of it is under way.
+    fn start(
+        &mut self,
+        bus: &PartitionedEventBus,
+        i: u32,
+        limit: Duration,
+        stop: CancellationToken,
+    ) {
+        if !self.under_way.insert(i) {
+            return;
+        }
+        let (bus, tx) = (bus.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let result = bus.take(i, limit, stop).await;
+            let _ = tx.send((i, result));
+        });
+    }
+
+    /// Moves the takes that finished into `held`; returns why one failed, if one did.
+    fn collect(&mut self, held: &mut BTreeMap<u32, Held>) -> Option<String> {
+        let mut failed = None;
+        while let Ok((i, result)) = self.rx.try_recv() {
+            self.under_way.remove(&i);
+            match result {
+                Ok(Some(h)) => {
+                    held.insert(i, h);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(partition = i, error = %e, "taking a partition failed; trying again");
+                    failed.get_or_insert(format!("taking partition {i} fails: {e}"));
+                }
+            }
+        }
+        failed
+    }
+
+    fn is_idle(&self) -> bool {
+        self.under_way.is_empty()
     }
 }
 
