@@ -267,10 +267,21 @@ async fn a_shutdown_past_its_timeout_abandons_hung_handlers_and_gives_the_partit
         .await
     );
     let started = std::time::Instant::now();
-    assert!(!bus.shutdown(Duration::from_millis(500)).await, "it cannot finish in time");
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        !bus.shutdown(Duration::from_millis(500)).await,
+        "it cannot finish in time"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     task.await.unwrap().unwrap();
-    assert_eq!(runs.running.load(Ordering::SeqCst), 0, "the handler was abandoned");
+    assert_eq!(
+        runs.running.load(Ordering::SeqCst),
+        0,
+        "the handler was abandoned"
+    );
     // Its entry stays pending for the next owner; the partitions are free.
     let total: u64 = bus.totals().await.unwrap().pending;
     assert_eq!(total, 1);

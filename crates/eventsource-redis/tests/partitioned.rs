@@ -378,7 +378,9 @@ async fn health_sums_the_partitions_and_says_which_one_fails() {
     let idle = bus.health_check().await;
     assert_eq!(idle.status, HealthStatus::Degraded, "{idle:?}");
     assert!(
-        idle.warnings.iter().any(|w| w.contains("evict partition leases")),
+        idle.warnings
+            .iter()
+            .any(|w| w.contains("evict partition leases")),
         "{:?}",
         idle.warnings
     );

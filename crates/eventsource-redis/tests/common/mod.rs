@@ -10,6 +10,7 @@ use eventsource_redis::{RedisEventBus, RedisEventBusConfig};
 use redis::aio::MultiplexedConnection;
 
 pub mod http;
+pub mod scale;
 
 pub use eventsource_testsupport::{
     Cleanup, DelayProxy, OwnRedis, free_port, redis_url, temp_dir, unique_prefix,
