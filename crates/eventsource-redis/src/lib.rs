@@ -67,6 +67,10 @@
 //! - [`service`]: run until SIGTERM/SIGINT and shut down gracefully.
 //! - [`trace`]: W3C trace context carried in entry fields.
 //! - [`trim`]: trimming only what every group has acknowledged.
+//! - `partitioned`: [`PartitionedEventBus`] — a stream over `partitions` streams, one owner
+//!   per partition and group (membership, bounded-load rendezvous assignment, leases with
+//!   fencing tokens, a watchdog), on one Redis or a Redis Cluster (`docs/scale-out.md`).
+//! - `conn`: the command connection, one node or a cluster.
 //!
 //! ## Guarantees
 //! - **At-least-once per consumer group.** An entry is acknowledged only after every handler
@@ -87,7 +91,13 @@
 //!   taking over 100 ms) a consumer does not read ahead, so it holds one batch, not two.
 //! - **Order.** One consumer handles its entries one at a time in stream order (or, with
 //!   `handler_concurrency`, each aggregate's in stream order); there is no order across
-//!   consumers, and a retried entry runs after later ones.
+//!   consumers of a [`RedisEventBus`], and a retried entry runs after later ones. A
+//!   [`PartitionedEventBus`] keeps each aggregate's order across all the consumers of a group:
+//!   a partition has one owner at a time, a new owner first takes the pending entries of the
+//!   previous one, and an owner that lost its lease can no longer acknowledge (the check and
+//!   the acknowledgement are one script). The exception: an owner paused or cut off from
+//!   Redis for longer than `partition_lease` while a handler runs (its successor may run that
+//!   entry again; the late acknowledgement is refused and counted as `acks_fenced`).
 //! - **Attempts are handler starts.** Redis's delivery count is kept equal to the number of
 //!   times a handler started on the entry, so a consumer killed repeatedly while holding a
 //!   batch dead-letters (after `1 + max_retries` starts) only the entry that was running, and
