@@ -488,3 +488,74 @@ async fn cluster_mode_against_a_single_node_is_a_configuration_error() {
     assert!(bus.start_consuming().await.is_err());
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_holds_per_aggregate_with_concurrent_handlers_in_each_partition() {
+    let prefix = unique_prefix("part-concurrent");
+    let _cleanup = Cleanup(prefix.clone());
+    let ledger = Arc::new(Ledger::new());
+    let consumer = |name: &str| {
+        let bus = PartitionedEventBus::new(
+            config(&prefix, "g", name)
+                .partitions(4)
+                .partition_lease(Duration::from_secs(1))
+                .handler_concurrency(8),
+            registry(),
+        )
+        .unwrap();
+        let (ledger, me) = (ledger.clone(), name.to_owned());
+        bus.subscribe_to_all_events(move |e: EventEnvelope| {
+            let (ledger, me) = (ledger.clone(), me.clone());
+            async move {
+                // Uneven handler times: a later event of another aggregate often finishes
+                // first, which is allowed; one of the same aggregate never may.
+                tokio::time::sleep(Duration::from_micros(fastrand::u64(0..3000))).await;
+                ledger.handled("g", &me, e.event_id());
+            }
+        });
+        bus
+    };
+    let (a, b) = (consumer("a"), consumer("b"));
+    a.connect().await.unwrap();
+    let tasks: Vec<_> = [&a, &b]
+        .into_iter()
+        .map(|bus| {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.start_consuming().await })
+        })
+        .collect();
+    // Both hold their share (2 and 2) before the events come.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            a.owned_partitions().len() == 2 && b.owned_partitions().len() == 2
+        })
+        .await
+    );
+    let events = interleaved(20, 30);
+    for chunk in events.chunks(60) {
+        a.publish_events(chunk).await.unwrap();
+        for e in chunk {
+            ledger.published(e.event_id(), e.aggregate_id(), Outcome::Ok);
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            ledger.complete(&["g"])
+        })
+        .await
+    );
+    for bus in [&a, &b] {
+        assert!(bus.shutdown(Duration::from_secs(10)).await);
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    ledger
+        .check(&Expect::new("partitioned, handler_concurrency 8", &["g"]).ordered_per_aggregate())
+        .assert_ok();
+    assert_eq!(
+        ledger.handlings_per_consumer("g").len(),
+        2,
+        "both consumers worked"
+    );
+}
