@@ -143,6 +143,7 @@ mod bus;
 pub mod codec;
 pub mod config;
 mod conn;
+mod connect;
 mod consume;
 pub mod dlq;
 mod error;
