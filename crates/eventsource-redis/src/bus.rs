@@ -257,7 +257,8 @@ pub(crate) struct Inner {
     pub(crate) fence: std::sync::RwLock<Option<crate::conn::Fence>>,
     pub(crate) registry: EventRegistry,
     pub(crate) subscribers: Arc<Subscribers>,
-    /// A bus of its own (not a partition): refuse a prefix a partitioned bus uses.
+    /// A bus of its own, not a partition of a `PartitionedEventBus`: it refuses a prefix a
+    /// partitioned bus uses (a partition instead warns about evictable leases in its health).
     pub(crate) guard_partitioned: bool,
     pub(crate) counters: Counters,
     /// The same events through the `metrics` facade.

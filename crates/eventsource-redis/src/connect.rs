@@ -23,9 +23,15 @@ impl RedisEventBus {
     /// # Errors
     /// [`RedisBusError::Connect`] when Redis cannot be reached.
     pub async fn connect(&self) -> Result<(), RedisBusError> {
+        self.open_group().await?;
+        self.server_risks().await.log(&self.inner.stream);
+        Ok(())
+    }
+
+    /// PING (on a cluster: the master serving this stream; redis-rs would send it to every
+    /// master and fail when any one is down), then the consumer group.
+    pub(crate) async fn open_group(&self) -> Result<(), RedisBusError> {
         let mut conn = self.commands().await?;
-        // On a cluster: the master serving this stream (redis-rs would send PING to every
-        // master and fail when any one is down).
         let _: String =
             crate::conn::on_master_of(&mut conn, &self.inner.stream, redis::cmd("PING"))
                 .await
@@ -37,13 +43,6 @@ impl RedisEventBus {
                     }
                 })?;
         self.ensure_group(&mut conn).await?;
-        let risks = self.server_risks().await;
-        for warning in &risks.warnings {
-            tracing::warn!(stream = %self.inner.stream, "{warning}");
-        }
-        if let Some(problem) = &risks.refusing_writes {
-            tracing::error!(stream = %self.inner.stream, "{problem}");
-        }
         Ok(())
     }
 

@@ -235,6 +235,17 @@ pub(crate) struct ServerRisks {
 }
 
 impl ServerRisks {
+    /// Logs what puts `stream` at risk: warnings at warn level, refused writes at error
+    /// level (the lease warning is a partitioned bus's to log).
+    pub(crate) fn log(&self, stream: &str) {
+        for warning in &self.warnings {
+            tracing::warn!(stream = %stream, "{warning}");
+        }
+        if let Some(problem) = &self.refusing_writes {
+            tracing::error!(stream = %stream, "{problem}");
+        }
+    }
+
     /// Reads the `INFO` text (any sections; unknown lines are ignored).
     pub(crate) fn from_info(text: &str) -> Self {
         let mut risks = Self::default();
@@ -510,7 +521,16 @@ impl RedisEventBus {
             pending_messages: info.pending_messages,
             dlq_messages: info.dlq_messages,
             error,
-            warnings: risks.warnings,
+            warnings: {
+                let mut warnings = risks.warnings;
+                // A partition of a PartitionedEventBus holds a lease with a time to live.
+                if !self.inner.guard_partitioned
+                    && let Some(leases) = risks.evicts_expiring_keys
+                {
+                    warnings.push(leases);
+                }
+                warnings
+            },
         }
     }
 }

@@ -64,9 +64,6 @@ impl PartitionedEventBus {
                 ));
             }
         }
-        if let Some(warning) = self.partition(0).server_risks().await.evicts_expiring_keys {
-            health.warnings.push(warning);
-        }
         let ownership = lock(&self.inner.control.problem).clone();
         if consuming && health.error.is_none() {
             health.error = ownership;

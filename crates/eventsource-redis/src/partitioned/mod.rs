@@ -222,9 +222,10 @@ impl PartitionedEventBus {
         )
     }
 
-    /// Connects every partition (creating its stream and group) and checks the stream's
-    /// number of partitions: the first bus records it in `{<prefix>}:partitions`, later ones
-    /// must agree.
+    /// Connects every partition (creating its stream and group), checks the stream's number
+    /// of partitions — the first bus records it in `{<prefix>}:partitions`, later ones must
+    /// agree — and logs once what the server's configuration puts at risk (an eviction
+    /// policy that can evict streams or leases, writes refused).
     ///
     /// # Errors
     /// [`RedisBusError::PartitionsChanged`] when the stream was created with another number
@@ -233,7 +234,32 @@ impl PartitionedEventBus {
     pub async fn connect(&self) -> Result<(), RedisBusError> {
         self.check_partition_count().await?;
         for part in &self.inner.parts {
-            part.connect().await?;
+            part.open_group().await?;
+        }
+        // What puts the partitions at risk, each finding once: one server, or on a cluster
+        // every master the partitions live on.
+        let asked = if self.inner.config.cluster {
+            self.partitions()
+        } else {
+            &self.partitions()[..1]
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for part in asked {
+            let risks = part.server_risks().await;
+            let found = risks
+                .warnings
+                .iter()
+                .chain(&risks.evicts_expiring_keys)
+                .chain(&risks.refusing_writes);
+            for finding in found {
+                if seen.insert(finding.clone()) {
+                    if risks.refusing_writes.as_ref() == Some(finding) {
+                        tracing::error!(partition = %part.stream_name(), "{finding}");
+                    } else {
+                        tracing::warn!(partition = %part.stream_name(), "{finding}");
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -206,14 +206,7 @@ impl PartitionedEventBus {
                 r = self.connect() => r,
             };
             match connected {
-                Ok(()) => {
-                    if let Some(warning) =
-                        self.partition(0).server_risks().await.evicts_expiring_keys
-                    {
-                        tracing::warn!("{warning}");
-                    }
-                    break;
-                }
+                Ok(()) => break,
                 Err(e) if e.is_transient() => {
                     tracing::warn!(error = %e, "partitioned bus cannot connect yet; retrying");
                     tokio::time::sleep(backoff).await;
