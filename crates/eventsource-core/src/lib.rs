@@ -53,6 +53,8 @@ pub mod repository;
 pub mod root;
 pub mod snapshot;
 pub mod store;
+#[doc(hidden)]
+pub mod support;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 mod util;

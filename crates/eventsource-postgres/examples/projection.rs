@@ -130,12 +130,12 @@ async fn run(store: &PostgresEventStore) -> Result<(), Error> {
         "revenue-by-customer",
         RevenueByCustomer,
         SubscriptionOptions::default(),
-    );
+    )?;
     let counting = manager.add_projector(
         "event-counter",
         counter.clone(),
         SubscriptionOptions::default(),
-    );
+    )?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(async move {
         manager

@@ -50,7 +50,10 @@
 //!   by `LISTEN/NOTIFY` (sent after commit by a task of the store, so appends never queue on
 //!   PostgreSQL's notification lock): no gap and no duplicate between history and live. A
 //!   [`ReadModel`] stores each page and its checkpoint in one transaction (exactly once); a
-//!   [`Projector`] is at least once. [`PostgresSnapshotStore`] keeps aggregate snapshots.
+//!   [`Projector`] is at least once. Replicas share a subscription name: one instance is
+//!   active, the others stand by and take over when it stops or dies, and checkpoint writes
+//!   are compare-and-set, so replicas and rolling deploys keep both promises.
+//!   [`PostgresSnapshotStore`] keeps aggregate snapshots.
 //! - Queries are built at run time (no database needed to build); table and schema names are
 //!   validated identifiers, every value is a bound parameter.
 

@@ -23,14 +23,9 @@ pub(crate) struct Names {
     pub(crate) relay_lock_key: i64,
 }
 
-fn key(text: &str) -> i64 {
-    // FNV-1a, stable across processes and versions (unlike std's hasher).
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h as i64
+/// A 64-bit key for `text` (advisory lock keys), stable across processes and versions.
+pub(crate) fn stable_key(text: &str) -> i64 {
+    eventsource_core::support::fnv1a64(text.as_bytes(), 0) as i64
 }
 
 impl Names {
@@ -44,8 +39,8 @@ impl Names {
             events_channel: format!("{schema}_{table}_events"),
             checkpoints: format!("{schema}.{table}_checkpoints"),
             snapshots: format!("{schema}.{table}_snapshots"),
-            lock_key: key(&format!("eventsource append {schema}.{table}")),
-            relay_lock_key: key(&format!("eventsource relay {schema}.{table}")),
+            lock_key: stable_key(&format!("eventsource append {schema}.{table}")),
+            relay_lock_key: stable_key(&format!("eventsource relay {schema}.{table}")),
         }
     }
 }

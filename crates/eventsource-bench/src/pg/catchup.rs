@@ -188,7 +188,9 @@ async fn catchup_role(args: CatchupArgs) -> Result<Json, Error> {
             reached: tokio::sync::Notify::new(),
         });
         let mut manager = SubscriptionManager::new(store.clone());
-        manager.add_projector(format!("bench-{}", now_us()), totals.clone(), options);
+        manager
+            .add_projector(format!("bench-{}", now_us()), totals.clone(), options)
+            .expect("valid subscription");
         let reached = totals.clone();
         manager
             .run_until(async move { reached.reached.notified().await })

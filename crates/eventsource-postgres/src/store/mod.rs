@@ -45,6 +45,16 @@ pub enum SetupError {
         #[source]
         source: sqlx::Error,
     },
+    /// A subscription's name or option is invalid; `field` names it.
+    #[error("invalid subscription {name:?}: {field} {reason}")]
+    Subscription {
+        /// The subscription's name.
+        name: String,
+        /// The option (`SubscriptionOptions.page_size`, ...) or `name`.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// Creating the schema, tables or indexes failed.
     #[error("migrating the event store schema failed: {0}")]
     Migrate(#[source] sqlx::Error),
@@ -56,7 +66,7 @@ impl SetupError {
     /// unclassified refusal such as "database does not exist" is `Other`, not transient).
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Config { .. } => ErrorKind::Config,
+            Self::Config { .. } | Self::Subscription { .. } => ErrorKind::Config,
             // I/O and pool timeouts are Unavailable / Timeout; a refusal PostgreSQL names (no
             // such database, a bad role) keeps its own kind: retrying a typo cannot help.
             Self::Connect { source, .. } => sqlx_error_kind(source),

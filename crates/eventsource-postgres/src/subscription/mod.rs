@@ -14,6 +14,18 @@
 //! database applies each page and stores the checkpoint in one transaction: exactly once. A
 //! [`Projector`] (any storage) handles a page, then the checkpoint is stored: at least once —
 //! a crash between the two hands the page to it again.
+//!
+//! **One active instance per name.** Replicas of a service, and the old and new versions
+//! during a rolling deploy, run the same subscription under the same name: one of them is
+//! active (it holds a session-level advisory lock on a connection of its own), the others
+//! stand by ([`SubscriptionState::Standby`]) and try to take over every
+//! [`takeover_poll`](SubscriptionOptions::takeover_poll). A stopped instance hands over at
+//! once, a killed one as soon as PostgreSQL sees its connection close, one cut off from the
+//! database after [`leader_timeout`](SubscriptionOptions::leader_timeout). Every checkpoint
+//! write is a compare-and-set on the checkpoint the instance last stored: an instance that
+//! lost the lock without noticing cannot commit a page (a read model's page rolls back), it
+//! stands by instead. A projection kept in each process's memory wants every event in every
+//! process: give each process its own name.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -25,9 +37,10 @@ use eventsource_core::store::{StoreError, StoredEvent};
 use serde::Serialize;
 use sqlx::postgres::PgConnection;
 
-use crate::store::{FeedFilter, PostgresEventStore, StoreCursor};
+use crate::store::{FeedFilter, PostgresEventStore, SetupError, StoreCursor};
 
 mod checkpoint;
+mod leader;
 mod run;
 
 pub use checkpoint::load_checkpoint;
@@ -119,6 +132,63 @@ pub struct SubscriptionOptions {
     /// this much of the catch-up is delivered again. `Duration::ZERO`: after every page.
     /// Read models ignore it (their checkpoint is in every page's transaction). Default 1 s.
     pub checkpoint_interval: Duration,
+    /// How often a standing-by instance tries to take over, and how often the active one
+    /// checks its lock connection. A stopped or killed active instance is replaced within
+    /// about this long. Default 1 s.
+    pub takeover_poll: Duration,
+    /// How long the database waits for word from the active instance before it ends that
+    /// instance's lock session (so that a standby takes over after a network partition or a
+    /// frozen host), and how long the active instance waits for its lock connection to answer
+    /// before it stands by. Must exceed `takeover_poll` (3× or more keeps a loaded host from
+    /// handing over by mistake). Default 10 s.
+    pub leader_timeout: Duration,
+}
+
+impl SubscriptionOptions {
+    /// Checks every option; `Err` names the field and what is wrong.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let positive = [
+            ("SubscriptionOptions.retry_min", self.retry_min),
+            ("SubscriptionOptions.poll_interval", self.poll_interval),
+            ("SubscriptionOptions.takeover_poll", self.takeover_poll),
+            ("SubscriptionOptions.leader_timeout", self.leader_timeout),
+        ];
+        for (field, value) in positive {
+            if value.is_zero() {
+                return Err((field, "must be greater than zero".into()));
+            }
+        }
+        if self.page_size == 0 {
+            return Err(("SubscriptionOptions.page_size", "must be at least 1".into()));
+        }
+        if self.retry_max < self.retry_min {
+            return Err((
+                "SubscriptionOptions.retry_max",
+                format!(
+                    "{:?} is below retry_min ({:?})",
+                    self.retry_max, self.retry_min
+                ),
+            ));
+        }
+        if self.breaker_threshold == 0 {
+            return Err((
+                "SubscriptionOptions.breaker_threshold",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.leader_timeout <= self.takeover_poll {
+            return Err((
+                "SubscriptionOptions.leader_timeout",
+                format!(
+                    "{:?} must exceed takeover_poll ({:?}): the active instance pings its lock \
+                     connection every takeover_poll, and the database ends a session silent \
+                     for leader_timeout",
+                    self.leader_timeout, self.takeover_poll
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SubscriptionOptions {
@@ -133,6 +203,8 @@ impl Default for SubscriptionOptions {
             breaker_cooldown: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             checkpoint_interval: Duration::from_secs(1),
+            takeover_poll: Duration::from_secs(1),
+            leader_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -143,6 +215,9 @@ impl Default for SubscriptionOptions {
 pub enum SubscriptionState {
     /// Not started yet, or stopped.
     Idle,
+    /// Another instance (a replica, or the other version during a rolling deploy) is active
+    /// under this name; this one takes over when that one stops or dies.
+    Standby,
     /// Started and reading history (the last page was full, or none was read yet).
     CatchingUp,
     /// Caught up, following new appends.
@@ -163,7 +238,12 @@ pub struct SubscriptionStatus {
     pub name: String,
     /// What it is doing.
     pub state: SubscriptionState,
-    /// The last event handled (its checkpoint).
+    /// Whether this instance is the active one for its name (holds the lock and handles
+    /// events); false while it stands by, is stopped or has not started.
+    pub active: bool,
+    /// How many times this instance became the active one.
+    pub takeovers: u64,
+    /// The last event this instance handled (its checkpoint while it is active).
     pub checkpoint: StoreCursor,
     /// Events handled since it started.
     pub handled: u64,
@@ -186,6 +266,8 @@ struct Subscription {
     state: Mutex<(SubscriptionState, StoreCursor, Option<String>)>,
     handled: AtomicU64,
     failures: AtomicU32,
+    active: AtomicBool,
+    takeovers: AtomicU64,
     paused: AtomicBool,
     rebuild: AtomicBool,
     changed: tokio::sync::Notify,
@@ -234,6 +316,8 @@ impl SubscriptionHandle {
     }
 
     /// Stops handling after the current page (the checkpoint stays); see [`resume`](Self::resume).
+    /// An active instance that is paused keeps its name (the others go on standing by); a
+    /// paused standby does not take over.
     pub fn pause(&self) {
         self.0.paused.store(true, Ordering::SeqCst);
         self.0.changed.notify_waiters();
@@ -248,7 +332,8 @@ impl SubscriptionHandle {
 
     /// Asks for a rebuild: the projection is reset (its `reset` hook), the checkpoint goes
     /// back to the beginning, and the subscription catches up again. Done by the running
-    /// subscription between pages.
+    /// subscription between pages; on a standing-by instance, when it becomes active (ask
+    /// the active instance, see [`SubscriptionStatus::active`]).
     pub fn rebuild(&self) {
         self.0.rebuild.store(true, Ordering::SeqCst);
         self.0.changed.notify_waiters();
@@ -260,6 +345,8 @@ impl SubscriptionHandle {
         SubscriptionStatus {
             name: self.0.name.clone(),
             state,
+            active: self.0.active.load(Ordering::SeqCst),
+            takeovers: self.0.takeovers.load(Ordering::Relaxed),
             checkpoint,
             handled: self.0.handled.load(Ordering::Relaxed),
             failures: self.0.failures.load(Ordering::Relaxed),
@@ -267,12 +354,20 @@ impl SubscriptionHandle {
         }
     }
 
-    /// Events (matching the filter) not yet handled, up to the commit-safe frontier.
+    /// Events (matching the filter) not yet handled, up to the commit-safe frontier: after
+    /// this instance's position while it is active, after the stored checkpoint otherwise
+    /// (what the active instance has left).
     ///
     /// # Errors
     /// [`StoreError`] when the store fails.
     pub async fn lag(&self) -> Result<u64, StoreError> {
-        let checkpoint = self.0.lock().1;
+        let checkpoint = if self.0.active.load(Ordering::SeqCst) {
+            self.0.lock().1
+        } else {
+            load_checkpoint(&self.0.store, &self.0.name)
+                .await?
+                .unwrap_or(StoreCursor::START)
+        };
         let skip = self.0.skip_visible_in(checkpoint);
         self.0
             .store
@@ -304,23 +399,32 @@ impl SubscriptionManager {
         }
     }
 
-    /// Adds an at-least-once projection under `name` (its checkpoint's key).
+    /// Adds an at-least-once projection under `name` (its checkpoint's key, and the name
+    /// replicas share: one of them is active at a time).
+    ///
+    /// # Errors
+    /// [`SetupError::Subscription`] naming the option that is invalid, or a name this manager
+    /// already runs.
     pub fn add_projector(
         &mut self,
         name: impl Into<String>,
         projector: impl Projector,
         options: SubscriptionOptions,
-    ) -> SubscriptionHandle {
+    ) -> Result<SubscriptionHandle, SetupError> {
         self.add(name.into(), Target::Projector(Arc::new(projector)), options)
     }
 
-    /// Adds an exactly-once read model in the store's database under `name`.
+    /// Adds an exactly-once read model in the store's database under `name` (its
+    /// checkpoint's key, and the name replicas share: one of them is active at a time).
+    ///
+    /// # Errors
+    /// As [`add_projector`](Self::add_projector).
     pub fn add_read_model(
         &mut self,
         name: impl Into<String>,
         model: impl ReadModel,
         options: SubscriptionOptions,
-    ) -> SubscriptionHandle {
+    ) -> Result<SubscriptionHandle, SetupError> {
         self.add(name.into(), Target::ReadModel(Arc::new(model)), options)
     }
 
@@ -329,7 +433,26 @@ impl SubscriptionManager {
         name: String,
         target: Target,
         options: SubscriptionOptions,
-    ) -> SubscriptionHandle {
+    ) -> Result<SubscriptionHandle, SetupError> {
+        let invalid = |field: &'static str, reason: String| SetupError::Subscription {
+            name: name.clone(),
+            field,
+            reason,
+        };
+        if name.is_empty() {
+            return Err(invalid("name", "must not be empty".into()));
+        }
+        if self.subscriptions.iter().any(|s| s.name == name) {
+            return Err(invalid(
+                "name",
+                "this manager already runs a subscription of this name (each name has one \
+                 checkpoint: use another name)"
+                    .into(),
+            ));
+        }
+        options
+            .validate()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         let subscription = Arc::new(Subscription {
             name,
             options,
@@ -338,13 +461,15 @@ impl SubscriptionManager {
             state: Mutex::new((SubscriptionState::Idle, StoreCursor::START, None)),
             handled: AtomicU64::new(0),
             failures: AtomicU32::new(0),
+            active: AtomicBool::new(false),
+            takeovers: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             rebuild: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
             start_snapshot: Mutex::new(None),
         });
         self.subscriptions.push(subscription.clone());
-        SubscriptionHandle(subscription)
+        Ok(SubscriptionHandle(subscription))
     }
 
     /// Runs every subscription until `shutdown` completes; each finishes the page in hand

@@ -10,7 +10,10 @@ use sqlx::postgres::PgListener;
 
 use crate::store::{PostgresEventStore, StoreCursor, backend};
 
-use super::checkpoint::{load_start, save_checkpoint, save_checkpoint_with, save_start};
+use tokio_util::sync::CancellationToken;
+
+use super::checkpoint::{CheckpointError, insert_start, load_start, restart, save_checkpoint};
+use super::leader::{Candidate, Leadership};
 use super::{ProjectionError, StartFrom, StartSnapshot, Subscription, SubscriptionState, Target};
 
 /// The first wait before looking again at events held behind the frontier.
@@ -23,7 +26,7 @@ type FeedRows = Result<Vec<sqlx::postgres::PgRow>, StoreError>;
 pub(super) async fn listen(
     store: PostgresEventStore,
     wake: Arc<tokio::sync::watch::Sender<u64>>,
-    stop: tokio_util::sync::CancellationToken,
+    stop: CancellationToken,
 ) {
     loop {
         let mut listener = match PgListener::connect_with(store.pool()).await {
@@ -81,63 +84,160 @@ impl Subscription {
         start.as_ref().map(|s| s.text.clone())
     }
 
+    /// Runs the subscription until `stop`: stands by until it holds its name's lock, then
+    /// handles pages until it stops or loses the lock, and stands by again.
     pub(super) async fn run(
         self: Arc<Self>,
-        stop: tokio_util::sync::CancellationToken,
+        stop: CancellationToken,
         mut woken: tokio::sync::watch::Receiver<u64>,
     ) {
-        let mut cursor = loop {
+        let mut candidate: Option<Candidate> = None;
+        while let Some(leadership) = self.take_over(&stop, &mut candidate).await {
+            self.active.store(true, Ordering::SeqCst);
+            let takeovers = self.takeovers.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::info!(subscription = %self.name, takeovers, "active: this instance handles the subscription");
+            // Handling ends on the stop, or as soon as the lock may be gone.
+            let halt = stop.child_token();
+            let lost = {
+                let (lost, halt) = (leadership.lost.clone(), halt.clone());
+                tokio::spawn(async move {
+                    lost.cancelled().await;
+                    halt.cancel();
+                })
+            };
+            self.run_active(&halt, &mut woken).await;
+            lost.abort();
+            self.active.store(false, Ordering::SeqCst);
+            leadership.release().await;
+        }
+        self.set_state(SubscriptionState::Idle);
+    }
+
+    /// Stands by until this instance holds the lock of its name (`None`: stopped). A paused
+    /// instance does not take over.
+    async fn take_over(
+        &self,
+        stop: &CancellationToken,
+        candidate: &mut Option<Candidate>,
+    ) -> Option<Leadership> {
+        let mut backoff =
+            eventsource_core::support::Backoff::new(self.options.retry_min, self.options.retry_max);
+        loop {
+            if stop.is_cancelled() {
+                return None;
+            }
+            self.set_state(if self.paused.load(Ordering::SeqCst) {
+                SubscriptionState::Paused
+            } else {
+                SubscriptionState::Standby
+            });
+            let wait = if self.paused.load(Ordering::SeqCst) {
+                self.options.poll_interval.max(self.options.takeover_poll)
+            } else {
+                let attempt = match candidate.take() {
+                    Some(c) => Ok(c),
+                    None => {
+                        Candidate::connect(
+                            &self.store,
+                            &self.name,
+                            self.options.takeover_poll,
+                            self.options.leader_timeout,
+                        )
+                        .await
+                    }
+                };
+                match attempt {
+                    Ok(c) => match c.try_take().await {
+                        Ok(Ok(leadership)) => return Some(leadership),
+                        Ok(Err(c)) => {
+                            *candidate = Some(c);
+                            backoff.reset();
+                            self.options.takeover_poll
+                        }
+                        Err(e) => {
+                            self.failed(&format!("lock connection: {e}"));
+                            backoff.next_delay()
+                        }
+                    },
+                    Err(e) => {
+                        self.failed(&format!("lock connection: {e}"));
+                        backoff.next_delay()
+                    }
+                }
+            };
+            if !self.sleep(stop, wait).await {
+                return None;
+            }
+        }
+    }
+
+    /// Handles pages while this instance holds the lock, until `halt` (stopped, or the lock
+    /// may be lost) or another instance moved the checkpoint.
+    async fn run_active(
+        &self,
+        halt: &CancellationToken,
+        woken: &mut tokio::sync::watch::Receiver<u64>,
+    ) {
+        let mut backoff =
+            eventsource_core::support::Backoff::new(self.options.retry_min, self.options.retry_max);
+        // The position stored as the checkpoint (every write compares with it), loaded after
+        // the lock was taken.
+        let mut stored = loop {
             match self.initial_cursor().await {
                 Ok(c) => break c,
                 Err(e) => {
                     self.failed(&e.to_string());
-                    if !self.sleep(&stop, self.options.retry_min).await {
+                    if !self.sleep(halt, backoff.next_delay()).await {
                         return;
                     }
                 }
             }
         };
+        let mut cursor = stored;
         {
             let mut state = self.lock();
             state.0 = SubscriptionState::CatchingUp;
             state.1 = cursor;
         }
-        let mut backoff = self.options.retry_min;
+        backoff.reset();
         // The next page, read ahead while a page is handled (catch-up only), and where from.
         let mut prefetched: Option<(StoreCursor, tokio::task::JoinHandle<FeedRows>)> = None;
-        // A projector's handled position not yet written as its checkpoint, and when the
-        // checkpoint was last written.
-        let mut unsaved: Option<StoreCursor> = None;
         let mut held_back_wait = HELD_BACK_FIRST_WAIT;
         let mut saved_at = tokio::time::Instant::now();
-        while !stop.is_cancelled() {
+        let superseded = loop {
+            if halt.is_cancelled() {
+                break false;
+            }
             if self.paused.load(Ordering::SeqCst) {
-                self.flush_checkpoint(&mut unsaved).await;
+                if let Err(Superseded) = self.flush_checkpoint(&mut stored, cursor).await {
+                    break true;
+                }
                 self.set_state(SubscriptionState::Paused);
                 let changed = self.changed.notified();
                 tokio::pin!(changed);
                 changed.as_mut().enable();
                 if self.paused.load(Ordering::SeqCst) {
                     tokio::select! {
-                        () = stop.cancelled() => break,
+                        () = halt.cancelled() => break false,
                         () = changed => {}
                     }
                 }
                 continue;
             }
             if self.rebuild.swap(false, Ordering::SeqCst) {
-                unsaved = None;
-                match self.reset().await {
+                match self.reset(stored).await {
                     Ok(()) => {
                         cursor = StoreCursor::START;
+                        stored = cursor;
                         self.lock().1 = cursor;
                         tracing::info!(subscription = %self.name, "rebuilding from the beginning");
                     }
+                    Err(e) if is_superseded(&e) => break true,
                     Err(e) => {
                         self.rebuild.store(true, Ordering::SeqCst);
                         self.failed(&format!("rebuild: {e}"));
-                        if !self.sleep(&stop, backoff).await {
-                            break;
+                        if !self.sleep(halt, backoff.next_delay()).await {
+                            break false;
                         }
                         continue;
                     }
@@ -189,16 +289,17 @@ impl Subscription {
                 Ok(page) => page,
                 Err(e) => {
                     self.failed(&e.to_string());
-                    if !self.sleep(&stop, backoff).await {
-                        break;
+                    if !self.sleep(halt, backoff.next_delay()).await {
+                        break false;
                     }
-                    backoff = (backoff * 2).min(self.options.retry_max);
                     continue;
                 }
             };
             let Some(&(last, _)) = page.last() else {
                 // Caught up: the checkpoint is written before the wait.
-                self.flush_checkpoint(&mut unsaved).await;
+                if let Err(Superseded) = self.flush_checkpoint(&mut stored, cursor).await {
+                    break true;
+                }
                 saved_at = tokio::time::Instant::now();
                 self.set_state(SubscriptionState::Live);
                 // Events committed but held behind the frontier (an older writing transaction
@@ -221,7 +322,7 @@ impl Subscription {
                 // Wait for an append (or the poll interval), a control change, or the stop.
                 let changed = self.changed.notified();
                 tokio::select! {
-                    () = stop.cancelled() => break,
+                    () = halt.cancelled() => break false,
                     _ = woken.changed() => {}
                     () = changed => {}
                     () = tokio::time::sleep(wait) => {}
@@ -231,16 +332,14 @@ impl Subscription {
             let events: Vec<StoredEvent> = page.into_iter().map(|(_, e)| e).collect();
             let caught_up = events.len() < self.options.page_size;
             let checkpoint = caught_up || saved_at.elapsed() >= self.options.checkpoint_interval;
-            match self.handle(&events, last, checkpoint).await {
+            match self.handle(&events, stored, last, checkpoint).await {
                 Ok(()) => {
                     if checkpoint {
-                        unsaved = None;
+                        stored = last;
                         saved_at = tokio::time::Instant::now();
-                    } else {
-                        unsaved = Some(last);
                     }
                     cursor = last;
-                    backoff = self.options.retry_min;
+                    backoff.reset();
                     self.failures.store(0, Ordering::SeqCst);
                     self.handled
                         .fetch_add(events.len() as u64, Ordering::Relaxed);
@@ -252,41 +351,67 @@ impl Subscription {
                         SubscriptionState::Live
                     };
                 }
+                Err(e) if is_superseded(&e) => break true,
                 Err(e) => {
                     let failures = self.failed(&e.to_string());
                     let wait = if failures >= self.options.breaker_threshold {
                         tracing::error!(subscription = %self.name, failures, error = %e, "circuit breaker open");
                         self.set_state(SubscriptionState::BreakerOpen);
                         self.failures.store(0, Ordering::SeqCst);
-                        backoff = self.options.retry_min;
+                        backoff.reset();
                         self.options.breaker_cooldown
                     } else {
-                        let wait = backoff;
-                        backoff = (backoff * 2).min(self.options.retry_max);
-                        wait
+                        backoff.next_delay()
                     };
-                    if !self.sleep(&stop, wait).await {
-                        break;
+                    if !self.sleep(halt, wait).await {
+                        break false;
                     }
                 }
             }
-        }
+        };
         if let Some((_, task)) = prefetched {
             task.abort();
         }
-        self.flush_checkpoint(&mut unsaved).await;
-        self.set_state(SubscriptionState::Idle);
+        if superseded {
+            tracing::warn!(subscription = %self.name,
+                "another instance moved the checkpoint (this one lost its lock): standing by");
+        } else {
+            // Stopping (or the lock may be lost: then the write is refused, which is right).
+            let _ = self.flush_checkpoint(&mut stored, cursor).await;
+        }
     }
 
-    /// Writes a projector's checkpoint that the interval held back (pause, stop). A failure
-    /// is logged: the events after the stored checkpoint are delivered again next time.
-    async fn flush_checkpoint(&self, unsaved: &mut Option<StoreCursor>) {
-        if let Some(cursor) = unsaved.take()
-            && let Err(e) =
-                save_checkpoint(self.store.pool(), &self.store, &self.name, cursor).await
+    /// Writes a projector's handled position that the interval held back (caught up, pause,
+    /// stop) over the stored checkpoint. A failure is logged: the events after the stored
+    /// checkpoint are delivered again next time. `Err`: another instance moved it.
+    async fn flush_checkpoint(
+        &self,
+        stored: &mut StoreCursor,
+        cursor: StoreCursor,
+    ) -> Result<(), Superseded> {
+        if cursor == *stored {
+            return Ok(());
+        }
+        match save_checkpoint(
+            self.store.pool(),
+            &self.store,
+            &self.name,
+            *stored,
+            cursor,
+            true,
+        )
+        .await
         {
-            tracing::warn!(subscription = %self.name, error = %e,
-                "checkpoint not written; events after the last one are delivered again");
+            Ok(()) => {
+                *stored = cursor;
+                Ok(())
+            }
+            Err(CheckpointError::Superseded) => Err(Superseded),
+            Err(CheckpointError::Store(e)) => {
+                tracing::warn!(subscription = %self.name, error = %e,
+                    "checkpoint not written; events after the last one are delivered again");
+                Ok(())
+            }
         }
     }
 
@@ -301,7 +426,7 @@ impl Subscription {
     }
 
     /// Sleeps unless stopped (or resumed, which ends an open breaker); false when stopped.
-    async fn sleep(&self, stop: &tokio_util::sync::CancellationToken, wait: Duration) -> bool {
+    async fn sleep(&self, stop: &CancellationToken, wait: Duration) -> bool {
         let changed = self.changed.notified();
         tokio::select! {
             () = stop.cancelled() => false,
@@ -312,7 +437,9 @@ impl Subscription {
 
     /// The stored checkpoint, or the start position written as the first checkpoint. "At the
     /// end" is the head behind the frontier together with the snapshot it was read in (stored
-    /// with it, so a restart before the position passes it skips the same events).
+    /// with it, so a restart before the position passes it skips the same events). Read
+    /// after the lock was taken; an instance that starts first writes the start only if none
+    /// is stored yet.
     async fn initial_cursor(&self) -> Result<StoreCursor, StoreError> {
         let (cursor, snapshot) = match load_start(&self.store, &self.name).await? {
             Some(stored) => stored,
@@ -324,15 +451,10 @@ impl Subscription {
                         (head, Some(snapshot))
                     }
                 };
-                save_start(
-                    self.store.pool(),
-                    &self.store,
-                    &self.name,
-                    start,
-                    snapshot.as_deref(),
-                )
-                .await?;
-                (start, snapshot)
+                insert_start(&self.store, &self.name, start, snapshot.as_deref()).await?;
+                load_start(&self.store, &self.name).await?.ok_or_else(|| {
+                    StoreError::Backend("the checkpoint just written is missing".into())
+                })?
             }
         };
         *self
@@ -343,10 +465,13 @@ impl Subscription {
         Ok(cursor)
     }
 
-    /// Handles a page; a projector's checkpoint is written only when `checkpoint` is set.
+    /// Handles a page. A read model's page and checkpoint commit together; a projector's
+    /// checkpoint is written only when `checkpoint` is set. Either write is refused
+    /// ([`Superseded`]) when the stored checkpoint is no longer `stored`.
     async fn handle(
         &self,
         events: &[StoredEvent],
+        stored: StoreCursor,
         last: StoreCursor,
         checkpoint: bool,
     ) -> Result<(), ProjectionError> {
@@ -354,37 +479,38 @@ impl Subscription {
             Target::Projector(p) => {
                 p.handle(events).await?;
                 if checkpoint {
-                    save_checkpoint_with(self.store.pool(), &self.store, &self.name, last, false)
-                        .await?;
+                    save_checkpoint(
+                        self.store.pool(),
+                        &self.store,
+                        &self.name,
+                        stored,
+                        last,
+                        false,
+                    )
+                    .await?;
                 }
             }
             Target::ReadModel(m) => {
                 let mut tx = self.store.pool().begin().await.map_err(backend)?;
                 m.apply(&mut tx, events).await?;
-                save_checkpoint(&mut *tx, &self.store, &self.name, last).await?;
+                // Refused: the transaction rolls back with the page's changes.
+                save_checkpoint(&mut *tx, &self.store, &self.name, stored, last, true).await?;
                 tx.commit().await.map_err(backend)?;
             }
         }
         Ok(())
     }
 
-    async fn reset(&self) -> Result<(), ProjectionError> {
+    async fn reset(&self, stored: StoreCursor) -> Result<(), ProjectionError> {
         match &self.target {
             Target::Projector(p) => {
                 p.reset().await?;
-                save_start(
-                    self.store.pool(),
-                    &self.store,
-                    &self.name,
-                    StoreCursor::START,
-                    None,
-                )
-                .await?;
+                restart(self.store.pool(), &self.store, &self.name, stored).await?;
             }
             Target::ReadModel(m) => {
                 let mut tx = self.store.pool().begin().await.map_err(backend)?;
                 m.reset(&mut tx).await?;
-                save_start(&mut *tx, &self.store, &self.name, StoreCursor::START, None).await?;
+                restart(&mut *tx, &self.store, &self.name, stored).await?;
                 tx.commit().await.map_err(backend)?;
             }
         }
@@ -395,4 +521,24 @@ impl Subscription {
             .unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
+}
+
+/// Another instance moved the checkpoint: this one lost its lock and must stand by.
+#[derive(Debug)]
+pub(super) struct Superseded;
+
+impl std::fmt::Display for Superseded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("another instance moved the checkpoint")
+    }
+}
+
+impl std::error::Error for Superseded {}
+
+fn is_superseded(e: &ProjectionError) -> bool {
+    e.downcast_ref::<Superseded>().is_some()
+        || matches!(
+            e.downcast_ref::<CheckpointError>(),
+            Some(CheckpointError::Superseded)
+        )
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use backon::BackoffBuilder;
+use eventsource_core::support::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{RedisEventBus, bump};
@@ -30,39 +30,6 @@ type ReadOutcome = (
     Result<(Vec<Item>, Option<Arc<HeldBatch>>), ReadError>,
 );
 
-/// Exponential backoff with jitter (50–100 ms, doubling, up to `max`), from backon.
-struct Backoff {
-    max: Duration,
-    delays: backon::ExponentialBackoff,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Self {
-            max,
-            delays: Self::build(max),
-        }
-    }
-
-    fn build(max: Duration) -> backon::ExponentialBackoff {
-        // backon's jitter adds up to the delay itself: delays fall in [d, 2d), at most `max`.
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(max / 2)
-            .with_jitter()
-            .without_max_times()
-            .build()
-    }
-
-    fn reset(&mut self) {
-        self.delays = Self::build(self.max);
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        self.delays.next().unwrap_or(self.max)
-    }
-}
-
 /// Where the recovery walk is and when it runs next.
 struct RecoveryTicker {
     every: Option<Duration>,
@@ -80,7 +47,7 @@ impl RedisEventBus {
     pub(super) async fn run(&self, stop: CancellationToken, abort: CancellationToken) {
         let cfg = &self.inner.config;
         self.check_name_in_use().await;
-        let mut backoff = Backoff::new(cfg.reconnect_max_delay);
+        let mut backoff = Backoff::new(Duration::from_millis(50), cfg.reconnect_max_delay);
         let read_timeout = cfg.block + cfg.socket_timeout;
         // One read connection for the consumer's life: `reader` is None only while the
         // read-ahead holds it, or after its connection broke.

@@ -77,11 +77,7 @@ return 1
 /// FNV-1a over `bytes`, then SplitMix64's finaliser: stable across processes, versions and
 /// languages (unlike `std`'s hasher), and well mixed for rendezvous scores.
 fn stable_hash(bytes: &[u8], seed: u64) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let mut h = eventsource_core::support::fnv1a64(bytes, seed);
     h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)

@@ -197,7 +197,10 @@ impl PartitionedEventBus {
         // children of `stop`).
         let _stop_on_drop = CancelOnDrop(stop.clone());
         tokio::pin!(shutdown);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = eventsource_core::support::Backoff::new(
+            Duration::from_millis(100),
+            self.inner.config.reconnect_max_delay,
+        );
         loop {
             let connected = tokio::select! {
                 biased;
@@ -209,8 +212,7 @@ impl PartitionedEventBus {
                 Ok(()) => break,
                 Err(e) if e.is_transient() => {
                     tracing::warn!(error = %e, "partitioned bus cannot connect yet; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.inner.config.reconnect_max_delay);
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
                 Err(e) => return Err(e),
             }
