@@ -132,10 +132,27 @@ pub(crate) enum Command {
     },
     /// A web page per stream prefix: groups, consumers, lag, throughput, pending entries by
     /// age, dead letters with replay and purge. Serves until Ctrl-C / SIGTERM.
+    ///
+    /// It prints a link with a token: only a browser that opened it may replay or purge, only
+    /// requests naming the dashboard's own address (`Host`) are served, and only `--prefix`.
     Dashboard {
         /// Address to listen on (port 0: any free port; the address is printed).
         #[arg(long, default_value = "127.0.0.1:9180")]
         listen: String,
+        /// Another name the dashboard is reached by (a DNS name, or NAME:PORT behind a proxy);
+        /// requests for any other host are refused. Repeatable.
+        #[arg(long = "allow-host", value_name = "NAME")]
+        allow_hosts: Vec<String>,
+        /// Serve every stream prefix on the server, not only `--prefix`.
+        #[arg(long)]
+        all_prefixes: bool,
+        /// Show everything, change nothing: replay and purge are refused.
+        #[arg(long)]
+        read_only: bool,
+        /// The token replay and purge need (at least 16 characters; default: a random one,
+        /// printed at start).
+        #[arg(long, env = "EVENTSOURCE_DASHBOARD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
 }
 

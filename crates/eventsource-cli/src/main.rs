@@ -156,11 +156,23 @@ async fn one_stream(bus: &RedisEventBus, out: Out, command: Command) -> Outcome 
         } => commands::recover(bus, out, min_idle, max_retries).await,
         Command::Dlq(command) => dlq::run(bus, out, command).await,
         Command::Trim { dry_run, yes } => commands::trim(bus, out, dry_run, yes).await,
-        Command::Dashboard { listen } => {
+        Command::Dashboard {
+            listen,
+            allow_hosts,
+            all_prefixes,
+            read_only,
+            token,
+        } => {
             dashboard::run(
                 &bus.config().redis_url,
                 &bus.config().stream_prefix,
-                &listen,
+                dashboard::Options {
+                    listen,
+                    allow_hosts,
+                    all_prefixes,
+                    read_only,
+                    token,
+                },
             )
             .await
         }

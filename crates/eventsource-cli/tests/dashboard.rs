@@ -26,34 +26,69 @@ use serde_json::Value;
 struct Dashboard {
     child: Child,
     addr: SocketAddr,
+    /// The link it printed (with its token).
+    link: String,
+    token: String,
 }
 
 impl Dashboard {
     fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, &[])
+    }
+
+    fn start_with(prefix: &str, options: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_eventsource"))
             .args(["--url", &redis_url(), "--prefix", prefix])
             .args(["dashboard", "--listen", "127.0.0.1:0"])
+            .args(options)
+            .env_remove("EVENTSOURCE_DASHBOARD_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "dashboard on http://127.0.0.1:PORT/p/PREFIX"
-        let addr = line
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        // The lines after the first are read too (a closed pipe would end the dashboard).
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        // "dashboard on http://127.0.0.1:PORT/p/PREFIX?token=TOKEN"
+        let link = line
             .trim()
-            .strip_prefix("dashboard on http://")
-            .and_then(|rest| rest.split('/').next())
+            .strip_prefix("dashboard on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        let addr = link
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap()
             .parse()
             .unwrap();
-        Self { child, addr }
+        let token = link
+            .split_once("?token=")
+            .map(|(_, t)| t.to_owned())
+            .unwrap_or_else(|| panic!("no token in {link:?}"));
+        Self {
+            child,
+            addr,
+            link,
+            token,
+        }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+    /// A request as the page sends it: to the dashboard's own address, with the token.
+    fn call(&self, method: &str, path: &str) -> (u16, Value) {
+        let host = self.addr.to_string();
+        let (status, text) = request(
+            self.addr,
+            method,
+            path,
+            &[("Host", &host), ("X-Eventsource-Token", &self.token)],
+        );
+        (
+            status,
+            serde_json::from_str(body(&text))
+                .unwrap_or_else(|_| panic!("{path}: not JSON: {text}")),
+        )
     }
 }
 
@@ -64,15 +99,16 @@ impl Drop for Dashboard {
     }
 }
 
-/// A plain HTTP/1.0 request: (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+/// A plain HTTP/1.0 request with the given headers: (status, headers and body).
+fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
+    let mut head = format!("{method} {path} HTTP/1.0\r\nContent-Length: 0\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let status = text
@@ -80,19 +116,11 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
+    (status, text)
 }
 
-fn json(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
-    let (status, body) = http(addr, method, path);
-    (
-        status,
-        serde_json::from_str(&body).unwrap_or_else(|_| panic!("{path}: not JSON: {body}")),
-    )
+fn body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
 
 fn order(i: usize) -> EventEnvelope {
@@ -180,7 +208,7 @@ async fn api_pages_replays_and_purges() {
     dead_letter(&bus, 120).await;
     let d = Dashboard::start(&prefix);
 
-    let (status, o) = json(d.addr, "GET", &format!("/api/p/{prefix}/overview"));
+    let (status, o) = d.call("GET", &format!("/api/p/{prefix}/overview"));
     assert_eq!(status, 200, "{o}");
     assert_eq!(o["stream"]["length"], 120);
     assert_eq!(o["dlq"]["length"], 120);
@@ -191,8 +219,7 @@ async fn api_pages_replays_and_purges() {
     let mut seen = Vec::new();
     let mut after = String::new();
     loop {
-        let (status, page) = json(
-            d.addr,
+        let (status, page) = d.call(
             "GET",
             &format!("/api/p/{prefix}/dlq?count=50&after={after}"),
         );
@@ -214,17 +241,9 @@ async fn api_pages_replays_and_purges() {
     sorted.dedup();
     assert_eq!(sorted.len(), 120, "no letter twice");
 
-    let (status, r) = json(
-        d.addr,
-        "POST",
-        &format!("/api/p/{prefix}/dlq/{}/purge", seen[0]),
-    );
+    let (status, r) = d.call("POST", &format!("/api/p/{prefix}/dlq/{}/purge", seen[0]));
     assert_eq!((status, r["outcome"].as_str()), (200, Some("purged")));
-    let (status, r) = json(
-        d.addr,
-        "POST",
-        &format!("/api/p/{prefix}/dlq/{}/purge", seen[0]),
-    );
+    let (status, r) = d.call("POST", &format!("/api/p/{prefix}/dlq/{}/purge", seen[0]));
     assert_eq!((status, r["outcome"].as_str()), (404, Some("missing")));
 
     broken.store(false, Ordering::SeqCst);
@@ -232,11 +251,7 @@ async fn api_pages_replays_and_purges() {
         let bus = bus.clone();
         async move { bus.start_consuming().await }
     });
-    let (status, r) = json(
-        d.addr,
-        "POST",
-        &format!("/api/p/{prefix}/dlq/{}/replay", seen[1]),
-    );
+    let (status, r) = d.call("POST", &format!("/api/p/{prefix}/dlq/{}/replay", seen[1]));
     assert_eq!(
         (status, r["outcome"].as_str()),
         (200, Some("replayed")),
@@ -247,18 +262,15 @@ async fn api_pages_replays_and_purges() {
     task.await.unwrap().unwrap();
 
     // Bad input: a clear error, nothing done.
-    let (status, r) = json(d.addr, "GET", &format!("/api/p/{prefix}/dlq?after=*"));
+    let (status, r) = d.call("GET", &format!("/api/p/{prefix}/dlq?after=*"));
     assert_eq!(status, 400, "{r}");
     assert!(r["error"].as_str().unwrap().contains("not a stream id"));
-    let (status, r) = json(
-        d.addr,
-        "POST",
-        &format!("/api/p/{prefix}/dlq/{}/explode", seen[2]),
-    );
+    let (status, r) = d.call("POST", &format!("/api/p/{prefix}/dlq/{}/explode", seen[2]));
     assert_eq!(status, 404, "{r}");
-    let (_, o) = json(d.addr, "GET", &format!("/api/p/{prefix}/overview"));
+    let (_, o) = d.call("GET", &format!("/api/p/{prefix}/overview"));
     assert_eq!(o["dlq"]["length"], 118);
-    let (status, page) = http(d.addr, "GET", &format!("/p/{prefix}"));
+    let host = d.addr.to_string();
+    let (status, page) = request(d.addr, "GET", &format!("/p/{prefix}"), &[("Host", &host)]);
     assert_eq!(status, 200);
     assert!(page.contains("/assets/page.js"), "{page}");
 }
@@ -299,8 +311,9 @@ fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
     Ok((script, chromium))
 }
 
-/// In the browser: the dead letter shows with its reason; replay (confirmed) sends it back;
-/// the consumer, fixed meanwhile, handles it.
+/// In the browser: the dead letters show with their reason; another site's page in the same
+/// browser cannot purge one; replay (confirmed) sends one back and the consumer, fixed
+/// meanwhile, handles it; purge (confirmed) deletes the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_replays_a_dead_letter_from_the_page() {
     let (script, chromium) = match browser_tools() {
@@ -316,7 +329,7 @@ async fn operator_replays_a_dead_letter_from_the_page() {
     let broken = Arc::new(AtomicBool::new(true));
     let handled = Arc::new(AtomicUsize::new(0));
     let bus = consumer(&prefix, broken.clone(), handled.clone());
-    dead_letter(&bus, 1).await;
+    dead_letter(&bus, 2).await;
     // The card is fixed; the consumer runs while the operator looks.
     broken.store(false, Ordering::SeqCst);
     let task = tokio::spawn({
@@ -327,7 +340,7 @@ async fn operator_replays_a_dead_letter_from_the_page() {
     let shot = std::env::var("EVENTSOURCE_DASHBOARD_SCREENSHOT")
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png"));
-    let url = d.url(&format!("/p/{prefix}"));
+    let url = d.link.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(&script)
@@ -344,7 +357,9 @@ async fn operator_replays_a_dead_letter_from_the_page() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "the browser script failed:\n{said}");
+    assert!(said.contains("was refused"), "{said}");
     assert!(said.contains("replayed"), "{said}");
+    assert!(said.contains("purged"), "{said}");
     wait_until(|| handled.load(Ordering::SeqCst) == 1).await;
     bus.stop_consuming();
     task.await.unwrap().unwrap();
@@ -353,4 +368,143 @@ async fn operator_replays_a_dead_letter_from_the_page() {
         0,
         "the letter left the DLQ"
     );
+}
+
+/// Requests a page of another site can make, and a name rebinding to the dashboard's
+/// address, change nothing and read nothing; other prefixes are not served; `--read-only`
+/// refuses every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_requests_are_refused() {
+    let prefix = unique_prefix("dash-forge");
+    let _c = Cleanup(prefix.clone());
+    let broken = Arc::new(AtomicBool::new(true));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let bus = consumer(&prefix, broken, handled);
+    dead_letter(&bus, 3).await;
+    let d = Dashboard::start(&prefix);
+    let host = d.addr.to_string();
+    let (_, page) = d.call("GET", &format!("/api/p/{prefix}/dlq"));
+    let id = page["letters"][0]["id"].as_str().unwrap().to_owned();
+    let purge = format!("/api/p/{prefix}/dlq/{id}/purge");
+    // (method, path, headers, the status expected)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u16);
+    let cases: [Case; 7] = [
+        // The request: another site's Origin, a foreign Host, text/plain.
+        (
+            "POST",
+            &purge,
+            vec![
+                ("Host", "evil.example"),
+                ("Origin", "http://evil.example"),
+                ("Content-Type", "text/plain"),
+            ],
+            421,
+        ),
+        // DNS rebinding: a foreign name resolving to the dashboard, with the token stolen
+        // or not, and its reads.
+        ("POST", &purge, vec![("Host", "evil.example:80")], 421),
+        ("GET", "/api/prefixes", vec![("Host", "evil.example")], 421),
+        (
+            "GET",
+            &format!("/api/p/{prefix}/overview"),
+            vec![("Host", "evil.example")],
+            421,
+        ),
+        // The right Host, but no token (a blind cross-site POST cannot set the header).
+        (
+            "POST",
+            &purge,
+            vec![("Host", &host), ("Content-Type", "text/plain")],
+            403,
+        ),
+        // The token, but from another site.
+        (
+            "POST",
+            &purge,
+            vec![
+                ("Host", &host),
+                ("X-Eventsource-Token", &d.token),
+                ("Sec-Fetch-Site", "cross-site"),
+            ],
+            403,
+        ),
+        (
+            "POST",
+            &purge,
+            vec![
+                ("Host", &host),
+                ("X-Eventsource-Token", &d.token),
+                ("Origin", "http://evil.example"),
+            ],
+            403,
+        ),
+    ];
+    for (method, path, headers, expected) in cases {
+        let (status, response) = request(d.addr, method, path, &headers);
+        assert_eq!(status, expected, "{method} {path} {headers:?}: {response}");
+        assert!(!body(&response).contains("outcome"), "{response}");
+    }
+    // A wrong token.
+    let (status, _) = request(
+        d.addr,
+        "POST",
+        &purge,
+        &[
+            ("Host", &host),
+            ("X-Eventsource-Token", "0123456789abcdef0123"),
+        ],
+    );
+    assert_eq!(status, 403);
+    // Another prefix is not served, nor listed.
+    let other = unique_prefix("dash-other");
+    let (status, r) = d.call("GET", &format!("/api/p/{other}/overview"));
+    assert_eq!(status, 403, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("--all-prefixes"),
+        "{r}"
+    );
+    let (status, r) = d.call("GET", "/api/prefixes");
+    assert_eq!((status, r), (200, serde_json::json!([prefix])));
+    // Nothing was purged by any of them; the page's own request still works.
+    assert_eq!(bus.get_stream_info().await.dlq_messages, 3);
+    let (status, r) = d.call("POST", &purge);
+    assert_eq!(
+        (status, r["outcome"].as_str()),
+        (200, Some("purged")),
+        "{r}"
+    );
+    // The token opens the page once and is then kept in a cookie, not in the address.
+    let (status, response) = request(
+        d.addr,
+        "GET",
+        &format!("/p/{prefix}?token={}", d.token),
+        &[("Host", &host)],
+    );
+    assert_eq!(status, 303, "{response}");
+    let cookie = response
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no cookie: {response}"));
+    assert!(
+        cookie.contains("SameSite=Strict") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap();
+    let (_, with_cookie) = request(
+        d.addr,
+        "GET",
+        &format!("/p/{prefix}"),
+        &[("Host", &host), ("Cookie", pair)],
+    );
+    assert!(with_cookie.contains(&format!("data-token=\"{}\"", d.token)));
+    let (_, without) = request(d.addr, "GET", &format!("/p/{prefix}"), &[("Host", &host)]);
+    assert!(without.contains("data-token=\"\""), "{without}");
+    assert!(without.contains("frame-ancestors 'none'"), "{without}");
+
+    // Read-only: the token does not help.
+    let ro = Dashboard::start_with(&prefix, &["--read-only"]);
+    let (status, r) = ro.call("POST", &purge.replace(&id, "0-1"));
+    assert_eq!(status, 403, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("read-only"), "{r}");
+    assert_eq!(bus.get_stream_info().await.dlq_messages, 2);
 }

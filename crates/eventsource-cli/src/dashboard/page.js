@@ -2,6 +2,11 @@
 "use strict";
 
 const prefix = document.body.dataset.prefix;
+// The run's token (empty unless this browser opened the link the dashboard printed): sent in
+// a header with replay and purge, which a page of another site cannot do.
+const token = document.body.dataset.token;
+const readOnly = document.body.dataset.readOnly === "true";
+const canAct = !!token && !readOnly;
 const api = (path) => `/api/p/${encodeURIComponent(prefix)}${path}`;
 const colours = ["#2f7ed8", "#e8743b", "#19a979", "#945ecf", "#ed4a7b", "#13a4b4"];
 let dlqAfter = null;       // the page shown starts after this id (null: the first page)
@@ -134,6 +139,7 @@ async function refreshDlq() {
     const purge = el("button", { type: "button", class: "danger purge", text: "purge" });
     replay.onclick = () => act(l, "replay");
     purge.onclick = () => act(l, "purge");
+    replay.disabled = purge.disabled = !canAct;
     body.append(el("tr", { "data-id": l.id },
       el("td", { class: "mono", text: l.id }), el("td", { text: l.event_type ?? "–" }),
       el("td", { text: l.group ?? "every group" }), el("td", { class: "reason", text: l.reason ?? "–" }),
@@ -154,7 +160,8 @@ async function act(letter, action) {
   if (!confirm(question)) return;
   const message = document.getElementById("dlq-message");
   try {
-    const r = await getJson(api(`/dlq/${encodeURIComponent(letter.id)}/${action}`), { method: "POST" });
+    const r = await getJson(api(`/dlq/${encodeURIComponent(letter.id)}/${action}`),
+      { method: "POST", headers: { "X-Eventsource-Token": token } });
     message.textContent = r.outcome === "replayed" ? `replayed ${letter.id} as ${r.new_id}`
       : r.outcome === "purged" ? `purged ${letter.id}`
       : `${letter.id}: already replayed or purged`;
@@ -164,6 +171,13 @@ async function act(letter, action) {
   await Promise.all([refreshDlq(), refreshOverview()]);
 }
 
+if (!canAct) {
+  const locked = document.getElementById("dlq-locked");
+  locked.hidden = false;
+  locked.textContent = readOnly
+    ? "read-only dashboard: replay and purge with the CLI (eventsource dlq replay / purge)"
+    : "to replay or purge, open the link the dashboard printed when it started (it carries its token)";
+}
 document.getElementById("dlq-first").onclick = () => { dlqAfter = null; dlqPages = [null]; refreshDlq(); };
 refreshOverview(); refreshDlq().catch((e) => setStatus(`cannot read dead letters: ${e.message}`, true));
 setInterval(refreshOverview, 2000);

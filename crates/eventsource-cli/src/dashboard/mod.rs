@@ -2,7 +2,7 @@
 //! consumers, lag, throughput over time, pending entries by age, dead letters with their
 //! reason and group (paged), and replay / purge with confirmation. Everything it serves is in
 //! the binary (no internet needed); it reads Redis on each request and keeps only the
-//! throughput samples of the last ten minutes in memory.
+//! throughput samples of the last ten minutes in memory. Who may use it: `guard`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -20,15 +20,20 @@ use serde_json::{Value as Json, json};
 
 use crate::{Failure, Outcome};
 
-const PAGE_HTML: &str = include_str!("dashboard/page.html");
-const PAGE_JS: &str = include_str!("dashboard/page.js");
-const PAGE_CSS: &str = include_str!("dashboard/page.css");
+mod guard;
+
+pub(crate) use guard::Access;
+
+const PAGE_HTML: &str = include_str!("page.html");
+const PAGE_JS: &str = include_str!("page.js");
+const PAGE_CSS: &str = include_str!("page.css");
 
 /// Throughput samples kept per prefix (one per overview request, at most one per second).
 const SAMPLES: usize = 600;
 
 /// What the server shares between requests.
 struct Dashboard {
+    access: Access,
     url: String,
     client: redis::Client,
     buses: Mutex<HashMap<String, RedisEventBus>>,
@@ -46,11 +51,53 @@ struct Sample {
 
 type Shared = Arc<Dashboard>;
 
-/// Serves the dashboard on `listen` until Ctrl-C / SIGTERM; prints the address it listens on.
-pub(crate) async fn run(url: &str, prefix: &str, listen: &str) -> Outcome {
+/// How the dashboard is started (the command line's `dashboard` options).
+pub(crate) struct Options {
+    /// Address to listen on.
+    pub(crate) listen: String,
+    /// Further names the dashboard may be reached by (`Host`).
+    pub(crate) allow_hosts: Vec<String>,
+    /// Serve every prefix on the server, not only `--prefix`.
+    pub(crate) all_prefixes: bool,
+    /// Refuse replay and purge.
+    pub(crate) read_only: bool,
+    /// The token (a random one when not given).
+    pub(crate) token: Option<String>,
+}
+
+/// Serves the dashboard until Ctrl-C / SIGTERM; prints the link to open (with the run's token).
+pub(crate) async fn run(url: &str, prefix: &str, options: Options) -> Outcome {
     let client = redis::Client::open(url)
         .map_err(|e| Failure::Usage(format!("--url {url:?} is not a Redis URL: {e}")))?;
+    let listen = &options.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Failure::Usage(format!("--listen {listen}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Failure::Usage(format!("--listen {listen}: {e}")))?;
+    let token = match options.token {
+        Some(t) if t.len() < 16 => {
+            return Err(Failure::Usage(
+                "--token must be at least 16 characters (or leave it out for a random one)".into(),
+            ));
+        }
+        Some(t) => t,
+        None => format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        ),
+    };
+    let access = Access::new(
+        addr,
+        &options.allow_hosts,
+        token,
+        (!options.all_prefixes).then(|| prefix.to_owned()),
+        options.read_only,
+    );
     let state = Arc::new(Dashboard {
+        access,
         url: url.to_owned(),
         client,
         buses: Mutex::new(HashMap::new()),
@@ -65,14 +112,26 @@ pub(crate) async fn run(url: &str, prefix: &str, listen: &str) -> Outcome {
         .route("/api/p/{prefix}/overview", get(overview))
         .route("/api/p/{prefix}/dlq", get(dead_letters))
         .route("/api/p/{prefix}/dlq/{id}/{action}", post(act))
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| Failure::Usage(format!("--listen {listen}: {e}")))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Failure::Usage(format!("--listen {listen}: {e}")))?;
-    println!("dashboard on http://{addr}/p/{prefix}");
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::guard,
+        ))
+        .with_state(state.clone());
+    let shown = match addr {
+        std::net::SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            format!("127.0.0.1:{}", a.port())
+        }
+        std::net::SocketAddr::V6(a) if a.ip().is_unspecified() => format!("[::1]:{}", a.port()),
+        other => other.to_string(),
+    };
+    println!(
+        "dashboard on http://{shown}/p/{prefix}?token={}",
+        state.access.token
+    );
+    if options.read_only {
+        println!("read-only: replay and purge are refused");
+    }
+    println!("(open that link: the token lets this browser replay and purge; keep it to yourself)");
     axum::serve(listener, app)
         .with_graceful_shutdown(eventsource_redis::service::shutdown_signal())
         .await
@@ -141,6 +200,9 @@ impl Dashboard {
                 format!("{prefix:?} is not a stream prefix"),
             ));
         }
+        if !self.access.serves(prefix) {
+            return Err(self.access.scope_error(prefix));
+        }
         let mut buses = self.buses.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(bus) = buses.get(prefix) {
             return Ok(bus.clone());
@@ -167,6 +229,9 @@ impl Dashboard {
 }
 
 async fn index(State(d): State<Shared>) -> ApiResult {
+    if let Some(prefix) = &d.access.prefix {
+        return Ok(axum::response::Redirect::to(&format!("/p/{prefix}")).into_response());
+    }
     // One page per prefix: with a single stream go straight to it.
     match find_prefixes(&d).await {
         Ok(found) if found.len() == 1 => {
@@ -193,15 +258,76 @@ async fn index(State(d): State<Shared>) -> ApiResult {
     }
 }
 
-async fn page(Path(prefix): Path<String>) -> ApiResult {
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    token: Option<String>,
+}
+
+/// The page of one prefix. Opened with the run's token (`?token=`), it keeps the token in a
+/// cookie and sends the browser to the clean address; served to a browser holding that
+/// cookie, it carries the token for its script to send with replay and purge.
+async fn page(
+    State(d): State<Shared>,
+    Path(prefix): Path<String>,
+    Query(q): Query<PageQuery>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult {
     if !valid_prefix(&prefix) {
         return Err(problem(
             StatusCode::BAD_REQUEST,
             format!("{prefix:?} is not a stream prefix"),
         ));
     }
-    let body = PAGE_HTML.replace("{{PREFIX}}", &html_escape(&prefix));
-    Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response())
+    if !d.access.serves(&prefix) {
+        return Err(d.access.scope_error(&prefix));
+    }
+    if let Some(given) = &q.token {
+        if !d.access.token_matches(given) {
+            return Err(problem(
+                StatusCode::FORBIDDEN,
+                "that is not this dashboard's token: open the link it printed at start".into(),
+            ));
+        }
+        let cookie = format!(
+            "{}={given}; Path=/; HttpOnly; SameSite=Strict",
+            guard::TOKEN_COOKIE
+        );
+        let mut response =
+            axum::response::Redirect::to(&format!("/p/{}", urlencode(&prefix))).into_response();
+        if let Ok(value) = header::HeaderValue::from_str(&cookie) {
+            response.headers_mut().insert(header::SET_COOKIE, value);
+        }
+        return Ok(response);
+    }
+    let token = guard::cookie_token(&d.access, &headers);
+    let body = PAGE_HTML
+        .replace("{{PREFIX}}", &html_escape(&prefix))
+        .replace("{{TOKEN}}", token.as_deref().unwrap_or_default())
+        .replace(
+            "{{READ_ONLY}}",
+            if d.access.read_only { "true" } else { "false" },
+        );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `s` percent-encoded for a path segment.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 fn html_escape(s: &str) -> String {
@@ -242,6 +368,9 @@ async fn find_prefixes(d: &Dashboard) -> Result<Vec<String>, ApiError> {
 }
 
 async fn prefixes(State(d): State<Shared>) -> ApiResult {
+    if let Some(prefix) = &d.access.prefix {
+        return Ok(axum::Json(vec![prefix.clone()]).into_response());
+    }
     Ok(axum::Json(find_prefixes(&d).await?).into_response())
 }
 
