@@ -280,6 +280,9 @@ pub(crate) struct Inner {
     /// Entries asked for per read: `batch_size`, halved after a reply that did not arrive
     /// within the response timeout, one more after each reply with entries that did.
     pub(crate) read_count: std::sync::atomic::AtomicUsize,
+    /// Safety checks the Redis user may not run (ACL): each said once at warn level, and
+    /// listed in the health's warnings with the grant to add.
+    pub(crate) skipped_checks: std::sync::Mutex<Vec<String>>,
 }
 
 /// A distributed event bus on Redis Streams, wire-compatible with eventsource-py.
@@ -370,6 +373,7 @@ impl RedisEventBus {
                 control: Control::new(),
                 lease: crate::lease::Lease::default(),
                 read_count: std::sync::atomic::AtomicUsize::new(config.batch_size),
+                skipped_checks: std::sync::Mutex::new(Vec::new()),
                 ack_in_flight: tokio::sync::Mutex::new(None),
                 dedupe: Dedupe::new(config.dedupe_window),
                 config,

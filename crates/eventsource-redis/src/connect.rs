@@ -160,9 +160,46 @@ impl RedisEventBus {
             Ok(_) => Ok(()),
             Err(e) if crate::error::is_connection_error(&e) => Err(self.connect_error(e)),
             Err(e) => {
-                tracing::debug!(error = %e, "the partition count is not readable; not checked");
+                let user = self.redis_user();
+                self.check_skipped(format!(
+                    "the Redis user {user} may not read {key} ({e}): the check that refuses a \
+                     prefix a PartitionedEventBus uses is skipped; grant it with `ACL SETUSER \
+                     {user} +get %R~{key}`"
+                ));
                 Ok(())
             }
+        }
+    }
+
+    /// `INFO` refused (ACL): the checks that read it are skipped, said once.
+    pub(crate) fn info_refused(&self, e: &redis::RedisError) {
+        let user = self.redis_user();
+        self.check_skipped(format!(
+            "the Redis user {user} may not run INFO ({e}): the checks that refuse a Redis \
+             Cluster node and report an eviction policy that can evict streams or an \
+             append-only file that cannot be written are skipped; grant it with `ACL SETUSER \
+             {user} +info`"
+        ));
+    }
+
+    /// The Redis user this bus logs in as (`default` when the URL names none).
+    pub(crate) fn redis_user(&self) -> String {
+        self.inner
+            .client
+            .get_connection_info()
+            .redis_settings()
+            .username()
+            .unwrap_or("default")
+            .to_owned()
+    }
+
+    /// A safety check the Redis user may not run: said once at warn level, and listed in
+    /// the health's warnings from then on.
+    pub(crate) fn check_skipped(&self, message: String) {
+        let mut skipped = crate::bus::lock(&self.inner.skipped_checks);
+        if !skipped.contains(&message) {
+            tracing::warn!(stream = %self.inner.stream, "{message}");
+            skipped.push(message);
         }
     }
 
@@ -200,7 +237,7 @@ impl RedisEventBus {
             Ok(_) => Ok(()),
             Err(e) if crate::error::is_connection_error(&e) => Err(self.connect_error(e)),
             Err(e) => {
-                tracing::debug!(error = %e, "INFO cluster not available; cluster mode not checked");
+                self.info_refused(&e);
                 Ok(())
             }
         }

@@ -466,7 +466,8 @@ impl RedisEventBus {
     }
 
     /// What the server's configuration or state puts at risk (`INFO memory` and
-    /// `INFO persistence`). A user without `+info` gets no report (logged at debug).
+    /// `INFO persistence`). A user without `+info` gets no report: said once, and in the
+    /// health's warnings.
     pub(crate) async fn server_risks(&self) -> ServerRisks {
         let Ok(mut conn) = self.commands().await else {
             return ServerRisks::default();
@@ -478,8 +479,9 @@ impl RedisEventBus {
             crate::conn::on_master_of(&mut conn, &self.inner.stream, info).await;
         match text {
             Ok(text) => ServerRisks::from_info(&text),
+            Err(e) if crate::error::is_connection_error(&e) => ServerRisks::default(),
             Err(e) => {
-                tracing::debug!(error = %e, "INFO not available; server risks not checked");
+                self.info_refused(&e);
                 ServerRisks::default()
             }
         }
@@ -523,6 +525,7 @@ impl RedisEventBus {
             error,
             warnings: {
                 let mut warnings = risks.warnings;
+                warnings.extend(crate::bus::lock(&self.inner.skipped_checks).iter().cloned());
                 // A partition of a PartitionedEventBus holds a lease with a time to live.
                 if !self.inner.guard_partitioned
                     && let Some(leases) = risks.evicts_expiring_keys

@@ -15,13 +15,16 @@ use eventsource_redis::{RecoveryOptions, RedisBusError};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The README's consumer rule (keys `~{prefix}:*`), word for word.
+/// The README's keys for one stream (`orders`).
+const KEYS: &str = "~orders:* %R~{orders}:partitions";
+
+/// The README's consumer rule, word for word.
 const CONSUMER_RULE: &str = "+ping +client|setname +xgroup|create \
      +xgroup|delconsumer +xreadgroup +xack +xclaim +xpending +xrange +xrevrange +xadd +xdel \
      +xinfo|consumers +xinfo|groups +xlen +exists +get +set +del +evalsha +script|load +info";
 
 /// The README's publisher rule.
-const PUBLISHER_RULE: &str = "+ping +client|setname +xadd";
+const PUBLISHER_RULE: &str = "+ping +client|setname +xadd +get +info";
 
 async fn set_user(port: u16, user: &str, keys: &str, rule: &str) {
     let mut admin = redis::Client::open(format!("redis://127.0.0.1:{port}"))
@@ -46,12 +49,43 @@ async fn set_user(port: u16, user: &str, keys: &str, rule: &str) {
     let _: () = cmd.query_async(&mut admin).await.unwrap();
 }
 
+/// What Redis refused and logged (`ACL LOG`): one line per entry, "user reason object".
+async fn acl_log(port: u16) -> Vec<String> {
+    let mut admin = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let entries: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let text = |e: &std::collections::HashMap<String, redis::Value>, k: &str| match e.get(k) {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(redis::Value::SimpleString(s)) => s.clone(),
+        other => format!("{other:?}"),
+    };
+    entries
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {} ({})",
+                text(e, "username"),
+                text(e, "reason"),
+                text(e, "object"),
+                text(e, "context")
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_rules_run_the_whole_flow() {
     let port = free_port();
     let _server = OwnRedis::start(port, &temp_dir("acl"), &[]);
-    set_user(port, "orders-consumer", "~orders:*", CONSUMER_RULE).await;
-    set_user(port, "orders-publisher", "~orders:*", PUBLISHER_RULE).await;
+    set_user(port, "orders-consumer", KEYS, CONSUMER_RULE).await;
+    set_user(port, "orders-publisher", KEYS, PUBLISHER_RULE).await;
     let url = |user: &str| format!("redis://{user}:{user}-pw@127.0.0.1:{port}");
 
     let publisher = bus(config("orders", "billing", "p").redis_url(url("orders-publisher")));
@@ -105,6 +139,8 @@ async fn the_documented_rules_run_the_whole_flow() {
     assert!(consumer.prune_idle_consumers(0).await.is_ok());
     stop(&consumer, task).await;
     assert_eq!(consumer.stats().reconnections, 0);
+    // The rules cover everything the bus touches: Redis refused nothing.
+    assert_eq!(acl_log(port).await, Vec::<String>::new(), "ACL LOG");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +148,7 @@ async fn a_missing_permission_names_the_command_and_the_grant() {
     let port = free_port();
     let _server = OwnRedis::start(port, &temp_dir("acl-missing"), &[]);
     let without_create = CONSUMER_RULE.replace("+xgroup|create ", "");
-    set_user(port, "half", "~orders:*", &without_create).await;
+    set_user(port, "half", KEYS, &without_create).await;
     let consumer = bus(config("orders", "billing", "c1")
         .redis_url(format!("redis://half:half-pw@127.0.0.1:{port}"))
         .reconnect_max_delay_ms(200));
@@ -157,8 +193,8 @@ async fn a_missing_permission_names_the_command_and_the_grant() {
 /// commands, on the keys `~{prefix}:* ~{prefix:p*`.
 const PARTITIONED_CONSUMER_EXTRA: &str =
     "+xautoclaim +incr +pexpire +zadd +zrange +zrem +zremrangebyscore +time";
-const PARTITIONED_PUBLISHER_RULE: &str = "+ping +client|setname +xadd +set +get";
-const PARTITIONED_KEYS: &str = "~{orders}:* ~{orders:p*";
+const PARTITIONED_PUBLISHER_RULE: &str = "+ping +client|setname +xadd +set +get +xlen +info";
+const PARTITIONED_KEYS: &str = "~{orders}:* ~{orders:p* %R~orders:stream";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_partitioned_rules_run_the_whole_flow() {
@@ -238,6 +274,7 @@ async fn the_documented_partitioned_rules_run_the_whole_flow() {
     task.await.unwrap().unwrap();
     assert_eq!(consumer.stats().reconnections, 0);
     assert_eq!(consumer.ownership_stats().partitions_lost, 0);
+    assert_eq!(acl_log(port).await, Vec::<String>::new(), "ACL LOG");
 
     // Without one of the ownership commands the consumer takes nothing, and its health
     // names the command and the grant.
@@ -263,4 +300,30 @@ async fn the_documented_partitioned_rules_run_the_whole_flow() {
     assert!(half.owned_partitions().is_empty());
     assert!(half.shutdown(Duration::from_secs(10)).await);
     task.await.unwrap().unwrap();
+}
+
+/// A safety check the user may not run is not skipped in silence: the health's warnings say
+/// which check and the grant to add (logged once at warn level too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_safety_check_is_reported_with_the_grant() {
+    let port = free_port();
+    let _server = OwnRedis::start(port, &temp_dir("acl-skipped"), &[]);
+    // The rules of an earlier README: no key for the partition count, no INFO.
+    let narrow = CONSUMER_RULE.replace(" +info", "");
+    set_user(port, "old-consumer", "~orders:*", &narrow).await;
+    let consumer = bus(config("orders", "billing", "c1").redis_url(format!(
+        "redis://old-consumer:old-consumer-pw@127.0.0.1:{port}"
+    )));
+    consumer.connect().await.unwrap();
+    let health = consumer.health_check().await;
+    let said = health.warnings.join("\n");
+    assert!(
+        said.contains("refuses a prefix a PartitionedEventBus uses")
+            && said.contains("ACL SETUSER old-consumer +get %R~{orders}:partitions"),
+        "{said}"
+    );
+    assert!(said.contains("ACL SETUSER old-consumer +info"), "{said}");
+    // Each said once, however often it is checked again.
+    consumer.health_check().await;
+    assert_eq!(consumer.health_check().await.warnings.len(), 2, "{said}");
 }

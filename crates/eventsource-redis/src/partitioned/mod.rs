@@ -299,11 +299,19 @@ impl PartitionedEventBus {
         if set && configured > 1 {
             // A stream written before partitioning would silently stop being read.
             let plain = format!("{}:stream", self.inner.config.stream_prefix);
-            let length: u64 = redis::cmd("XLEN")
-                .arg(&plain)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(0);
+            let length: Result<u64, _> =
+                redis::cmd("XLEN").arg(&plain).query_async(&mut conn).await;
+            let length = match length {
+                Ok(length) => length,
+                Err(e) => {
+                    // Unknown: the marker is not left claiming a count nobody checked.
+                    let _: Result<(), _> = redis::cmd("DEL")
+                        .arg(&self.inner.marker_key)
+                        .query_async(&mut conn)
+                        .await;
+                    return Err(first.command_error("XLEN (the unpartitioned stream)", e));
+                }
+            };
             if length > 0 {
                 let _: Result<(), _> = redis::cmd("DEL")
                     .arg(&self.inner.marker_key)
