@@ -283,7 +283,14 @@ pub(crate) struct Inner {
     /// Safety checks the Redis user may not run (ACL): each said once at warn level, and
     /// listed in the health's warnings with the grant to add.
     pub(crate) skipped_checks: std::sync::Mutex<Vec<String>>,
+    /// Entries whose handlers finished here but whose acknowledgement failed, with how many
+    /// times: what a dead letter's reason can say for certain about earlier runs. Bounded
+    /// (`FINISHED_UNACKED_MAX`); forgotten when the entry is dead-lettered.
+    pub(crate) finished_unacked: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
+
+/// The most entries [`Inner::finished_unacked`] remembers.
+pub(crate) const FINISHED_UNACKED_MAX: usize = 10_000;
 
 /// A distributed event bus on Redis Streams, wire-compatible with eventsource-py.
 ///
@@ -374,6 +381,7 @@ impl RedisEventBus {
                 lease: crate::lease::Lease::default(),
                 read_count: std::sync::atomic::AtomicUsize::new(config.batch_size),
                 skipped_checks: std::sync::Mutex::new(Vec::new()),
+                finished_unacked: std::sync::Mutex::new(std::collections::HashMap::new()),
                 ack_in_flight: tokio::sync::Mutex::new(None),
                 dedupe: Dedupe::new(config.dedupe_window),
                 config,

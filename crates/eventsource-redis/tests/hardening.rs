@@ -539,6 +539,114 @@ async fn a_crash_loop_dead_letters_only_the_entry_that_ran() {
     }
 }
 
+/// 7b. A worker killed after its handler finished and before its batch's acknowledgement
+/// reached Redis, four times: the entry is dead-lettered on the fifth start, and its reason
+/// says what is known — started four times, never acknowledged — not that the handler never
+/// finished (it finished every time: the worker's ledger shows it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_for_kills_after_the_handler_says_what_is_known() {
+    // The bus on a Redis of the test's own, whose writes the test pauses; the worker's
+    // records on the shared one.
+    let port = free_port();
+    let own = OwnRedis::start(port, &temp_dir("killed-before-ack"), &[]);
+    let prefix = unique_prefix("killedbeforeack");
+    let _c = Cleanup(prefix.clone());
+    let publisher = bus(config(&prefix, "workers", "p").redis_url(own.url()));
+    publisher.connect().await.unwrap();
+    let id = publisher
+        .publish_events(&[created(0)])
+        .await
+        .unwrap()
+        .remove(0);
+    let own_conn = || async {
+        redis::Client::open(own.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    };
+    let count = |key: &'static str| {
+        let key = format!("{prefix}:{key}");
+        async move {
+            let mut conn = raw().await;
+            redis::cmd("LLEN")
+                .arg(&key)
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let spawn_worker = || {
+        tokio::process::Command::new(worker_exe())
+            .env("EVENTSOURCE_REDIS_URL", own.url())
+            .env("WORKER_LEDGER_URL", redis_url())
+            .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
+            .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")
+            .env("EVENTSOURCE_REDIS_CONSUMER_NAME", "killed")
+            .env("EVENTSOURCE_REDIS_BLOCK_MS", "100")
+            .env("EVENTSOURCE_REDIS_MAX_RETRIES", "3")
+            .env("WORKER_SLEEP_MS", "1500")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("worker binary starts")
+    };
+    for run in 1..=4u64 {
+        let mut worker = spawn_worker();
+        assert!(
+            wait_until(WAIT, || async { count("started").await >= run }).await,
+            "run {run}: the handler started"
+        );
+        // No write reaches the bus's Redis from now on (the acknowledgement waits); the
+        // handler finishes.
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(30_000)
+            .arg("WRITE")
+            .query_async(&mut own_conn().await)
+            .await
+            .unwrap();
+        assert!(
+            wait_until(WAIT, || async { count("ledger").await >= run }).await,
+            "run {run}: the handler finished"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        worker.start_kill().unwrap();
+        worker.wait().await.unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg("UNPAUSE")
+            .query_async(&mut own_conn().await)
+            .await
+            .unwrap();
+    }
+    let mut worker = spawn_worker();
+    assert!(
+        wait_until(WAIT, || async {
+            let mut conn = own_conn().await;
+            redis::cmd("XLEN")
+                .arg(publisher.dlq_stream_name())
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap()
+                >= 1
+        })
+        .await
+    );
+    worker.start_kill().unwrap();
+    worker.wait().await.unwrap();
+    let letters = publisher.get_dlq_messages(10).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].original_message_id(), Some(id.as_str()));
+    assert_eq!(count("ledger").await, 4, "the handler finished four times");
+    let reason = letters[0].error().unwrap();
+    assert!(
+        reason.contains("started 4 times") && reason.contains("never acknowledged"),
+        "{reason}"
+    );
+    assert!(!reason.contains("without finishing"), "{reason}");
+}
+
 /// 8. Entries deleted (or trimmed) while pending are counted on every recovery path: the
 /// claim for a retry and the dead-letter path.
 #[tokio::test]

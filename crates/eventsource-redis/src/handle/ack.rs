@@ -35,6 +35,14 @@ impl RedisEventBus {
                 Err(e) => {
                     // The entries stay pending and will be redelivered: at-least-once.
                     tracing::warn!(error = %e, count = acks.ids.len(), "acknowledging a batch failed; entries will be redelivered");
+                    let mut finished = crate::bus::lock(&bus.inner.finished_unacked);
+                    for id in &acks.ids {
+                        if finished.len() < crate::bus::FINISHED_UNACKED_MAX
+                            || finished.contains_key(id)
+                        {
+                            *finished.entry(id.clone()).or_default() += 1;
+                        }
+                    }
                 }
             }
             drop(held);

@@ -272,10 +272,8 @@ impl RedisEventBus {
             }
             Outcome::Exhausted { starts } => {
                 self.let_go(held, index);
-                let text = format!(
-                    "its handler was started {starts} times without finishing: the consumer \
-                     stopped (crash, kill or restart) while it ran"
-                );
+                let finished = lock(&self.inner.finished_unacked).remove(&id).unwrap_or(0);
+                let text = exhausted_reason(starts, finished);
                 self.dead_letter_settled(&id, starts.saturating_sub(1), &text, true, settled)
                     .await;
             }
@@ -346,4 +344,39 @@ impl RedisEventBus {
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The reason of an entry dead-lettered for its starts: what is known. Starts are recorded in
+/// Redis before each run; whether a run finished is known only to the consumer that ran it,
+/// so only this consumer's own finished runs (their acknowledgement failed) are counted.
+pub(crate) fn exhausted_reason(starts: u32, finished_here: u32) -> String {
+    let known = match finished_here {
+        0 => "whether any run finished is not known here".to_owned(),
+        1 => "1 run finished in this consumer, but its acknowledgement did not reach Redis"
+            .to_owned(),
+        n => format!(
+            "{n} runs finished in this consumer, but their acknowledgements did not reach Redis"
+        ),
+    };
+    format!(
+        "its handler was started {starts} times and the entry was never acknowledged ({known}): \
+         a consumer stopped (crash, kill or restart) while the handler ran, or after it \
+         finished and before its batch's acknowledgement was sent"
+    )
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::exhausted_reason;
+
+    #[test]
+    fn the_reason_says_what_is_known() {
+        let unknown = exhausted_reason(4, 0);
+        assert!(unknown.contains("started 4 times"), "{unknown}");
+        assert!(unknown.contains("never acknowledged"), "{unknown}");
+        assert!(unknown.contains("not known"), "{unknown}");
+        assert!(!unknown.contains("without finishing"), "{unknown}");
+        assert!(exhausted_reason(4, 1).contains("1 run finished in this consumer"));
+        assert!(exhausted_reason(4, 3).contains("3 runs finished in this consumer"));
+    }
 }
