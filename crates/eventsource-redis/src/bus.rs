@@ -254,7 +254,7 @@ pub(crate) struct Inner {
     pub(crate) cluster: Option<Arc<ClusterShared>>,
     /// While set, acknowledgements and dead letters apply only while the partition's owner
     /// key still holds this consumer's lease (one script checks and acts).
-    pub(crate) fence: std::sync::RwLock<Option<crate::conn::Fence>>,
+    pub(crate) fence: std::sync::RwLock<Option<crate::fence::Fence>>,
     pub(crate) registry: EventRegistry,
     pub(crate) subscribers: Arc<Subscribers>,
     /// A bus of its own, not a partition of a `PartitionedEventBus`: it refuses a prefix a

@@ -182,16 +182,6 @@ fn node_url(url: &str, host: &str, port: u16) -> Result<String, String> {
     Ok(parsed.into())
 }
 
-/// A consumer's hold on a partition: acknowledgements and dead letters check that `key`
-/// still holds `value` in the same script that applies them.
-#[derive(Debug, Clone)]
-pub(crate) struct Fence {
-    /// The partition's owner key for the group.
-    pub(crate) key: String,
-    /// `<member>:<token>` this consumer wrote there.
-    pub(crate) value: String,
-}
-
 #[cfg(test)]
 mod tests {
     use super::node_url;

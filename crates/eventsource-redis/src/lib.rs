@@ -147,6 +147,7 @@ mod connect;
 mod consume;
 pub mod dlq;
 mod error;
+mod fence;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -175,6 +176,7 @@ pub use dlq::{DlqMessage, HistoryError, HistorySummary, ReplayOutcome};
 pub use error::{PartitionFailure, RedisBusError};
 /// The error classification shared by the workspace ([`RedisBusError::kind`]).
 pub use eventsource_core::ErrorKind;
+pub use fence::FencingToken;
 pub use info::{
     BusStats, GroupInfo, Health, HealthStatus, PendingEntry, StreamDetails, StreamInfo,
 };

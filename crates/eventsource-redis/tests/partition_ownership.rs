@@ -289,3 +289,149 @@ async fn a_shutdown_past_its_timeout_abandons_hung_handlers_and_gives_the_partit
         assert_eq!(state.owner, None, "{state:?}");
     }
 }
+
+/// Handlers see the partition and the fencing token they run under, and a member that takes
+/// the partition over gets a larger token: what a handler stores with its own writes to fence
+/// them. Outside a partitioned handler there is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_see_a_fencing_token_that_grows_across_a_takeover() {
+    logs();
+    let prefix = unique_prefix("fence-token");
+    let _c = Cleanup(prefix.clone());
+    let seen: Arc<std::sync::Mutex<Vec<Option<eventsource_redis::FencingToken>>>> = Arc::default();
+    let consumer = |name: &str| {
+        let bus = partitioned(config(&prefix, "g", name), 1);
+        let seen = seen.clone();
+        bus.subscribe_to_all_events(move |_: EventEnvelope| {
+            seen.lock()
+                .unwrap()
+                .push(eventsource_redis::FencingToken::current());
+            async {}
+        });
+        bus
+    };
+    assert_eq!(eventsource_redis::FencingToken::current(), None);
+    let first = consumer("c1");
+    first.connect().await.unwrap();
+    first.publish_events(&[created(1)]).await.unwrap();
+    let task = tokio::spawn({
+        let b = first.clone();
+        async move { b.start_consuming().await }
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            seen.lock().unwrap().len() == 1
+        })
+        .await
+    );
+    assert!(first.shutdown(Duration::from_secs(10)).await);
+    task.await.unwrap().unwrap();
+    let second = consumer("c2");
+    let task = tokio::spawn({
+        let b = second.clone();
+        async move { b.start_consuming().await }
+    });
+    second.publish_events(&[created(2)]).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            seen.lock().unwrap().len() == 2
+        })
+        .await
+    );
+    assert!(second.shutdown(Duration::from_secs(10)).await);
+    task.await.unwrap().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let (a, b) = (
+        seen[0].expect("a token in the first handler"),
+        seen[1].expect("and in the second"),
+    );
+    assert_eq!((a.partition, b.partition), (0, 0));
+    assert!(
+        b.token > a.token,
+        "the successor's token grows: {a:?} then {b:?}"
+    );
+
+    // A plain bus's handlers run under no lease.
+    let plain_seen = Arc::new(std::sync::Mutex::new(None));
+    let other = unique_prefix("fence-token-plain");
+    let _c2 = Cleanup(other.clone());
+    let plain = bus(config(&other, "plain", "p1"));
+    let s = plain_seen.clone();
+    plain.subscribe_to_all_events(move |_: EventEnvelope| {
+        *s.lock().unwrap() = Some(eventsource_redis::FencingToken::current());
+        async {}
+    });
+    plain.connect().await.unwrap();
+    plain.publish_events(&[created(3)]).await.unwrap();
+    let task = spawn_consumer(&plain);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            plain_seen.lock().unwrap().is_some()
+        })
+        .await
+    );
+    stop(&plain, task).await;
+    assert_eq!(*plain_seen.lock().unwrap(), Some(None));
+}
+
+/// With a Redis 200 ms away each way (a round trip of 400 ms, under a quarter of the 2 s
+/// lease), taking a partition — the lease, then the claim of its pending entries — takes
+/// most of the watchdog's three quarters of the lease before the ownership loop renews it.
+/// A just-taken partition must not be dropped for want of a renewal: every partition is
+/// taken once and none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_just_taken_over_a_slow_link_is_not_dropped() {
+    logs();
+    let prefix = unique_prefix("slow-take");
+    let _c = Cleanup(prefix.clone());
+    let proxy = FaultProxy::start(eventsource_testsupport::port_of(&redis_url()));
+    proxy.latency(Duration::from_millis(200), Duration::ZERO);
+    let bus = PartitionedEventBus::new(
+        config(&prefix, "g", "c1")
+            .redis_url(proxy.url())
+            .socket_timeout(Duration::from_secs(5))
+            .partitions(4)
+            .partition_lease(Duration::from_secs(2)),
+        registry(),
+    )
+    .unwrap();
+    let handled = counting_partitioned(&bus);
+    let task = tokio::spawn({
+        let b = bus.clone();
+        async move { b.start_consuming().await }
+    });
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            bus.owned_partitions().len() == 4
+        })
+        .await,
+        "{:?}",
+        bus.ownership_stats()
+    );
+    bus.publish_events(&(0..8).map(created).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    // Several leases' worth of renewals over the slow link.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            handled.load(Ordering::SeqCst) == 8
+        })
+        .await
+    );
+    let stats = bus.ownership_stats();
+    assert_eq!(stats.partitions_lost, 0, "{stats:?}");
+    assert_eq!(stats.partitions_taken, 4, "each taken once: {stats:?}");
+    assert!(bus.shutdown(Duration::from_secs(20)).await);
+    task.await.unwrap().unwrap();
+}
+
+fn counting_partitioned(bus: &PartitionedEventBus) -> Arc<AtomicUsize> {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    bus.subscribe_to_all_events(move |_: EventEnvelope| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        async {}
+    });
+    n
+}

@@ -59,7 +59,7 @@ impl RedisEventBus {
     }
 
     /// The partition lease acknowledgements must check, if any.
-    pub(crate) fn fence(&self) -> Option<crate::conn::Fence> {
+    pub(crate) fn fence(&self) -> Option<crate::fence::Fence> {
         crate::bus::lock_read(&self.inner.fence).clone()
     }
 

@@ -71,37 +71,47 @@ impl RedisEventBus {
         }
         bump(&c.events_dispatched, 1);
         let started = std::time::Instant::now();
-        let report = if self.inner.config.enable_tracing {
-            let parent = entry
-                .get("traceparent")
-                .and_then(|p| TraceContext::parse(p, entry.get("tracestate")));
-            let context = parent
-                .as_ref()
-                .map_or_else(TraceContext::new_root, TraceContext::child);
-            let span = tracing::info_span!(
-                "eventsource.process",
-                otel.kind = "consumer",
-                messaging.system = "redis",
-                messaging.destination.name = %self.inner.stream,
-                messaging.operation = "process",
-                messaging.message.id = %entry.id,
-                messaging.consumer.group.name = %group,
-                event.type = event.event_type(),
-                event.id = %event.event_id(),
-                trace_id = %context.trace_id_hex(),
-                span_id = %context.span_id_hex(),
-                parent_span_id = parent.as_ref().map(TraceContext::span_id_hex).unwrap_or_default(),
-            );
-            #[cfg(feature = "otel")]
-            if let Some(p) = entry.get("traceparent") {
-                crate::otel::set_parent(&span, p, entry.get("tracestate"));
+        let dispatch = async {
+            if self.inner.config.enable_tracing {
+                let parent = entry
+                    .get("traceparent")
+                    .and_then(|p| TraceContext::parse(p, entry.get("tracestate")));
+                let context = parent
+                    .as_ref()
+                    .map_or_else(TraceContext::new_root, TraceContext::child);
+                let span = tracing::info_span!(
+                    "eventsource.process",
+                    otel.kind = "consumer",
+                    messaging.system = "redis",
+                    messaging.destination.name = %self.inner.stream,
+                    messaging.operation = "process",
+                    messaging.message.id = %entry.id,
+                    messaging.consumer.group.name = %group,
+                    event.type = event.event_type(),
+                    event.id = %event.event_id(),
+                    trace_id = %context.trace_id_hex(),
+                    span_id = %context.span_id_hex(),
+                    parent_span_id = parent.as_ref().map(TraceContext::span_id_hex).unwrap_or_default(),
+                );
+                #[cfg(feature = "otel")]
+                if let Some(p) = entry.get("traceparent") {
+                    crate::otel::set_parent(&span, p, entry.get("tracestate"));
+                }
+                context
+                    .scope(self.inner.subscribers.dispatch_with(&event, true))
+                    .instrument(span)
+                    .await
+            } else {
+                self.inner.subscribers.dispatch_with(&event, false).await
             }
-            context
-                .scope(self.inner.subscribers.dispatch_with(&event, true))
-                .instrument(span)
-                .await
-        } else {
-            self.inner.subscribers.dispatch_with(&event, false).await
+        };
+        // In a held partition, handlers see its fencing token.
+        let fence = crate::bus::lock_read(&self.inner.fence)
+            .as_ref()
+            .map(|f| f.token);
+        let report = match fence {
+            Some(token) => token.scope(dispatch).await,
+            None => dispatch.await,
         };
         self.inner
             .metrics

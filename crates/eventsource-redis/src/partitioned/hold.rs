@@ -14,8 +14,9 @@ use super::PartitionedEventBus;
 use super::owner;
 use super::run::lock_write_owned;
 use crate::bus::lock;
-use crate::conn::{Commands, Fence};
+use crate::conn::Commands;
 use crate::error::RedisBusError;
+use crate::fence::Fence;
 
 /// A partition this consumer holds.
 pub(super) struct Held {
@@ -58,6 +59,54 @@ impl PartitionedEventBus {
             .get_or_try_init(|| first.open_commands())
             .await
             .cloned()
+    }
+
+    /// Opens the ownership connection and loads the ownership scripts, bounded by the
+    /// connection's own timeouts rather than a quarter of the lease: over a slow link the
+    /// handshake and a first `EVALSHA` (refused `NOSCRIPT`, then `SCRIPT LOAD`, then again)
+    /// take several round trips, and bounding them by the per-call limit cancelled them
+    /// every round — a member 200 ms away from Redis never joined. Once open, each ownership
+    /// call is one round trip. A script flushed later (`SCRIPT FLUSH`, a restart) is loaded
+    /// again by the call that finds it missing.
+    pub(super) async fn prepare_control(&self) -> Result<(), RedisBusError> {
+        if self.inner.scripts_loaded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let bound = self.inner.config.socket_connect_timeout + self.inner.config.socket_timeout * 2;
+        let prepare = async {
+            let mut conn = self.control().await?;
+            for script in [
+                &*owner::HEARTBEAT,
+                &*owner::ACQUIRE,
+                &*owner::RENEW,
+                &*owner::RELEASE,
+            ] {
+                let _: String = script
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(|e| {
+                        self.partition(0)
+                            .command_error("SCRIPT LOAD (ownership)", e)
+                    })?;
+            }
+            Ok::<(), RedisBusError>(())
+        };
+        match tokio::time::timeout(bound, prepare).await {
+            Ok(Ok(())) => {
+                self.inner.scripts_loaded.store(true, Ordering::Release);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(RedisBusError::Command {
+                command: "SCRIPT LOAD (ownership)",
+                source: redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no reply",
+                    format!("within {bound:?}"),
+                )),
+            }),
+        }
     }
 
     pub(super) fn count_lost(&self) {
@@ -112,7 +161,6 @@ impl PartitionedEventBus {
         stop: CancellationToken,
     ) -> Result<Option<Held>, String> {
         let part = self.partition(i);
-        let sent = Instant::now();
         let acquire = async {
             let mut conn = self.control().await?;
             owner::ACQUIRE
@@ -149,10 +197,34 @@ impl PartitionedEventBus {
                 ));
             }
         };
+        // The lease is renewed before the partition is used: the watchdog counts from this
+        // renewal, not from the ACQUIRE (with a slow Redis, the ACQUIRE and the claim can
+        // take most of the watchdog's three quarters of the lease before the ownership loop
+        // collects the take and renews it, and the partition would be dropped at once).
+        let renew_sent = Instant::now();
+        match tokio::time::timeout(limit, self.renew(i, &value)).await {
+            Ok(Ok(true)) => {}
+            failed => {
+                let why = match failed {
+                    Ok(Ok(_)) => "the lease was gone".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no reply within {limit:?}"),
+                };
+                self.let_go(i, &value, limit).await;
+                return Err(format!("renewing the lease just taken: {why}"));
+            }
+        }
         // From here acknowledgements in this partition check the lease.
         *part.inner.fence.write().unwrap_or_else(|p| p.into_inner()) = Some(Fence {
             key: self.owner_key(i),
             value: value.clone(),
+            token: crate::FencingToken {
+                partition: i,
+                token: value
+                    .rsplit_once(':')
+                    .and_then(|(_, t)| t.parse().ok())
+                    .unwrap_or_default(),
+            },
         });
         let c = &self.inner.control.counters;
         c.taken.fetch_add(1, Ordering::Relaxed);
@@ -165,7 +237,7 @@ impl PartitionedEventBus {
         };
         self.inner.control.metrics.taken();
         self.inner.control.metrics.owned(owned);
-        let renewed = Arc::new(std::sync::Mutex::new(sent));
+        let renewed = Arc::new(std::sync::Mutex::new(renew_sent));
         let done = CancellationToken::new();
         let task = {
             let (part, stop, done) = (part.clone(), stop.clone(), done.clone());

@@ -86,6 +86,8 @@ struct Inner {
     control: run::Control,
     /// The ownership loop's own connection.
     control_conn: tokio::sync::OnceCell<crate::conn::Commands>,
+    /// The ownership scripts were loaded on `control_conn` (`prepare_control`).
+    scripts_loaded: std::sync::atomic::AtomicBool,
     /// Set once the stream's partition count was checked.
     count_checked: tokio::sync::OnceCell<()>,
 }
@@ -158,6 +160,7 @@ impl PartitionedEventBus {
                 registry,
                 control: run::Control::new(&config.stream_prefix, &config.consumer_group),
                 control_conn: tokio::sync::OnceCell::new(),
+                scripts_loaded: std::sync::atomic::AtomicBool::new(false),
                 count_checked: tokio::sync::OnceCell::new(),
                 config,
             }),

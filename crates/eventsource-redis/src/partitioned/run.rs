@@ -281,6 +281,13 @@ impl PartitionedEventBus {
         stop: &CancellationToken,
     ) {
         let limit = self.inner.config.partition_lease / 4;
+        if let Err(e) = self.prepare_control().await {
+            let why = format!("the ownership connection cannot be opened: {e}");
+            tracing::warn!(problem = %why, "keeping the partitions held");
+            *lock(&self.inner.control.problem) = Some(why);
+            // Held partitions cannot be renewed without it; their watchdogs let them go.
+            return;
+        }
         let failed_take = taking.collect(held);
         let mut steps = JoinSet::new();
         let released = self.renew_and_release(held, &mut steps);
