@@ -175,3 +175,10 @@ fn given_when_then() {
         .when(|o| o.create("again", 1.0))
         .then_error(|e| e.to_string().contains("already created"));
 }
+
+/// The in-memory store keeps the snapshot rules, old and new shapes writing alternately
+/// included (a rolling deploy).
+#[tokio::test]
+async fn in_memory_snapshots_pass_the_snapshot_contract() {
+    eventsource_core::testkit::snapshot_contract::run_all(&InMemorySnapshotStore::new()).await;
+}

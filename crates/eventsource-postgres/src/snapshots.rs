@@ -9,7 +9,9 @@ use uuid::Uuid;
 use crate::store::{PostgresEventStore, backend};
 
 /// A [`SnapshotStore`] in the same database and schema as a [`PostgresEventStore`]: one row
-/// per aggregate, replaced only by a snapshot of the same or a later version.
+/// per aggregate, replaced only by one that [`replaces`](Snapshot::replaces) it (a newer
+/// shape, or the same shape at the same or a later version: old pods of a rolling deploy
+/// cannot overwrite new pods' snapshots).
 #[derive(Debug, Clone)]
 pub struct PostgresSnapshotStore {
     store: PostgresEventStore,
@@ -59,7 +61,7 @@ impl SnapshotStore for PostgresSnapshotStore {
                  ON CONFLICT (aggregate_id, aggregate_type) DO UPDATE SET \
                    version = EXCLUDED.version, schema_version = EXCLUDED.schema_version, \
                    state = EXCLUDED.state, taken_at = EXCLUDED.taken_at \
-                 WHERE {t}.version <= EXCLUDED.version",
+                 WHERE ({t}.schema_version, {t}.version) <= (EXCLUDED.schema_version, EXCLUDED.version)",
                 t = self.store.names().snapshots
             );
             sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -422,3 +422,12 @@ async fn setup_errors_say_whether_retrying_can_help() {
     // sqlx keeps trying until its acquire timeout: Unavailable or Timeout, both transient.
     assert!(nothing.is_transient(), "{nothing}: {:?}", nothing.kind());
 }
+
+/// PostgreSQL snapshots keep the snapshot rules: during a rolling deploy the old version's
+/// pods (an older shape) never overwrite the new version's snapshots.
+#[tokio::test]
+async fn postgres_snapshots_pass_the_snapshot_contract() {
+    let (store, _guard) = store("snapshot_contract", false).await;
+    let snapshots = eventsource_postgres::PostgresSnapshotStore::new(store.clone());
+    eventsource_core::testkit::snapshot_contract::run_all(&snapshots).await;
+}
