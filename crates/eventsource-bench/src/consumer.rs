@@ -77,6 +77,9 @@ impl Spec {
             "--handlers".to_owned(),
             self.handlers.to_string(),
         ];
+        if self.redis_rs_reader {
+            args.push("--redis-rs-reader".to_owned());
+        }
         for (flag, value) in [
             ("--consumer-url", self.consumer_url.clone()),
             ("--tls-ca-file", self.tls_ca_file.clone()),
@@ -143,9 +146,6 @@ pub(crate) async fn consume_run(
             .args(spec.args())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true);
-        if spec.redis_rs_reader {
-            command.env("EVENTSOURCE_REDIS_READER", "redis-rs");
-        }
         if spec.metrics {
             command.env("EVENTSOURCE_BENCH_METRICS", "1");
         }
@@ -255,6 +255,9 @@ pub(crate) struct ConsumerArgs {
     pending_idle_ms: Option<u64>,
     #[arg(long)]
     recovery_interval_ms: Option<u64>,
+    /// Read with redis-rs (`own_reader = false`).
+    #[arg(long)]
+    redis_rs_reader: bool,
 }
 
 /// The consumer child: runs [`consumer_role`] on its runtime and returns its report (or
@@ -300,10 +303,12 @@ async fn consumer_role(args: ConsumerArgs) -> Result<Json, Error> {
         batch_size,
         pending_idle_ms,
         recovery_interval_ms,
+        redis_rs_reader,
     } = args;
     let consumer_url = consumer_url.unwrap_or_else(|| url.clone());
     let mut config = profile_config(profile, &consumer_url, &prefix, &group, &name)
-        .handler_concurrency(concurrency);
+        .handler_concurrency(concurrency)
+        .own_reader(!redis_rs_reader);
     config.tls_ca_file = tls_ca_file.map(Into::into);
     if let Some(v) = batch_size {
         config.batch_size = v;

@@ -45,19 +45,11 @@ impl Names {
     }
 }
 
-/// The migrations, in order. Each runs once (recorded in `{table}_migrations`).
+/// The migrations, in the order they apply. Each runs once, recorded in `{table}_migrations`
+/// with a checksum of its text; a migration is never edited once released (add one instead).
 fn migrations(n: &Names) -> Vec<(i32, String)> {
     let table = n.events.rsplit('.').next().unwrap_or("events");
     vec![
-        (
-            6,
-            // A subscription started "at the end" keeps the snapshot it started in: what was
-            // visible then is skipped even where it sorts after the start position.
-            format!(
-                "ALTER TABLE {checkpoints} ADD COLUMN IF NOT EXISTS start_snapshot pg_snapshot NULL;",
-                checkpoints = n.checkpoints
-            ),
-        ),
         (
             1,
             format!(
@@ -104,18 +96,13 @@ fn migrations(n: &Names) -> Vec<(i32, String)> {
             ),
         ),
         (
-            5,
+            3,
             format!(
-                "CREATE TABLE IF NOT EXISTS {snapshots} (
-                    aggregate_id   UUID NOT NULL,
-                    aggregate_type TEXT NOT NULL,
-                    version        BIGINT NOT NULL,
-                    schema_version INTEGER NOT NULL,
-                    state          JSONB NOT NULL,
-                    taken_at       TIMESTAMPTZ NOT NULL,
-                    PRIMARY KEY (aggregate_id, aggregate_type)
-                );",
-                snapshots = n.snapshots
+                "ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS quarantined_at TIMESTAMPTZ NULL;
+                ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS skipped_at TIMESTAMPTZ NULL;
+                CREATE INDEX IF NOT EXISTS {table}_outbox_due_idx ON {outbox} (id)
+                    WHERE published_at IS NULL AND quarantined_at IS NULL;",
+                outbox = n.outbox
             ),
         ),
         (
@@ -135,59 +122,158 @@ fn migrations(n: &Names) -> Vec<(i32, String)> {
             ),
         ),
         (
-            3,
+            5,
             format!(
-                "ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS quarantined_at TIMESTAMPTZ NULL;
-                ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS skipped_at TIMESTAMPTZ NULL;
-                CREATE INDEX IF NOT EXISTS {table}_outbox_due_idx ON {outbox} (id)
-                    WHERE published_at IS NULL AND quarantined_at IS NULL;",
-                outbox = n.outbox
+                "CREATE TABLE IF NOT EXISTS {snapshots} (
+                    aggregate_id   UUID NOT NULL,
+                    aggregate_type TEXT NOT NULL,
+                    version        BIGINT NOT NULL,
+                    schema_version INTEGER NOT NULL,
+                    state          JSONB NOT NULL,
+                    taken_at       TIMESTAMPTZ NOT NULL,
+                    PRIMARY KEY (aggregate_id, aggregate_type)
+                );",
+                snapshots = n.snapshots
+            ),
+        ),
+        (
+            6,
+            // A subscription started "at the end" keeps the snapshot it started in: what was
+            // visible then is skipped even where it sorts after the start position.
+            format!(
+                "ALTER TABLE {checkpoints} ADD COLUMN IF NOT EXISTS start_snapshot pg_snapshot NULL;",
+                checkpoints = n.checkpoints
             ),
         ),
     ]
 }
 
+/// Why migrating failed.
+pub(crate) enum MigrateError {
+    /// The database failed.
+    Database(sqlx::Error),
+    /// The database's schema is not what this version of the library expects.
+    Schema(String),
+}
+
+impl From<sqlx::Error> for MigrateError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e)
+    }
+}
+
+/// The checksum recorded with a migration: FNV-1a 64 of its text, in hex.
+fn checksum(sql: &str) -> String {
+    format!(
+        "{:016x}",
+        eventsource_core::support::fnv1a64(sql.as_bytes(), 0)
+    )
+}
+
 /// Creates the schema and applies missing migrations, under an advisory lock so concurrent
-/// starts do not race.
-pub(crate) async fn migrate(pool: &PgPool, n: &Names) -> Result<(), sqlx::Error> {
+/// starts do not race. Refuses a database with a migration this version does not know (a
+/// newer version of the library migrated it) or whose applied migration differs from this
+/// version's text (edited by hand, or by a build that changed a released migration).
+/// Databases migrated before checksums were recorded get theirs on the first start.
+pub(crate) async fn migrate(pool: &PgPool, n: &Names) -> Result<(), MigrateError> {
     let mut tx = pool.begin().await?;
+    match migrate_in(&mut tx, n).await {
+        Ok(()) => Ok(tx.commit().await?),
+        Err(e) => {
+            // At once: a dropped transaction is rolled back only when its connection is next
+            // used, and until then it holds the locks the migration took.
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+async fn migrate_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    n: &Names,
+) -> Result<(), MigrateError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(n.lock_key ^ 0x5a5a)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE SCHEMA IF NOT EXISTS {schema};
          CREATE TABLE IF NOT EXISTS {migrations} (
              version INTEGER PRIMARY KEY,
              applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-         );",
+         );
+         ALTER TABLE {migrations} ADD COLUMN IF NOT EXISTS checksum TEXT NULL;",
         schema = n.schema,
         migrations = n.migrations
     )))
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
-    let applied: Vec<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT version FROM {}",
+    let applied: Vec<(i32, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT version, checksum FROM {} ORDER BY version",
         n.migrations
     )))
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
-    let mut pending = migrations(n);
-    pending.sort_by_key(|(version, _)| *version);
-    for (version, sql) in pending {
-        if applied.contains(&version) {
-            continue;
-        }
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO {} (version) VALUES ($1)",
-            n.migrations
-        )))
-        .bind(version)
-        .execute(&mut *tx)
-        .await?;
+    let known = migrations(n);
+    let latest = known.last().map_or(0, |(v, _)| *v);
+    if let Some((newer, _)) = applied.iter().find(|(v, _)| *v > latest) {
+        return Err(MigrateError::Schema(format!(
+            "{} was migrated by a newer version of eventsource-postgres (migration {newer}; \
+             this version knows 1 to {latest}): upgrade the library, or use another schema or \
+             table",
+            n.events
+        )));
     }
-    tx.commit().await
+    for (version, sql) in known {
+        let sum = checksum(&sql);
+        match applied.iter().find(|(v, _)| *v == version) {
+            Some((_, Some(stored))) if *stored == sum => {}
+            Some((_, Some(stored))) => {
+                return Err(MigrateError::Schema(format!(
+                    "migration {version} applied to {} differs from this version's (checksum \
+                     {stored} stored, {sum} here): the schema was changed by another build of \
+                     eventsource-postgres; use the version that migrated it, or a new schema",
+                    n.events
+                )));
+            }
+            Some((_, None)) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {} SET checksum = $2 WHERE version = $1",
+                    n.migrations
+                )))
+                .bind(version)
+                .bind(&sum)
+                .execute(&mut **tx)
+                .await?;
+            }
+            None => {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut **tx)
+                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO {} (version, checksum) VALUES ($1, $2)",
+                    n.migrations
+                )))
+                .bind(version)
+                .bind(&sum)
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_listed_in_order_without_gaps() {
+        let versions: Vec<i32> = migrations(&Names::new("s", "events"))
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect();
+        assert_eq!(versions, (1..=versions.len() as i32).collect::<Vec<_>>());
+    }
 }

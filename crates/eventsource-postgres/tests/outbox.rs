@@ -13,7 +13,7 @@ use common::*;
 use eventsource_core::BoxFuture;
 use eventsource_core::bus::{BusError, EventPublisher};
 use eventsource_core::prelude::*;
-use eventsource_core::testkit::orders::OrderAggregate;
+use eventsource_core::testkit::orders::{OrderAggregate, OrderCreated};
 use eventsource_postgres::{OutboxRelay, RelayConfig, RoundOutcome, outbox_stats};
 use uuid::Uuid;
 
@@ -439,4 +439,53 @@ async fn the_relay_binary_shows_retries_and_skips_quarantined_rows() {
         serde_json::from_slice(&run(&["status", "--json"]).stdout).unwrap();
     assert_eq!(json["stats"]["skipped"], 1);
     assert_eq!(json["stats"]["quarantined"], 0);
+}
+
+/// The outbox rows of one append are numbered in the order of the events' positions (the
+/// relay publishes by outbox id), on both append paths, for a batch of 50.
+#[tokio::test]
+async fn outbox_rows_of_a_batch_follow_the_positions() {
+    for serialize in [false, true] {
+        let (store, guard) = common::store_with("outbox_batch_order", true, serialize).await;
+        let aggregate = Uuid::new_v4();
+        let events: Vec<EventEnvelope> = (0..50)
+            .map(|v| {
+                Event::new(
+                    aggregate,
+                    OrderCreated {
+                        customer_id: format!("c{v}"),
+                        total_amount: 1.0,
+                    },
+                )
+                .with_aggregate_version(v + 1)
+                .into_envelope()
+            })
+            .collect();
+        store
+            .append(aggregate, "Order", &events, ExpectedVersion::NoStream)
+            .await
+            .unwrap();
+        let schema = guard.0.clone();
+        let rows: Vec<(i64, Uuid)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT o.position, o.event_id FROM {schema}.events_outbox o ORDER BY o.id"
+        )))
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 50);
+        assert!(
+            rows.windows(2).all(|w| w[0].0 < w[1].0),
+            "outbox ids follow positions (serialize_appends {serialize})"
+        );
+        let stored: Vec<(i64, Uuid)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT position, event_id FROM {schema}.events ORDER BY position"
+        )))
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(rows, stored, "each outbox row names its own event");
+        let in_order: Vec<Uuid> = events.iter().map(|e| e.event_id()).collect();
+        let by_position: Vec<Uuid> = stored.iter().map(|(_, id)| *id).collect();
+        assert_eq!(by_position, in_order, "positions follow the versions");
+    }
 }

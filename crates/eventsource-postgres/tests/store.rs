@@ -431,3 +431,84 @@ async fn postgres_snapshots_pass_the_snapshot_contract() {
     let snapshots = eventsource_postgres::PostgresSnapshotStore::new(store.clone());
     eventsource_core::testkit::snapshot_contract::run_all(&snapshots).await;
 }
+
+/// Migrations carry checksums: a database from before checksums gets them, one migrated by
+/// a newer version of the library or whose applied migration differs is refused with a
+/// sentence that says so, and nothing is changed.
+#[tokio::test]
+async fn migrations_are_checked_against_what_was_applied() {
+    let (store, guard) = store("migration_checks", false).await;
+    let schema = guard.0.clone();
+    let url = database_url();
+    let connect = || {
+        PostgresEventStore::connect(
+            &url,
+            PostgresStoreConfig {
+                schema: schema.clone(),
+                max_connections: 2,
+                ..Default::default()
+            },
+        )
+    };
+    let exec = |sql: String| {
+        let pool = store.pool().clone();
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    // Recorded in order, each with a checksum.
+    let rows: Vec<(i32, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT version, checksum FROM {schema}.events_migrations ORDER BY version"
+    )))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert!(
+        rows.len() >= 6 && rows.iter().all(|(_, c)| c.is_some()),
+        "{rows:?}"
+    );
+    // From before checksums: filled in at the next start.
+    exec(format!(
+        "UPDATE {schema}.events_migrations SET checksum = NULL"
+    ))
+    .await;
+    connect()
+        .await
+        .expect("a database from before checksums opens");
+    let missing: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*) FROM {schema}.events_migrations WHERE checksum IS NULL"
+    )))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(missing, 0);
+    // An applied migration that differs.
+    exec(format!(
+        "UPDATE {schema}.events_migrations SET checksum = '0000000000000000' WHERE version = 2"
+    ))
+    .await;
+    let e = connect().await.unwrap_err();
+    assert!(matches!(e, SetupError::Schema(_)), "{e:?}");
+    assert!(
+        e.to_string().contains("migration 2") && e.to_string().contains("differs"),
+        "{e}"
+    );
+    exec(format!(
+        "UPDATE {schema}.events_migrations SET checksum = NULL WHERE version = 2"
+    ))
+    .await;
+    // A newer version of the library migrated it.
+    exec(format!(
+        "INSERT INTO {schema}.events_migrations (version, checksum) VALUES (99, 'x')"
+    ))
+    .await;
+    let e = connect().await.unwrap_err();
+    assert!(
+        e.to_string().contains("newer version") && e.to_string().contains("99"),
+        "{e}"
+    );
+    assert_eq!(e.kind(), eventsource_core::ErrorKind::InvalidState);
+}

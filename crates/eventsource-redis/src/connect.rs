@@ -268,6 +268,7 @@ impl RedisEventBus {
             cfg.socket_connect_timeout,
             cfg.block + cfg.socket_timeout,
             &name,
+            cfg.own_reader,
         )
         .await
     }

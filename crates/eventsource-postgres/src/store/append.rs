@@ -51,7 +51,7 @@ impl PostgresEventStore {
         let outbox = if self.outbox {
             format!(
                 ", ob AS (INSERT INTO {outbox} (position, event_id, aggregate_id) \
-                   SELECT position, event_id, $1 FROM ins)",
+                   SELECT position, event_id, $1 FROM ins ORDER BY position)",
                 outbox = self.names.outbox,
             )
         } else {
@@ -81,6 +81,7 @@ impl PostgresEventStore {
                                                     WHEN 'exact' THEN cur.v = $12 \
                                                     WHEN 'exists' THEN cur.v > 0 \
                                                     ELSE true END \
+                     ORDER BY e.version \
                      RETURNING position, event_id) \
              {outbox} {pause} \
              SELECT (SELECT v FROM cur), \
@@ -241,7 +242,8 @@ impl PostgresEventStore {
              FROM UNNEST($3::uuid[], $4::bigint[], $5::text[], $6::uuid[], $7::text[], \
                          $8::timestamptz[], $9::jsonb[]) \
                   AS e(id, version, event_type, tenant, actor, occurred, payload) \
-             RETURNING position",
+             ORDER BY e.version \
+             RETURNING position, event_id",
             events = self.names.events
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -259,11 +261,19 @@ impl PostgresEventStore {
             .map_err(|e| {
                 self.map_insert_error(e, aggregate_id, aggregate_type, expected, actual, &ids)
             })?;
-        let positions: Vec<i64> = rows.iter().map(|r| r.get::<i64, _>(0)).collect();
+        // The outbox rows in position order (their ids are the relay's order), each with
+        // the event RETURNING gave it.
+        let mut inserted: Vec<(i64, Uuid)> = rows
+            .iter()
+            .map(|r| (r.get::<i64, _>(0), r.get::<Uuid, _>(1)))
+            .collect();
+        inserted.sort_unstable_by_key(|(position, _)| *position);
+        let (positions, ids): (Vec<i64>, Vec<Uuid>) = inserted.into_iter().unzip();
         if self.outbox {
             let sql = format!(
                 "INSERT INTO {outbox} (position, event_id, aggregate_id) \
-                 SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::uuid[])",
+                 SELECT p, e, a FROM UNNEST($1::bigint[], $2::uuid[], $3::uuid[]) AS u(p, e, a) \
+                 ORDER BY p",
                 outbox = self.names.outbox
             );
             let aggregates = vec![aggregate_id; ids.len()];

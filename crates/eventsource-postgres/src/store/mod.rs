@@ -55,6 +55,10 @@ pub enum SetupError {
         /// What is wrong.
         reason: String,
     },
+    /// The database's schema is not what this version expects: migrated by a newer version
+    /// of the library, or a migration applied there differs from this version's.
+    #[error("{0}")]
+    Schema(String),
     /// Creating the schema, tables or indexes failed.
     #[error("migrating the event store schema failed: {0}")]
     Migrate(#[source] sqlx::Error),
@@ -67,6 +71,7 @@ impl SetupError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Config { .. } | Self::Subscription { .. } => ErrorKind::Config,
+            Self::Schema(_) => ErrorKind::InvalidState,
             // I/O and pool timeouts are Unavailable / Timeout; a refusal PostgreSQL names (no
             // such database, a bad role) keeps its own kind: retrying a typo cannot help.
             Self::Connect { source, .. } => sqlx_error_kind(source),
@@ -259,7 +264,14 @@ impl PostgresEventStore {
                 url: redact(database_url),
                 source,
             })?;
-        Self::with_pool(pool, config).await
+        match Self::with_pool(pool.clone(), config).await {
+            Ok(store) => Ok(store),
+            Err(e) => {
+                // The pool is ours: its connections go now, not when the runtime gets to it.
+                pool.close().await;
+                Err(e)
+            }
+        }
     }
 
     /// Uses an existing pool and creates (or upgrades) the schema.
@@ -275,9 +287,10 @@ impl PostgresEventStore {
         validate_identifier("schema", &config.schema)?;
         validate_identifier("table", &config.table)?;
         let names = schema::Names::new(&config.schema, &config.table);
-        schema::migrate(&pool, &names)
-            .await
-            .map_err(SetupError::Migrate)?;
+        schema::migrate(&pool, &names).await.map_err(|e| match e {
+            schema::MigrateError::Database(e) => SetupError::Migrate(e),
+            schema::MigrateError::Schema(reason) => SetupError::Schema(reason),
+        })?;
         let notifier = Notifier::spawn(pool.clone(), &names, config.outbox);
         Ok(Self {
             pool,

@@ -300,6 +300,10 @@ bus_options! {
     /// Emit tracing spans (publish, process, handle) and carry W3C trace context in entries.
     /// Default true.
     enable_tracing: bool = true, parse;
+    /// Read with the bus's own RESP reader on plain TCP (`redis://`): it parses
+    /// `XREADGROUP` replies straight into entries, 1.35× redis-rs's reader in the benchmark.
+    /// False reads with redis-rs's connection as TLS and Unix sockets always do. Default true.
+    own_reader: bool = true, parse;
     /// How often the consumer runs pending recovery by itself (text: `recovery_interval_ms`);
     /// zero turns it off (then call `recover_pending_messages` yourself). Default 30 s.
     recovery_interval: Duration = Duration::from_secs(30), millis(recovery_interval_ms);

@@ -171,7 +171,7 @@ mod tests {
             "EVENTSOURCE_REDIS_BATCH_SISE",
             "EVENTSOURCE_REDIS_BLOCK_MS",
             "EVENTSOURCE_REDIS_BLOCK",
-            "EVENTSOURCE_REDIS_READER",
+            "EVENTSOURCE_REDIS_READER_KIND",
             "EVENTSOURCE_REDIS_block_ms",
             "REDIS_URL",
             "PATH",

@@ -4,8 +4,7 @@
 //! `XREADGROUP` and parse the reply straight into entries (field values as bytes, no UTF-8
 //! check, no intermediate value tree). For TLS and Unix sockets the bus uses a redis-rs
 //! connection instead. The benchmark measures both at the default configuration
-//! (`docs/performance.md`); setting `EVENTSOURCE_REDIS_READER=redis-rs` selects redis-rs on
-//! TCP too.
+//! (`docs/performance.md`); the option `own_reader = false` selects redis-rs on TCP too.
 //!
 //! The parser trusts nothing it reads: a length below -1 is a protocol error (only `-1` means
 //! null), a bulk string longer than Redis's own 512 MB limit is refused, header counts never
@@ -23,6 +22,15 @@ use crate::codec::{self, ReadEntry, StreamEntry};
 
 /// Redis's own upper bound on a bulk string (`proto-max-bulk-len`).
 const MAX_BULK: i64 = 512 * 1024 * 1024;
+
+/// The most a bulk string's buffer starts with, whatever its header announces.
+const FIRST_BULK_CAPACITY: usize = 64 * 1024;
+
+/// The longest entry id accepted (`<milliseconds>-<sequence>`: at most 41 bytes).
+const MAX_ID: usize = 64;
+
+/// The longest stream name accepted in a reply (a key of this bus: its prefix and `:stream`).
+const MAX_NAME: usize = 64 * 1024;
 
 /// Why a read failed, classified for the consume loop.
 #[derive(Debug)]
@@ -112,21 +120,18 @@ impl ReadRequest {
     }
 }
 
-fn use_redis_rs() -> bool {
-    std::env::var("EVENTSOURCE_REDIS_READER").is_ok_and(|v| v == "redis-rs")
-}
-
 impl Reader {
-    /// Opens the read connection for `client`: our TCP reader for `redis://`, redis-rs for
-    /// the rest. `name` is set with CLIENT SETNAME.
+    /// Opens the read connection for `client`: our TCP reader for `redis://` when
+    /// `own_reader`, redis-rs for the rest. `name` is set with CLIENT SETNAME.
     pub(crate) async fn open(
         client: &redis::Client,
         connect_timeout: Duration,
         response_timeout: Duration,
         name: &str,
+        own_reader: bool,
     ) -> Result<Self, ReadError> {
         let info = client.get_connection_info();
-        if let (ConnectionAddr::Tcp(host, port), false) = (info.addr(), use_redis_rs()) {
+        if let (ConnectionAddr::Tcp(host, port), true) = (info.addr(), own_reader) {
             let settings = info.redis_settings();
             let connect = async {
                 let stream = TcpStream::connect((host.as_str(), *port)).await?;
@@ -309,10 +314,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RespReader<S> {
     }
 
     /// Reads a bulk body of `n` bytes (n >= 0) and its CRLF.
+    /// Reads a bulk body of `n` bytes and its CRLF. The buffer grows as bytes arrive (from
+    /// at most `FIRST_BULK_CAPACITY`), so a header announcing 500 MB followed by nothing costs
+    /// nothing.
     async fn read_bulk(&mut self, n: i64) -> Result<Vec<u8>, ReadError> {
         let n = usize::try_from(n).map_err(|_| protocol("bad bulk length"))?;
-        let mut data = vec![0u8; n];
-        self.stream.read_exact(&mut data).await?;
+        let mut data = Vec::with_capacity(n.min(FIRST_BULK_CAPACITY));
+        while data.len() < n {
+            let buf = self.stream.fill_buf().await?;
+            if buf.is_empty() {
+                return Err(ReadError::Connection("connection closed by Redis".into()));
+            }
+            let take = buf.len().min(n - data.len());
+            data.extend_from_slice(&buf[..take]);
+            self.stream.consume(take);
+        }
         self.expect_crlf().await?;
         Ok(data)
     }
@@ -352,10 +368,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RespReader<S> {
         }
     }
 
-    /// A bulk or simple string as bytes.
-    async fn bytes(&mut self) -> Result<Vec<u8>, ReadError> {
+    /// A bulk or simple string as bytes, at most `max` of them (`what` names it in the error).
+    async fn bytes(&mut self, max: usize, what: &str) -> Result<Vec<u8>, ReadError> {
         match self.header().await? {
             (b'$', -1) => Err(protocol("null where a string was expected")),
+            (b'$', n) if usize::try_from(n).is_ok_and(|n| n > max) => Err(protocol(&format!(
+                "{what} of {n} bytes (at most {max} expected)"
+            ))),
             (b'$', n) => self.read_bulk(n).await,
             (b'+', _) => {
                 let len = self.line.len();
@@ -417,14 +436,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RespReader<S> {
             if self.array_header().await? != Some(2) {
                 return Err(protocol("stream reply is not [name, entries]"));
             }
-            let _name = self.bytes().await?;
+            let _name = self.bytes(MAX_NAME, "a stream name").await?;
             let count = self.array_header().await?.unwrap_or(0);
             out.reserve(count.min(1024));
             for _ in 0..count {
                 if self.array_header().await? != Some(2) {
                     return Err(protocol("entry is not [id, fields]"));
                 }
-                let id = String::from_utf8(self.bytes().await?)
+                let id = String::from_utf8(self.bytes(MAX_ID, "an entry id").await?)
                     .map_err(|_| protocol("entry id is not text"))?;
                 let Some(n) = self.array_header().await? else {
                     out.push(ReadEntry::Deleted(id));
