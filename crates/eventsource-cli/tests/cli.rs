@@ -503,7 +503,7 @@ async fn tail_recover_and_warnings() {
     // Two entries pending with a crashed consumer; one has used up its attempts.
     let mut conn = redis::Client::open(redis_url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let _: Value = redis::cmd("XREADGROUP")

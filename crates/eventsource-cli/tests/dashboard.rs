@@ -4,8 +4,8 @@
 //! consumer handles it.
 //!
 //! The browser part needs Node.js, Debian's `chromium` and npm's `playwright-core` (installed
-//! under `target/` on first use). Without them it is skipped with one loud line, unless
-//! `EVENTSOURCE_REQUIRE_BROWSER=1` (CI) turns that into a failure.
+//! under `target/` on first use). Without them it is reported as ignored with the reason (this
+//! file's own harness), unless `EVENTSOURCE_REQUIRE_BROWSER=1` (CI) makes that a failure.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -198,7 +198,6 @@ async fn dead_letter(bus: &RedisEventBus, n: usize) {
 }
 
 /// The JSON API: overview, paging through 120 dead letters, purge, replay, bad input.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_pages_replays_and_purges() {
     let prefix = unique_prefix("dash-api");
     let _c = Cleanup(prefix.clone());
@@ -314,16 +313,9 @@ fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
 /// In the browser: the dead letters show with their reason; another site's page in the same
 /// browser cannot purge one; replay (confirmed) sends one back and the consumer, fixed
 /// meanwhile, handles it; purge (confirmed) deletes the other.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_replays_a_dead_letter_from_the_page() {
-    let (script, chromium) = match browser_tools() {
-        Ok(tools) => tools,
-        Err(why) if std::env::var("EVENTSOURCE_REQUIRE_BROWSER").as_deref() != Ok("1") => {
-            eprintln!("SKIPPED the dashboard browser test: {why}");
-            return;
-        }
-        Err(why) => panic!("the dashboard browser test cannot run: {why}"),
-    };
+    let (script, chromium) = browser_tools()
+        .unwrap_or_else(|why| panic!("the dashboard browser test cannot run: {why}"));
     let prefix = unique_prefix("dash-ui");
     let _c = Cleanup(prefix.clone());
     let broken = Arc::new(AtomicBool::new(true));
@@ -373,7 +365,6 @@ async fn operator_replays_a_dead_letter_from_the_page() {
 /// Requests a page of another site can make, and a name rebinding to the dashboard's
 /// address, change nothing and read nothing; other prefixes are not served; `--read-only`
 /// refuses every change.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_requests_are_refused() {
     let prefix = unique_prefix("dash-forge");
     let _c = Cleanup(prefix.clone());
@@ -507,4 +498,28 @@ async fn forged_requests_are_refused() {
     assert_eq!(status, 403, "{r}");
     assert!(r["error"].as_str().unwrap().contains("read-only"), "{r}");
     assert_eq!(bus.get_stream_info().await.dlq_messages, 2);
+}
+
+fn main() -> std::process::ExitCode {
+    use eventsource_testsupport::harness;
+    // Checked before the tests run, so a missing browser shows in the summary.
+    let no_browser = match browser_tools() {
+        Ok(_) => None,
+        Err(why) if std::env::var("EVENTSOURCE_REQUIRE_BROWSER").as_deref() != Ok("1") => Some(why),
+        Err(why) => {
+            eprintln!(
+                "the dashboard browser test cannot run and EVENTSOURCE_REQUIRE_BROWSER=1: {why}"
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    harness::run(vec![
+        harness::test("api_pages_replays_and_purges", api_pages_replays_and_purges),
+        harness::test("forged_requests_are_refused", forged_requests_are_refused),
+        harness::test(
+            "operator_replays_a_dead_letter_from_the_page",
+            operator_replays_a_dead_letter_from_the_page,
+        )
+        .unless(no_browser),
+    ])
 }

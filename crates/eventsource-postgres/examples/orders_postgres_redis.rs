@@ -84,7 +84,11 @@ async fn main() -> Result<(), Error> {
         .block_ms(200);
     // Start from a fresh stream each run (it stays afterwards for inspection).
     let client = redis::Client::open(config.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(Some(config.socket_timeout)),
+        )
+        .await?;
     redis::cmd("DEL")
         .arg(config.stream_name())
         .arg(config.dlq_stream_name())

@@ -226,7 +226,10 @@ async fn relay_killed_before_publishing_loses_nothing() {
         .status();
     let _ = tokio::time::timeout(Duration::from_secs(10), again.wait()).await;
     let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
+        .await
+        .unwrap();
     let published = stream_event_ids(&stream).await;
     let _: () = redis::cmd("DEL")
         .arg(&stream)

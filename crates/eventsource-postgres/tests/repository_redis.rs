@@ -32,7 +32,10 @@ fn bus(prefix: &str, name: &str) -> RedisEventBus {
 
 async fn drop_stream(bus: &RedisEventBus) {
     let client = redis::Client::open(bus.config().redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
+        .await
+        .unwrap();
     let _: () = redis::cmd("DEL")
         .arg(bus.stream_name())
         .arg(bus.dlq_stream_name())

@@ -244,7 +244,9 @@ fn registry() -> Result<EventRegistry, Error> {
 async fn fresh_streams(config: &RedisEventBusConfig) -> Result<(), Error> {
     let client = redis::Client::open(config.redis_url.as_str())?;
     let mut conn = client
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(Some(config.socket_timeout)),
+        )
         .await
         .map_err(|e| format!("cannot connect to Redis at {}: {e}", config.redis_url))?;
     redis::cmd("DEL")

@@ -32,6 +32,8 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: in a file or a test's output they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -129,7 +131,15 @@ impl Recorder {
             async move {
                 let mut conn = this
                     .records
-                    .get_or_try_init(|| this.client.get_multiplexed_async_connection())
+                    .get_or_try_init(|| async {
+                        // The records must not fail on a loaded machine (redis-rs waits 500 ms
+                        // for a reply by default).
+                        let patient = redis::AsyncConnectionConfig::new()
+                            .set_response_timeout(Some(Duration::from_secs(10)));
+                        this.client
+                            .get_multiplexed_async_connection_with_config(&patient)
+                            .await
+                    })
                     .await?
                     .clone();
                 redis::cmd("RPUSH")

@@ -29,7 +29,7 @@ const PUBLISHER_RULE: &str = "+ping +client|setname +xadd +get +info";
 async fn set_user(port: u16, user: &str, keys: &str, rule: &str) {
     let mut admin = redis::Client::open(format!("redis://127.0.0.1:{port}"))
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let mut cmd = redis::cmd("ACL");
@@ -53,7 +53,7 @@ async fn set_user(port: u16, user: &str, keys: &str, rule: &str) {
 async fn acl_log(port: u16) -> Vec<String> {
     let mut admin = redis::Client::open(format!("redis://127.0.0.1:{port}"))
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let entries: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("ACL")

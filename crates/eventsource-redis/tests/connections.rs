@@ -38,7 +38,7 @@ async fn password_and_acl_user() {
     round_trip(format!("redis://:s3cret-pw@127.0.0.1:{}/3", server.port)).await;
     let mut admin = redis::Client::open(format!("redis://:s3cret-pw@127.0.0.1:{port}"))
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let _: () = redis::cmd("ACL")
@@ -158,7 +158,7 @@ async fn unresponsive_redis_gives_typed_timeouts_then_recovers() {
     bus.connect().await.unwrap();
     let mut admin = redis::Client::open(server.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let sleeper = tokio::spawn(async move {
@@ -215,7 +215,7 @@ async fn paused_writes_make_publish_indeterminate_and_dedupe_absorbs_the_retry()
     publisher.connect().await.unwrap();
     let mut admin = redis::Client::open(server.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let _: () = redis::cmd("CLIENT")

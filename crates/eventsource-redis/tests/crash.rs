@@ -36,7 +36,7 @@ async fn consumer_killed_mid_batch_loses_nothing() {
         .await
         .unwrap();
 
-    let mut victim = tokio::process::Command::new(worker_exe())
+    let mut victim = worker_command()
         .env("EVENTSOURCE_REDIS_URL", redis_url())
         .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
         .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")
@@ -104,8 +104,7 @@ async fn consumer_killed_mid_batch_loses_nothing() {
 #[tokio::test]
 async fn survives_a_redis_restart() {
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("es-redis-{port}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("redis-restart");
     let mut server = OwnRedis::start(port, &dir, &[]);
     let cfg = config("restart", "g", "c")
         .redis_url(server.url())
@@ -344,7 +343,7 @@ async fn redis_kill_9_with_aof_loses_nothing() {
     // worker-1 read 20 and crashed before acking them.
     let mut conn = redis::Client::open(first.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let _: redis::Value = redis::cmd("XREADGROUP")
@@ -411,7 +410,10 @@ async fn connections_killed_repeatedly_under_load() {
         let client = redis::Client::open(url).unwrap();
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+            if let Ok(mut c) = client
+                .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
+                .await
+            {
                 let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
                     .arg("KILL")
                     .arg("TYPE")
@@ -481,7 +483,7 @@ async fn frozen_consumer_is_survived_and_its_late_acks_are_counted() {
         .await
         .unwrap();
 
-    let zombie = tokio::process::Command::new(worker_exe())
+    let zombie = worker_command()
         .env("EVENTSOURCE_REDIS_URL", redis_url())
         .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
         .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")

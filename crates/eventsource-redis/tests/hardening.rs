@@ -102,7 +102,7 @@ async fn one_read_connection_for_the_consumers_life() {
     let received = || async {
         let mut conn = redis::Client::open(server.url())
             .unwrap()
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
             .await
             .unwrap();
         let info: String = redis::cmd("INFO")
@@ -481,7 +481,7 @@ async fn a_crash_loop_dead_letters_only_the_entry_that_ran() {
             .unwrap()
     };
     let spawn_worker = || {
-        tokio::process::Command::new(worker_exe())
+        worker_command()
             .env("EVENTSOURCE_REDIS_URL", redis_url())
             .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
             .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")
@@ -561,7 +561,7 @@ async fn a_dead_letter_for_kills_after_the_handler_says_what_is_known() {
     let own_conn = || async {
         redis::Client::open(own.url())
             .unwrap()
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
             .await
             .unwrap()
     };
@@ -577,7 +577,7 @@ async fn a_dead_letter_for_kills_after_the_handler_says_what_is_known() {
         }
     };
     let spawn_worker = || {
-        tokio::process::Command::new(worker_exe())
+        worker_command()
             .env("EVENTSOURCE_REDIS_URL", own.url())
             .env("WORKER_LEDGER_URL", redis_url())
             .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
@@ -586,8 +586,6 @@ async fn a_dead_letter_for_kills_after_the_handler_says_what_is_known() {
             .env("EVENTSOURCE_REDIS_BLOCK_MS", "100")
             .env("EVENTSOURCE_REDIS_MAX_RETRIES", "3")
             .env("WORKER_SLEEP_MS", "1500")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("worker binary starts")

@@ -178,7 +178,7 @@ async fn sigterm_finishes_the_batch_and_exits_cleanly() {
         .publish_events(&(0..100).map(created).collect::<Vec<_>>())
         .await
         .unwrap();
-    let worker = tokio::process::Command::new(worker_exe())
+    let worker = worker_command()
         .env("EVENTSOURCE_REDIS_URL", redis_url())
         .env("EVENTSOURCE_REDIS_STREAM_PREFIX", &prefix)
         .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")

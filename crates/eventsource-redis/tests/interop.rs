@@ -5,7 +5,8 @@
 //! The first test to run creates a virtualenv under the target dir with the newest Python 3.13
 //! or later it finds (pyenv or PATH; `EVENTSOURCE_INTEROP_PYTHON` overrides) and installs
 //! `eventsource-py[redis]==0.15.1`; later runs reuse it. Without such a Python the tests are
-//! skipped with one loud line, unless `EVENTSOURCE_REQUIRE_INTEROP=1` (set by CI).
+//! reported as ignored with the reason (this file's own harness), unless
+//! `EVENTSOURCE_REQUIRE_INTEROP=1` (set by CI), which makes that a failure.
 
 mod common;
 
@@ -117,11 +118,7 @@ fn assert_same_event(py: &Value, ours: &Value) {
 }
 
 /// eventsource-py publishes; this bus consumes every event with equal fields.
-#[tokio::test]
 async fn python_publishes_rust_consumes() {
-    if python().is_none() {
-        return;
-    }
     let prefix = unique_prefix("py2rs");
     let _c = Cleanup(prefix.clone());
     let url = redis_url();
@@ -166,11 +163,7 @@ async fn python_publishes_rust_consumes() {
 
 /// This bus publishes (with a trace context field Python does not know); eventsource-py
 /// consumes them all with equal fields.
-#[tokio::test]
 async fn rust_publishes_python_consumes() {
-    if python().is_none() {
-        return;
-    }
     let prefix = unique_prefix("rs2py");
     let _c = Cleanup(prefix.clone());
     let bus = bus(config(&prefix, "rust", "r"));
@@ -211,11 +204,7 @@ async fn rust_publishes_python_consumes() {
 
 /// A dead letter written by eventsource-py is listed and replayed by this bus, and the replay
 /// is handled by a Rust consumer.
-#[tokio::test]
 async fn python_dead_letter_listed_and_replayed_by_rust() {
-    if python().is_none() {
-        return;
-    }
     let prefix = unique_prefix("pydlq");
     let _c = Cleanup(prefix.clone());
     let url = redis_url();
@@ -318,11 +307,7 @@ async fn python_dead_letter_listed_and_replayed_by_rust() {
 
 /// A dead letter written by this bus (with its extra `error` and `consumer_group` fields) is
 /// listed and replayed by eventsource-py; the replayed entry is handled by a Rust consumer.
-#[tokio::test]
 async fn rust_dead_letter_listed_and_replayed_by_python() {
-    if python().is_none() {
-        return;
-    }
     let prefix = unique_prefix("rsdlq");
     let _c = Cleanup(prefix.clone());
     let failing = bus(config(&prefix, "billing", "r").max_retries(0));
@@ -406,11 +391,7 @@ async fn rust_dead_letter_listed_and_replayed_by_python() {
 
 /// A Python consumer and a Rust consumer in the same group share the work: every event is
 /// handled once, by one of them, and both get some.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_and_rust_consumers_share_one_group() {
-    if python().is_none() {
-        return;
-    }
     let prefix = unique_prefix("mixed");
     let _c = Cleanup(prefix.clone());
     let bus = bus(config(&prefix, "mixed", "rust-1"));
@@ -480,4 +461,40 @@ async fn python_and_rust_consumers_share_one_group() {
         by_rust.len()
     );
     assert_eq!(pending(bus.stream_name(), "mixed").await, 0);
+}
+
+fn main() -> std::process::ExitCode {
+    use eventsource_testsupport::harness;
+    let missing = eventsource_testsupport::python::interop_python()
+        .is_none()
+        .then(|| {
+            "no Python 3.13 or later (pyenv or PATH; or set EVENTSOURCE_INTEROP_PYTHON)".to_owned()
+        });
+    harness::run(vec![
+        harness::test(
+            "python_publishes_rust_consumes",
+            python_publishes_rust_consumes,
+        )
+        .unless(missing.clone()),
+        harness::test(
+            "rust_publishes_python_consumes",
+            rust_publishes_python_consumes,
+        )
+        .unless(missing.clone()),
+        harness::test(
+            "python_dead_letter_listed_and_replayed_by_rust",
+            python_dead_letter_listed_and_replayed_by_rust,
+        )
+        .unless(missing.clone()),
+        harness::test(
+            "rust_dead_letter_listed_and_replayed_by_python",
+            rust_dead_letter_listed_and_replayed_by_python,
+        )
+        .unless(missing.clone()),
+        harness::test(
+            "python_and_rust_consumers_share_one_group",
+            python_and_rust_consumers_share_one_group,
+        )
+        .unless(missing.clone()),
+    ])
 }

@@ -43,7 +43,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn spawn_worker(url: &str, prefix: &str, name: &str) -> tokio::process::Child {
-    tokio::process::Command::new(worker_exe())
+    worker_command()
         .env("EVENTSOURCE_REDIS_URL", url)
         .env("EVENTSOURCE_REDIS_STREAM_PREFIX", prefix)
         .env("EVENTSOURCE_REDIS_CONSUMER_GROUP", "workers")
@@ -67,7 +67,10 @@ async fn scard(url: &str, key: &str) -> u64 {
     let Ok(client) = redis::Client::open(url) else {
         return 0;
     };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+    let Ok(mut conn) = client
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
+        .await
+    else {
         return 0;
     };
     redis::cmd("SCARD")
@@ -220,7 +223,9 @@ async fn l2_a_million_events_under_kills_lose_nothing() {
 
 async fn kill_all_clients(url: &str) -> redis::RedisResult<i64> {
     let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
+        .await?;
     redis::cmd("CLIENT")
         .arg("KILL")
         .arg("TYPE")
@@ -335,7 +340,7 @@ async fn l3_soak_memory_fds_and_tasks_stay_flat() {
     };
     let mut raw = redis::Client::open(server.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let started = Instant::now();

@@ -177,7 +177,7 @@ async fn handlers_are_abandoned_before_an_unrenewed_lease_lapses() {
     // running when the lease lapses and another member may take the partition.
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let _: () = redis::cmd("CLIENT")

@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn flush(url: &str) {
     let mut conn = redis::Client::open(url)
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let _: () = redis::cmd("SCRIPT")

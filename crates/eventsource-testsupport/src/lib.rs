@@ -25,6 +25,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+#[cfg(feature = "harness")]
+pub mod harness;
 pub mod ledger;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -97,6 +99,28 @@ pub fn redis_url() -> String {
     .clone()
 }
 
+/// How a test's own connections wait: redis-rs's defaults (500 ms for a reply, 1 s to
+/// connect) are shorter than a debug build on a loaded machine takes to parse a large reply,
+/// and a test must not depend on the speed of the machine it runs on. 60 s for a reply, 10 s
+/// to connect: long enough for any load, short enough to end a test that hangs.
+pub fn patient() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(60)))
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+}
+
+/// A multiplexed connection to `url` with [`patient`] timeouts.
+///
+/// # Panics
+/// When the URL is not a Redis URL or nothing answers there within 10 s.
+pub async fn connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap_or_else(|e| panic!("{url} is not a Redis URL: {e}"))
+        .get_multiplexed_async_connection_with_config(&patient())
+        .await
+        .unwrap_or_else(|e| panic!("the test's Redis at {url} does not answer: {e}"))
+}
+
 /// A prefix no other test (or earlier run) uses.
 pub fn unique_prefix(test: &str) -> String {
     format!("es-test:{test}:{:012x}", fastrand::u64(..) >> 16)
@@ -145,11 +169,74 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// A fresh temporary directory for a test's own server.
+/// A fresh temporary directory for a test's own server, inside this test process's own
+/// directory (see [`process_dir`]), which is removed when the process ends.
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("es-{tag}-{:08x}", fastrand::u32(..)));
+    let dir = process_dir().join(format!("es-{tag}-{:08x}", fastrand::u32(..)));
     std::fs::create_dir_all(&dir).expect("a temporary directory can be created");
     dir
+}
+
+/// Where every test process keeps its temporary directories: `eventsource-tests` in the
+/// system's temporary directory, one directory per process named by its pid.
+pub fn tests_temp_root() -> PathBuf {
+    std::env::temp_dir().join("eventsource-tests")
+}
+
+/// This test process's temporary directory. Created on first use, together with a cleaner
+/// (a shell that waits for this process to end, lets the servers' watchdogs stop them, and
+/// removes the directory), so the data of the servers the tests started (a private
+/// PostgreSQL cluster is 50–175 MB) does not outlive the run. Directories of processes that
+/// died without their cleaner (a kill of the whole process group) are removed by the next
+/// test process that starts.
+pub fn process_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = tests_temp_root();
+        std::fs::create_dir_all(&root).expect("a temporary directory can be created");
+        sweep_dead(&root);
+        let pid = std::process::id();
+        let dir = root.join(pid.to_string());
+        std::fs::create_dir_all(&dir).expect("a temporary directory can be created");
+        // Detached from this process (its own session), so it outlives it.
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.3; done; sleep 1; rm -rf '{dir}'",
+            dir = dir.display()
+        );
+        let detached = |program: &str, args: &[&str]| {
+            Command::new(program)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+        };
+        let cleaner = detached("setsid", &["sh", "-c", &script])
+            .or_else(|_| detached("sh", &["-c", &script]));
+        if let Err(e) = cleaner {
+            eprintln!(
+                "(no cleaner for {}: {e}; remove it after the run)",
+                dir.display()
+            );
+        }
+        dir
+    })
+}
+
+/// Removes the directories of test processes that no longer run.
+fn sweep_dead(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Runs `program args` under a watchdog: a shell that starts it, waits while this process

@@ -35,6 +35,8 @@ const SAMPLES: usize = 600;
 struct Dashboard {
     access: Access,
     url: String,
+    /// How long a reply may take (the bus's `socket_timeout`).
+    socket_timeout: Duration,
     client: redis::Client,
     buses: Mutex<HashMap<String, RedisEventBus>>,
     /// Per prefix: (when, entries added to the stream, entries read per group).
@@ -98,6 +100,7 @@ pub(crate) async fn run(url: &str, prefix: &str, options: Options) -> Outcome {
     );
     let state = Arc::new(Dashboard {
         access,
+        socket_timeout: RedisEventBusConfig::default().socket_timeout,
         url: url.to_owned(),
         client,
         buses: Mutex::new(HashMap::new()),
@@ -221,8 +224,13 @@ impl Dashboard {
     }
 
     async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, ApiError> {
+        // The bus's reply timeout, not redis-rs's 500 ms: a SCAN or XINFO of a large stream on
+        // a busy server can take longer.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(self.socket_timeout))
+            .set_connection_timeout(Some(self.socket_timeout));
         self.client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(redis_down)
     }

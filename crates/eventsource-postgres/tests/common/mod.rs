@@ -67,7 +67,10 @@ pub async fn store_with(
 /// The `event_id` of each entry of a Redis stream, in stream order (duplicates kept).
 pub async fn stream_event_ids(stream: &str) -> Vec<String> {
     let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
+        .await
+        .unwrap();
     let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
@@ -91,6 +94,8 @@ pub async fn stream_event_ids(stream: &str) -> Vec<String> {
 pub fn relay_process(schema: &str, prefix: &str, failpoint: Option<&str>) -> tokio::process::Child {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_eventsource-outbox-relay"));
     cmd.env("DATABASE_URL", database_url())
+        // Only what goes wrong: the relay's info lines would scroll past every test run.
+        .env("RUST_LOG", "warn")
         .env("EVENTSOURCE_PG_SCHEMA", schema)
         .env("EVENTSOURCE_REDIS_URL", redis_url())
         .env("EVENTSOURCE_REDIS_STREAM_PREFIX", prefix)

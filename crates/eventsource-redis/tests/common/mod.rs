@@ -62,7 +62,7 @@ pub fn shipped(i: usize) -> EventEnvelope {
 pub async fn raw() -> MultiplexedConnection {
     redis::Client::open(redis_url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .expect("the tests' Redis answers")
 }
@@ -228,7 +228,7 @@ pub async fn age_pending(stream: &str, group: &str, idle_ms: u64) {
 pub async fn kill_client_named(url: &str, name: &str) -> usize {
     let mut conn = redis::Client::open(url)
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&eventsource_testsupport::patient())
         .await
         .unwrap();
     let list: String = redis::cmd("CLIENT")
@@ -251,6 +251,71 @@ pub async fn kill_client_named(url: &str, name: &str) -> usize {
         }
     }
     killed
+}
+
+/// A command running the demo worker whose standard error (its log) goes to a file of the
+/// test's own instead of the terminal: a passing test shows nothing of it, a failing one
+/// prints the log's last lines with its failure (see [`print_worker_logs_on_failure`]).
+/// Standard output is discarded; callers may set it again.
+pub fn worker_command() -> tokio::process::Command {
+    print_worker_logs_on_failure();
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("worker")
+        .replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_");
+    let dir = eventsource_testsupport::process_dir().join("worker-logs");
+    std::fs::create_dir_all(&dir).expect("a log directory");
+    let path = dir.join(format!("{test}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("a log file");
+    WORKER_LOGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(std::thread::current().name().unwrap_or("").to_owned(), path);
+    let mut command = tokio::process::Command::new(worker_exe());
+    command
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    command
+}
+
+static WORKER_LOGS: std::sync::Mutex<std::collections::BTreeMap<String, std::path::PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Installs (once) a panic hook that prints, with a failing test's panic, the last 80 lines
+/// its workers logged.
+pub fn print_worker_logs_on_failure() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            let name = std::thread::current().name().unwrap_or("").to_owned();
+            let path = WORKER_LOGS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                .cloned();
+            if let Some(path) = path
+                && let Ok(text) = std::fs::read_to_string(&path)
+            {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(80)..];
+                eprintln!(
+                    "--- the workers' log ({}), last {} lines ---",
+                    path.display(),
+                    tail.len()
+                );
+                for line in tail {
+                    eprintln!("{line}");
+                }
+            }
+        }));
+    });
 }
 
 /// The demo worker (`examples/worker.rs`), built (or found up to date) once per test

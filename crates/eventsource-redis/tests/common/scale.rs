@@ -72,7 +72,7 @@ pub async fn publish_until_written(
 
 /// A worker process running two partitioned consumers named `<name>-0`, `<name>-1`.
 pub fn worker(node: &str, prefix: &str, name: &str) -> tokio::process::Child {
-    tokio::process::Command::new(worker_exe())
+    super::worker_command()
         .env("EVENTSOURCE_REDIS_URL", node)
         .env("EVENTSOURCE_REDIS_CLUSTER", "true")
         .env("EVENTSOURCE_REDIS_PARTITIONS", "12")
