@@ -7,7 +7,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// The operator's view of a Redis event bus: streams, groups, consumers, pending entries, dead
 /// letters (and their replay), health, safe trimming.
 ///
-/// Options default to the bus's `EVENTSOURCE_REDIS_*` environment variables.
+/// Configuration is the bus's own: every `EVENTSOURCE_REDIS_*` variable the library reads
+/// (`REDIS_URL` too, TLS included) applies, a misspelt one is warned about, and the options
+/// below override it.
 #[derive(Debug, Parser)]
 #[command(
     name = "eventsource",
@@ -15,51 +17,44 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     after_help = "EXIT CODES\n  0  done; healthy\n  1  the answer is no: unhealthy, or a dead letter / row that does not exist\n  2  usage error (also: a destructive command without --yes and no terminal to ask)\n  3  Redis unreachable, or it refused the credentials or a permission\n\nWith --json every command prints one JSON document on standard output (shapes in the\nREADME); progress and warnings go to standard error."
 )]
 pub(crate) struct Cli {
-    /// Redis URL.
-    #[arg(
-        long,
-        global = true,
-        env = "EVENTSOURCE_REDIS_URL",
-        default_value = "redis://localhost:6379",
-        hide_env_values = true
-    )]
-    pub(crate) url: String,
+    /// Redis URL (`rediss://` for TLS) [default: $EVENTSOURCE_REDIS_URL, else $REDIS_URL, else
+    /// redis://localhost:6379].
+    #[arg(long, global = true)]
+    pub(crate) url: Option<String>,
     /// Stream prefix: the bus's keys are `{prefix}:stream`, `{prefix}:stream_dlq`, ...
-    #[arg(
-        long,
-        global = true,
-        env = "EVENTSOURCE_REDIS_STREAM_PREFIX",
-        default_value = "events"
-    )]
-    pub(crate) prefix: String,
-    /// Consumer group the command looks at (and scopes dead letters to).
-    #[arg(
-        long,
-        global = true,
-        env = "EVENTSOURCE_REDIS_CONSUMER_GROUP",
-        default_value = "default"
-    )]
-    pub(crate) group: String,
+    /// [default: $EVENTSOURCE_REDIS_STREAM_PREFIX, else events].
+    #[arg(long, global = true)]
+    pub(crate) prefix: Option<String>,
+    /// Consumer group the command looks at (and scopes dead letters to)
+    /// [default: $EVENTSOURCE_REDIS_CONSUMER_GROUP, else default].
+    #[arg(long, global = true)]
+    pub(crate) group: Option<String>,
     /// Partitions of the stream (a PartitionedEventBus's): its keys are
     /// `{prefix:p<i>}:stream`, ... With more than one, `info` sums the partitions and lists
     /// them with their owners, and the other commands run on every partition in turn (or on
-    /// the one `--partition` names; `tail`, `dashboard` and dead letters named by id need it).
-    #[arg(
-        long,
-        global = true,
-        env = "EVENTSOURCE_REDIS_PARTITIONS",
-        default_value_t = 1
-    )]
-    pub(crate) partitions: u32,
-    /// The Redis URL names a node of a Redis Cluster (a PartitionedEventBus's).
-    #[arg(
-        long,
-        global = true,
-        env = "EVENTSOURCE_REDIS_CLUSTER",
-        value_parser = clap::builder::BoolishValueParser::new(),
-        default_value_t = false
-    )]
-    pub(crate) cluster: bool,
+    /// the one `--partition` names; `tail`, `dashboard` and dead letters named by id need it)
+    /// [default: $EVENTSOURCE_REDIS_PARTITIONS, else 1].
+    #[arg(long, global = true)]
+    pub(crate) partitions: Option<u32>,
+    /// The Redis URL names a node of a Redis Cluster (a PartitionedEventBus's)
+    /// [default: $EVENTSOURCE_REDIS_CLUSTER, else false].
+    #[arg(long, global = true, num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub(crate) cluster: Option<bool>,
+    /// TLS: trust this CA (PEM) instead of the system's [default: $EVENTSOURCE_REDIS_TLS_CA_FILE].
+    #[arg(long, global = true, value_name = "PEM")]
+    pub(crate) tls_ca_file: Option<std::path::PathBuf>,
+    /// TLS: present this client certificate (PEM; with --tls-key-file)
+    /// [default: $EVENTSOURCE_REDIS_TLS_CERT_FILE].
+    #[arg(long, global = true, value_name = "PEM")]
+    pub(crate) tls_cert_file: Option<std::path::PathBuf>,
+    /// TLS: the client certificate's key (PEM) [default: $EVENTSOURCE_REDIS_TLS_KEY_FILE].
+    #[arg(long, global = true, value_name = "PEM")]
+    pub(crate) tls_key_file: Option<std::path::PathBuf>,
+    /// TLS: do not verify the server's certificate (development only)
+    /// [default: $EVENTSOURCE_REDIS_TLS_INSECURE].
+    #[arg(long, global = true)]
+    pub(crate) tls_insecure: bool,
     /// With --partitions / --cluster: run the command on this partition only.
     #[arg(long, global = true)]
     pub(crate) partition: Option<u32>,

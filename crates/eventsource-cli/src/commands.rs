@@ -399,13 +399,18 @@ pub(crate) async fn trim(bus: &RedisEventBus, out: Out, dry_run: bool, yes: bool
         if out.json {
             out.json(&json!({ "dry_run": dry_run, "removed": 0, "would_remove": plan.removed, "min_id": plan.min_id, "reason": plan.reason }));
         } else {
+            let before = plan
+                .min_id
+                .as_deref()
+                .map(|id| format!(" before {id}"))
+                .unwrap_or_default();
+            let verb = if dry_run { "would remove" } else { "removed" };
             out.line(&format!(
-                "would remove {} entries before {}{}",
+                "{verb} {} entries{before}{}",
                 plan.removed,
-                plan.min_id.as_deref().unwrap_or("-"),
                 plan.reason
                     .as_deref()
-                    .map(|r| format!(" ({r})"))
+                    .map(|r| format!("; the rest stays: {r}"))
                     .unwrap_or_default()
             ));
         }
@@ -424,9 +429,14 @@ pub(crate) async fn trim(bus: &RedisEventBus, out: Out, dry_run: bool, yes: bool
         out.json(&report);
     } else {
         out.line(&format!(
-            "removed {} entries before {}",
+            "removed {} entries before {}{}",
             report.removed,
-            report.min_id.as_deref().unwrap_or("-")
+            report.min_id.as_deref().unwrap_or("-"),
+            report
+                .reason
+                .as_deref()
+                .map(|r| format!("; the rest stays: {r}"))
+                .unwrap_or_default()
         ));
     }
     Ok(ExitCode::SUCCESS)

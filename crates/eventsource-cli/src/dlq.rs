@@ -16,6 +16,24 @@ use crate::commands::confirm;
 use crate::output::{Out, Progress};
 use crate::{Failure, Outcome};
 
+/// Refuses what is not a stream id (`1700000000000-0`, or just the milliseconds) with a usage
+/// error, before anything is sent to Redis.
+fn check_id(id: &str) -> Result<(), Failure> {
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    let valid = match id.split_once('-') {
+        Some((ms, seq)) => digits(ms) && digits(seq),
+        None => digits(id),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(Failure::Usage(format!(
+            "{id:?} is not a dead letter id (they look like 1700000000000-0; `eventsource dlq \
+             list` shows them)"
+        )))
+    }
+}
+
 /// Whether a dead letter belongs to `scope` (`None`: every group).
 fn in_scope(letter: &DlqMessage, scope: Option<&str>) -> bool {
     scope.is_none_or(|group| letter.consumer_group() == Some(group))
@@ -80,6 +98,17 @@ pub(crate) async fn run(bus: &RedisEventBus, out: Out, command: DlqCommand) -> O
         DlqCommand::List { count, all_groups } => {
             let scope = (!all_groups).then_some(group.as_str());
             let letters = walk(bus, scope, Some(count)).await?;
+            // A full page may not be all: say how many there are (on standard error, so the
+            // JSON document stays the list).
+            if count > 0 && letters.len() == count {
+                let total = count_in_scope(bus, scope).await?;
+                if total > count as u64 {
+                    crate::output::warn(&format!(
+                        "showing the oldest {count} of {total} dead letters{}; --count N shows more",
+                        scope.map(|g| format!(" of group {g}")).unwrap_or_default()
+                    ));
+                }
+            }
             if out.json {
                 out.json(&letters.iter().map(summary).collect::<Vec<_>>());
                 return Ok(ExitCode::SUCCESS);
@@ -120,6 +149,7 @@ pub(crate) async fn run(bus: &RedisEventBus, out: Out, command: DlqCommand) -> O
             Ok(ExitCode::SUCCESS)
         }
         DlqCommand::Show { id } => {
+            check_id(&id)?;
             let Some(letter) = bus
                 .dlq_messages_range(&id, &id, 1)
                 .await?
@@ -174,6 +204,9 @@ async fn act(
             .map(|l| l.message_id)
             .collect()
     } else {
+        for id in &selection.ids {
+            check_id(id)?;
+        }
         selection.ids.clone()
     };
     let verb = match action {

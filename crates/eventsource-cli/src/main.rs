@@ -59,15 +59,19 @@ pub(crate) type Outcome = Result<ExitCode, Failure>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.verbose {
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-            )
-            .with_writer(std::io::stderr)
-            .init();
-    }
+    // The library's warnings (a misspelt EVENTSOURCE_REDIS_* variable, a server risk) always
+    // show; -v adds what the command does.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(if cli.verbose { "info" } else { "warn" })
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_target(cli.verbose)
+        .init();
     let out = Out::new(cli.json, cli.color);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -96,40 +100,100 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, out: Out) -> Outcome {
-    let config = RedisEventBusConfig::default()
-        .redis_url(cli.url.clone())
-        .stream_prefix(cli.prefix.clone())
-        .consumer_group(cli.group.clone())
+/// The options the CLI uses (their environment variables are read as the library reads them).
+const CLI_OPTIONS: &[&str] = &[
+    "redis_url",
+    "stream_prefix",
+    "consumer_group",
+    "partitions",
+    "cluster",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_insecure",
+    "socket_timeout",
+    "socket_connect_timeout",
+];
+
+/// The bus configuration of the command: the environment as the library reads it (the
+/// `EVENTSOURCE_REDIS_*` variables, `REDIS_URL`), then the options given.
+fn config_of(cli: &Cli) -> Result<RedisEventBusConfig, Failure> {
+    let config = match RedisEventBusConfig::from_env() {
+        Ok(config) => config,
+        // A bad value of an option the CLI does not use (a consumer's batch size in the
+        // worker's environment) does not stop the operator's tool: said, then left out.
+        Err(e) if !CLI_OPTIONS.contains(&e.field) => {
+            crate::output::warn(&format!("{e}; ignored (the CLI does not use it)"));
+            RedisEventBusConfig::from_lookup(|name| {
+                let used = CLI_OPTIONS.iter().any(|o| {
+                    name == "REDIS_URL"
+                        || name.eq_ignore_ascii_case(&format!("EVENTSOURCE_REDIS_{o}"))
+                });
+                used.then(|| std::env::var(name).ok()).flatten()
+            })
+            .map_err(|e| Failure::Usage(e.to_string()))?
+        }
+        Err(e) => return Err(Failure::Usage(e.to_string())),
+    };
+    let mut config = config
         .consumer_name("eventsource-cli")
         .enable_tracing(false);
+    if let Some(url) = &cli.url {
+        config.redis_url = url.clone();
+    }
+    if let Some(prefix) = &cli.prefix {
+        config.stream_prefix = prefix.clone();
+    }
+    if let Some(group) = &cli.group {
+        config.consumer_group = group.clone();
+    }
+    if let Some(partitions) = cli.partitions {
+        config.partitions = partitions;
+    }
+    if let Some(cluster) = cli.cluster {
+        config.cluster = cluster;
+    }
+    if let Some(ca) = &cli.tls_ca_file {
+        config.tls_ca_file = Some(ca.clone());
+    }
+    if let Some(cert) = &cli.tls_cert_file {
+        config.tls_cert_file = Some(cert.clone());
+    }
+    if let Some(key) = &cli.tls_key_file {
+        config.tls_key_file = Some(key.clone());
+    }
+    if cli.tls_insecure {
+        config.tls_insecure = true;
+    }
+    Ok(config)
+}
+
+async fn run(cli: Cli, out: Out) -> Outcome {
+    let config = config_of(&cli)?;
+    let (partitions, cluster) = (config.partitions, config.cluster);
     if let Command::Dashboard { .. } = cli.command
-        && cli.cluster
+        && cluster
     {
         return Err(Failure::Usage(
             "the dashboard does not connect to a Redis Cluster in this version".into(),
         ));
     }
-    if cli.partitions <= 1 && !cli.cluster {
+    if partitions <= 1 && !cluster {
         if cli.partition.is_some_and(|i| i > 0) {
             return Err(Failure::Usage(
                 "--partition needs --partitions (or --cluster)".into(),
             ));
         }
-        let bus = RedisEventBus::new(config, EventRegistry::new())?;
+        let bus = RedisEventBus::new(config.partitions(1).cluster(false), EventRegistry::new())?;
         if let Command::Partitions = cli.command {
             return partitions::partitions_of_one(&bus, out).await;
         }
         return one_stream(&bus, out, cli.command).await;
     }
-    let all = PartitionedEventBus::new(
-        config.partitions(cli.partitions).cluster(cli.cluster),
-        EventRegistry::new(),
-    )?;
+    let all = PartitionedEventBus::new(config, EventRegistry::new())?;
     match (cli.partition, cli.command) {
-        (Some(i), _) if i >= cli.partitions => Err(Failure::Usage(format!(
-            "--partition {i}: the stream has partitions 0..{}",
-            cli.partitions
+        (Some(i), _) if i >= partitions => Err(Failure::Usage(format!(
+            "--partition {i}: the stream has partitions 0..{partitions}"
         ))),
         (Some(i), Command::Partitions) => {
             partitions::partitions_of_one(all.partition(i), out).await
@@ -164,8 +228,7 @@ async fn one_stream(bus: &RedisEventBus, out: Out, command: Command) -> Outcome 
             token,
         } => {
             dashboard::run(
-                &bus.config().redis_url,
-                &bus.config().stream_prefix,
+                bus.config(),
                 dashboard::Options {
                     listen,
                     allow_hosts,

@@ -21,7 +21,8 @@ pub struct TrimReport {
     pub removed: u64,
     /// Entries before this id were eligible (None when nothing could be trimmed).
     pub min_id: Option<String>,
-    /// Why nothing was trimmed, when nothing was.
+    /// Why nothing (more) could be trimmed: no group on the stream, or the group whose
+    /// pending or unread entries hold the rest back, with how many.
     pub reason: Option<String>,
 }
 
@@ -34,7 +35,8 @@ fn parse_id(id: &str) -> Option<(u64, u64)> {
 impl RedisEventBus {
     /// Where a safe trim would cut: `Ok(Err(reason))` when nothing may be trimmed, else the
     /// lowest floor over every group (see the module docs).
-    async fn trim_floor(&self) -> Result<Result<String, String>, RedisBusError> {
+    /// The lowest floor over the groups and what holds it there (`Err`: why there is none).
+    async fn trim_floor(&self) -> Result<Result<(String, String), String>, RedisBusError> {
         let mut conn = self.commands().await?;
         let groups: Result<StreamInfoGroupsReply, redis::RedisError> = redis::cmd("XINFO")
             .arg("GROUPS")
@@ -49,7 +51,8 @@ impl RedisEventBus {
         if groups.is_empty() {
             return Ok(Err("no consumer group on the stream".into()));
         }
-        let mut floor: Option<(u64, u64)> = None;
+        // (floor, what holds it there)
+        let mut floor: Option<((u64, u64), String)> = None;
         for group in &groups {
             let last = parse_id(&group.last_delivered_id).unwrap_or((0, 0));
             // Oldest pending entry of this group, if any.
@@ -59,15 +62,36 @@ impl RedisEventBus {
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.command_error("XPENDING", e))?;
-            let oldest_pending = match summary {
-                StreamPendingReply::Data(data) => parse_id(&data.start_id),
-                _ => None,
+            let (oldest_pending, pending) = match &summary {
+                StreamPendingReply::Data(data) => (parse_id(&data.start_id), data.count),
+                _ => (None, 0),
             };
-            let group_floor = oldest_pending.unwrap_or((last.0, last.1.saturating_add(1)));
-            floor = Some(floor.map_or(group_floor, |f| f.min(group_floor)));
+            let unread = group
+                .lag
+                .map(|n| format!(", {n} not yet delivered to it"))
+                .unwrap_or_default();
+            let (group_floor, why) = match oldest_pending {
+                Some(id) => (
+                    id,
+                    format!(
+                        "group {} still needs them: {pending} pending, the oldest {}-{}{unread}",
+                        group.name, id.0, id.1
+                    ),
+                ),
+                None => (
+                    (last.0, last.1.saturating_add(1)),
+                    format!(
+                        "group {} has read up to {}{unread}",
+                        group.name, group.last_delivered_id
+                    ),
+                ),
+            };
+            if floor.as_ref().is_none_or(|(f, _)| group_floor < *f) {
+                floor = Some((group_floor, why));
+            }
         }
         Ok(match floor {
-            Some((ms, seq)) => Ok(format!("{ms}-{seq}")),
+            Some(((ms, seq), why)) => Ok((format!("{ms}-{seq}"), why)),
             None => Err("no readable consumer group".into()),
         })
     }
@@ -78,8 +102,8 @@ impl RedisEventBus {
     /// # Errors
     /// [`RedisBusError`] when Redis fails.
     pub async fn trim_plan(&self) -> Result<TrimReport, RedisBusError> {
-        let min_id = match self.trim_floor().await? {
-            Ok(id) => id,
+        let (min_id, held) = match self.trim_floor().await? {
+            Ok(floor) => floor,
             Err(reason) => {
                 return Ok(TrimReport {
                     removed: 0,
@@ -110,7 +134,7 @@ impl RedisEventBus {
         Ok(TrimReport {
             removed: eligible,
             min_id: Some(min_id),
-            reason: None,
+            reason: Some(held),
         })
     }
 
@@ -122,8 +146,8 @@ impl RedisEventBus {
     /// # Errors
     /// [`RedisBusError`] when Redis fails.
     pub async fn trim_acknowledged(&self) -> Result<TrimReport, RedisBusError> {
-        let min_id = match self.trim_floor().await? {
-            Ok(id) => id,
+        let (min_id, held) = match self.trim_floor().await? {
+            Ok(floor) => floor,
             Err(reason) => {
                 return Ok(TrimReport {
                     removed: 0,
@@ -144,7 +168,7 @@ impl RedisEventBus {
         Ok(TrimReport {
             removed,
             min_id: Some(min_id),
-            reason: None,
+            reason: Some(held),
         })
     }
 }

@@ -4,125 +4,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
 use eventsource_redis::{RedisBusError, RedisEventBusConfig};
 
-/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, made with
-/// the `openssl` command in `dir`.
-fn certificates(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("the TLS tests need the openssl command (Debian: apt install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=eventsource-test-ca",
-    ]);
-    for who in ["server", "client"] {
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{who}.key"),
-            "-out",
-            &format!("{who}.csr"),
-            "-subj",
-            &format!("/CN={who}"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{who}.csr"),
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &format!("{who}.crt"),
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{who}.ext"),
-        ]);
-    }
-    // A second CA that vouches for nothing here.
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "other.key",
-        "-out",
-        "other.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=someone-else",
-    ]);
-}
-
-/// A TLS-only redis-server (no plain port); `auth_clients`: whether it demands a client
-/// certificate.
+/// A TLS-only redis-server of the test's own (see the test support).
 fn tls_server(auth_clients: bool) -> (OwnRedis, PathBuf, u16) {
-    let dir = temp_dir("tls");
-    certificates(&dir);
-    let port = free_port();
-    let file = |name: &str| dir.join(name).display().to_string();
-    let server = OwnRedis::start(
-        port,
-        &dir,
-        &[
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--tls-cert-file",
-            &file("server.crt"),
-            "--tls-key-file",
-            &file("server.key"),
-            "--tls-ca-cert-file",
-            &file("ca.crt"),
-            "--tls-auth-clients",
-            if auth_clients { "yes" } else { "no" },
-        ],
-    );
-    (server, dir, port)
+    eventsource_testsupport::tls_redis(auth_clients)
 }
 
 fn tls_config(port: u16, prefix: &str) -> RedisEventBusConfig {

@@ -248,12 +248,13 @@ pub fn spawn_watched(program: &str, args: &[String], dir: &Path) -> std::process
         .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
         .collect();
     let script = format!(
-        "{cmd} >'{log}' 2>&1 & child=$!; \
+        "{cmd} >'{log}' 2>&1 & child=$!; echo $child >'{pidfile}'; \
          trap 'kill $child 2>/dev/null; sleep 0.2; kill -9 $child 2>/dev/null; exit 0' TERM INT; \
          while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.2; done; \
          kill $child 2>/dev/null; sleep 0.2; kill -9 $child 2>/dev/null",
         cmd = quoted.join(" "),
         log = dir.join("server.log").display(),
+        pidfile = dir.join("server.pid").display(),
         parent = std::process::id(),
     );
     Command::new("sh")
@@ -398,11 +399,18 @@ impl OwnRedis {
 
     /// Stops it at once (SIGKILL, like a crash), waiting until the port is free.
     pub fn kill(&mut self) {
-        let pid = self.watchdog.id();
-        // The watchdog's child is the server: kill it hard, then the watchdog.
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-P", &pid.to_string()])
-            .status();
+        // The server (its pid, written by the watchdog), hard; then the watchdog. Not every
+        // child of the watchdog: killing the `sleep` it waits on makes its shell print
+        // "Killed" into the test output.
+        if let Some(pid) = std::fs::read_to_string(self.dir.join("server.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = self.watchdog.kill();
         let _ = self.watchdog.wait();
         if self.port != 0 {
@@ -418,8 +426,9 @@ impl OwnRedis {
 
 impl Drop for OwnRedis {
     fn drop(&mut self) {
+        // Its directory stays until the test process ends (see `process_dir`): a test that
+        // restarts a server on the same directory drops the old value after starting the new.
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -487,4 +496,118 @@ pub fn port_of(url: &str) -> u16 {
         .next()
         .and_then(|p| p.trim_end_matches('/').split('/').next()?.parse().ok())
         .unwrap_or(6379)
+}
+
+/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, made with
+/// the `openssl` command in `dir`.
+pub fn certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the TLS tests need the openssl command (Debian: apt install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=eventsource-test-ca",
+    ]);
+    for who in ["server", "client"] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{who}.key"),
+            "-out",
+            &format!("{who}.csr"),
+            "-subj",
+            &format!("/CN={who}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{who}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{who}.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{who}.ext"),
+        ]);
+    }
+    // A second CA that vouches for nothing here.
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=someone-else",
+    ]);
+}
+
+/// A TLS-only redis-server of the test's own (no plain port) with [`certificates`] in its
+/// directory (returned with its port); `auth_clients`: whether it demands a client
+/// certificate.
+pub fn tls_redis(auth_clients: bool) -> (OwnRedis, PathBuf, u16) {
+    let dir = temp_dir("tls");
+    certificates(&dir);
+    let port = free_port();
+    let file = |name: &str| dir.join(name).display().to_string();
+    let server = OwnRedis::start(
+        port,
+        &dir,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &file("server.crt"),
+            "--tls-key-file",
+            &file("server.key"),
+            "--tls-ca-cert-file",
+            &file("ca.crt"),
+            "--tls-auth-clients",
+            if auth_clients { "yes" } else { "no" },
+        ],
+    );
+    (server, dir, port)
 }

@@ -34,7 +34,8 @@ const SAMPLES: usize = 600;
 /// What the server shares between requests.
 struct Dashboard {
     access: Access,
-    url: String,
+    /// The connection options (URL, TLS) each prefix's bus is made with.
+    config: RedisEventBusConfig,
     /// How long a reply may take (the bus's `socket_timeout`).
     socket_timeout: Duration,
     client: redis::Client,
@@ -67,10 +68,11 @@ pub(crate) struct Options {
     pub(crate) token: Option<String>,
 }
 
-/// Serves the dashboard until Ctrl-C / SIGTERM; prints the link to open (with the run's token).
-pub(crate) async fn run(url: &str, prefix: &str, options: Options) -> Outcome {
-    let client = redis::Client::open(url)
-        .map_err(|e| Failure::Usage(format!("--url {url:?} is not a Redis URL: {e}")))?;
+/// Serves the dashboard for `config`'s prefix (with its connection options, TLS included)
+/// until Ctrl-C / SIGTERM; prints the link to open (with the run's token).
+pub(crate) async fn run(config: &RedisEventBusConfig, options: Options) -> Outcome {
+    let prefix = config.stream_prefix.as_str();
+    let client = config.client().map_err(|e| Failure::Usage(e.to_string()))?;
     let listen = &options.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -100,8 +102,8 @@ pub(crate) async fn run(url: &str, prefix: &str, options: Options) -> Outcome {
     );
     let state = Arc::new(Dashboard {
         access,
-        socket_timeout: RedisEventBusConfig::default().socket_timeout,
-        url: url.to_owned(),
+        socket_timeout: config.socket_timeout,
+        config: config.clone(),
         client,
         buses: Mutex::new(HashMap::new()),
         samples: Mutex::new(HashMap::new()),
@@ -211,8 +213,8 @@ impl Dashboard {
             return Ok(bus.clone());
         }
         let bus = RedisEventBus::new(
-            RedisEventBusConfig::default()
-                .redis_url(self.url.clone())
+            self.config
+                .clone()
                 .stream_prefix(prefix.to_owned())
                 .consumer_name("eventsource-dashboard")
                 .enable_tracing(false),

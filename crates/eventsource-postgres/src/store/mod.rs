@@ -145,14 +145,7 @@ pub(crate) fn validate_identifier(field: &'static str, value: &str) -> Result<()
 }
 
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
-        }
-        _ => url.to_owned(),
-    }
+    eventsource_core::support::redact_url(url)
 }
 
 /// An [`EventStore`] on PostgreSQL.

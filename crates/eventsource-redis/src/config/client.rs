@@ -4,45 +4,12 @@
 use super::*;
 
 /// `redis://user:secret@host` → `redis://user:***@host`; URLs without a password unchanged.
-///
-/// Parsed with the `url` crate, so a password holding `/`, `?`, `#` or `@` (percent-encoded
-/// as it must be, or not) never leaks; `redis://secret@host` (a password where the user
-/// would be) becomes `redis://***@host`; a `pass`/`password` query parameter (Unix socket
-/// URLs) is replaced too. A URL that does not parse keeps only its scheme and what follows
-/// its last `@`.
+/// The workspace's one redactor (`eventsource_core::support::redact_url`): a password holding
+/// `/`, `?`, `#` or `@`, percent-encoded or not, never leaks; `redis://secret@host` (a password
+/// where the user would be) becomes `redis://***@host`; `pass` / `password` query parameters
+/// (Unix socket URLs) are replaced too.
 pub fn redact_url(url: &str) -> String {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        return match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}***{}", &url[..scheme + 3], &url[at..])
-            }
-            (None, Some(at)) => format!("***{}", &url[at..]),
-            _ => url.to_owned(),
-        };
-    };
-    if parsed.password().is_some() {
-        let _ = parsed.set_password(Some("***"));
-    } else if !parsed.username().is_empty() {
-        let _ = parsed.set_username("***");
-    }
-    let secret_query = parsed
-        .query_pairs()
-        .any(|(k, _)| k == "pass" || k == "password");
-    if secret_query {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if k == "pass" || k == "password" {
-                    "***".to_owned()
-                } else {
-                    v.into_owned()
-                };
-                (k.into_owned(), v)
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    parsed.to_string()
+    eventsource_core::support::redact_url(url)
 }
 
 impl RedisEventBusConfig {

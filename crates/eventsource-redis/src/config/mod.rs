@@ -20,7 +20,7 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const ENV_PREFIX: &str = "EVENTSOURCE_REDIS_";
 
 /// Variables under [`ENV_PREFIX`] that are not options but are read elsewhere in this crate.
-const OTHER_ENV_VARS: &[&str] = &["READER"];
+const OTHER_ENV_VARS: &[&str] = &[];
 
 /// Why a configuration was refused. Always names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

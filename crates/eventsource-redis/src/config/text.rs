@@ -183,6 +183,7 @@ mod tests {
             [
                 "EVENTSOURCE_REDIS_BATCH_SISE",
                 "EVENTSOURCE_REDIS_BLOCK",
+                "EVENTSOURCE_REDIS_READER_KIND",
                 "EVENTSOURCE_REDIS_block_ms"
             ]
         );
