@@ -55,11 +55,22 @@ impl Projection for OrderTotals {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One sentence, the URL redacted, and what to do.
+            eprintln!("orders_postgres_redis: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Error> {
     let database_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let redis_url =
-        std::env::var("EVENTSOURCE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    // The bus's own configuration story: EVENTSOURCE_REDIS_* variables, else REDIS_URL.
+    let redis_url = RedisEventBusConfig::from_env()?.redis_url;
 
     // The write side: PostgreSQL with an outbox, no direct publisher.
     let store = PostgresEventStore::connect(
@@ -67,10 +78,13 @@ async fn main() -> Result<(), Error> {
         PostgresStoreConfig {
             schema: "orders_example".into(),
             outbox: true,
+            // Say at once when PostgreSQL is not there.
+            acquire_timeout: Duration::from_secs(2),
             ..Default::default()
         },
     )
-    .await?;
+    .await
+    .map_err(|e| format!("{e} (set DATABASE_URL to your PostgreSQL)"))?;
     let repo = AggregateRepository::<OrderAggregate>::new(Arc::new(store.clone()));
 
     // The relay: outbox -> Redis stream.
@@ -83,12 +97,19 @@ async fn main() -> Result<(), Error> {
         .consumer_group("projections")
         .block_ms(200);
     // Start from a fresh stream each run (it stays afterwards for inspection).
-    let client = redis::Client::open(config.redis_url.as_str())?;
-    let mut conn = client
+    let unreachable = |e: redis::RedisError| {
+        format!(
+            "cannot connect to Redis at {}: {e}; start Redis or set EVENTSOURCE_REDIS_URL",
+            eventsource_redis::config::redact_url(&config.redis_url)
+        )
+    };
+    let mut conn = config
+        .client()?
         .get_multiplexed_async_connection_with_config(
             &redis::AsyncConnectionConfig::new().set_response_timeout(Some(config.socket_timeout)),
         )
-        .await?;
+        .await
+        .map_err(unreachable)?;
     redis::cmd("DEL")
         .arg(config.stream_name())
         .arg(config.dlq_stream_name())

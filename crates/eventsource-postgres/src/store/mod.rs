@@ -37,7 +37,9 @@ pub enum SetupError {
         reason: String,
     },
     /// PostgreSQL could not be reached or refused the login.
-    #[error("cannot connect to PostgreSQL at {url}: {source}")]
+    #[error(
+        "cannot connect to PostgreSQL at {url}: {source}; check that it runs and that the URL is right"
+    )]
     Connect {
         /// The URL, password redacted.
         url: String,
