@@ -325,6 +325,34 @@ pub(crate) fn parse_read_reply(v: Value, max_entry_bytes: usize) -> Vec<ReadEntr
     out
 }
 
+/// The integer field `name` of a map-like reply (`XINFO STREAM`: alternating names and values
+/// in RESP2, a map in RESP3), if present.
+pub(crate) fn reply_field_u64(reply: &Value, name: &str) -> Option<u64> {
+    let as_u64 = |v: &Value| match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    };
+    let key_is = |k: &Value| match k {
+        Value::BulkString(b) => b.as_slice() == name.as_bytes(),
+        Value::SimpleString(s) => s == name,
+        _ => false,
+    };
+    match reply {
+        Value::Array(items) => items
+            .chunks(2)
+            .find(|kv| kv.first().is_some_and(key_is))
+            .and_then(|kv| kv.get(1))
+            .and_then(as_u64),
+        Value::Map(items) => items
+            .iter()
+            .find(|(k, _)| key_is(k))
+            .and_then(|(_, v)| as_u64(v)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

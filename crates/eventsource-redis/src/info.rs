@@ -130,6 +130,9 @@ pub struct StreamDetails {
     pub first_entry_id: Option<String>,
     /// Newest entry id (None when empty).
     pub last_entry_id: Option<String>,
+    /// Entries ever added to the stream (`XINFO STREAM` `entries-added`, Redis 7.0+): with
+    /// each group's `entries_read`, what throughput is measured from.
+    pub entries_added: Option<u64>,
 }
 
 /// One consumer group on the stream.
@@ -146,6 +149,8 @@ pub struct GroupInfo {
     pub last_delivered_id: String,
     /// Entries not yet delivered to the group, when Redis knows (7.0+).
     pub lag: Option<u64>,
+    /// Entries delivered to the group so far, when Redis knows (7.0+).
+    pub entries_read: Option<u64>,
 }
 
 /// What [`RedisEventBus::stream_info`] reports (the tutorial's keys).
@@ -410,11 +415,19 @@ impl RedisEventBus {
             .arg("COUNT")
             .arg(1);
         pipe.cmd("XINFO").arg("GROUPS").arg(&self.inner.stream);
-        let (length, first, last, groups): (u64, Value, Value, StreamInfoGroupsReply) = pipe
+        pipe.cmd("XINFO").arg("STREAM").arg(&self.inner.stream);
+        let (length, first, last, groups, stream): (
+            u64,
+            Value,
+            Value,
+            StreamInfoGroupsReply,
+            Value,
+        ) = pipe
             .query_async(&mut conn)
             .await
             .map_err(|e| self.command_error("XINFO GROUPS", e))?;
         info.stream.length = length;
+        info.stream.entries_added = codec::reply_field_u64(&stream, "entries-added");
         info.stream.first_entry_id = codec::parse_range(first).pop().map(|e| e.id);
         info.stream.last_entry_id = codec::parse_range(last).pop().map(|e| e.id);
         for g in groups.groups {
@@ -424,6 +437,7 @@ impl RedisEventBus {
                 pending: g.pending as u64,
                 last_delivered_id: g.last_delivered_id,
                 lag: g.lag.map(|n| n as u64),
+                entries_read: g.entries_read.map(|n| n as u64),
             };
             if group.name == self.inner.config.consumer_group {
                 info.pending_messages = group.pending;
@@ -440,10 +454,23 @@ impl RedisEventBus {
     /// # Errors
     /// [`RedisBusError`] when Redis fails (a missing stream or group is an empty list).
     pub async fn pending_entries(&self, count: usize) -> Result<Vec<PendingEntry>, RedisBusError> {
+        self.pending_entries_of(&self.inner.config.consumer_group, count)
+            .await
+    }
+
+    /// As [`pending_entries`](Self::pending_entries), for any `group` of this stream.
+    ///
+    /// # Errors
+    /// As [`pending_entries`](Self::pending_entries).
+    pub async fn pending_entries_of(
+        &self,
+        group: &str,
+        count: usize,
+    ) -> Result<Vec<PendingEntry>, RedisBusError> {
         let mut conn = self.commands().await?;
         let reply: Result<StreamPendingCountReply, redis::RedisError> = redis::cmd("XPENDING")
             .arg(&self.inner.stream)
-            .arg(&self.inner.config.consumer_group)
+            .arg(group)
             .arg("-")
             .arg("+")
             .arg(count)

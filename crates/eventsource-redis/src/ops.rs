@@ -47,11 +47,19 @@ impl RedisEventBus {
     /// # Errors
     /// [`RedisBusError`] when Redis fails.
     pub async fn consumers(&self) -> Result<Vec<ConsumerInfo>, RedisBusError> {
+        self.consumers_of(&self.inner.config.consumer_group).await
+    }
+
+    /// The consumers of any `group` of this stream (an operator's view across groups).
+    ///
+    /// # Errors
+    /// [`RedisBusError`] when Redis fails.
+    pub async fn consumers_of(&self, group: &str) -> Result<Vec<ConsumerInfo>, RedisBusError> {
         let mut conn = self.commands().await?;
         let reply: Result<StreamInfoConsumersReply, redis::RedisError> = redis::cmd("XINFO")
             .arg("CONSUMERS")
             .arg(&self.inner.stream)
-            .arg(&self.inner.config.consumer_group)
+            .arg(group)
             .query_async(&mut conn)
             .await;
         match reply {

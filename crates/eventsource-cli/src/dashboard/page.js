@@ -59,11 +59,11 @@ function renderGroups(o) {
       el("span", { text: `last delivered ${g.last_delivered_id ?? "–"}` })));
     const table = el("table", { class: "consumers" },
       el("thead", {}, el("tr", {}, el("th", { text: "consumer" }), el("th", { text: "pending" }),
-        el("th", { text: "idle" }), el("th", { text: "inactive" }))));
+        el("th", { text: "idle" }))));
     const body = el("tbody");
     for (const c of g.consumers) {
       body.append(el("tr", {}, el("td", { class: "mono", text: c.name }), el("td", { text: String(c.pending ?? "–") }),
-        el("td", { text: ms(c.idle_ms) }), el("td", { text: ms(c.inactive_ms) })));
+        el("td", { text: ms(c.idle_ms) })));
     }
     table.append(body);
     div.append(table);
