@@ -152,6 +152,7 @@ mod fence;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handle;
+mod health;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod info;
@@ -177,9 +178,8 @@ pub use error::{PartitionFailure, RedisBusError};
 /// The error classification shared by the workspace ([`RedisBusError::kind`]).
 pub use eventsource_core::ErrorKind;
 pub use fence::FencingToken;
-pub use info::{
-    BusStats, GroupInfo, Health, HealthStatus, PendingEntry, StreamDetails, StreamInfo,
-};
+pub use health::{Health, HealthStatus};
+pub use info::{BusStats, GroupInfo, PendingEntry, StreamDetails, StreamInfo};
 pub use ops::{ConsumerInfo, PurgeOutcome};
 pub use partitioned::{
     OwnershipStats, PartitionState, PartitionTotals, PartitionedEventBus, partition_of,

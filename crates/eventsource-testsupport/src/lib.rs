@@ -22,7 +22,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+
 use std::time::{Duration, Instant};
+pub use temp::{process_dir, temp_dir, tests_temp_root};
+pub use tls::{certificates, tls_redis};
 
 pub mod cluster;
 #[cfg(feature = "harness")]
@@ -32,6 +35,8 @@ pub mod ledger;
 pub mod postgres;
 pub mod proxy;
 pub mod python;
+mod temp;
+mod tls;
 
 /// Stops the test process with one sentence on standard error (written past the test
 /// harness's output capture, so it is seen), for a missing service: every later test of the
@@ -165,76 +170,6 @@ pub fn free_port() -> u16 {
         let port = (10_000 + (base + offset) % 20_000) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
-        }
-    }
-}
-
-/// A fresh temporary directory for a test's own server, inside this test process's own
-/// directory (see [`process_dir`]), which is removed when the process ends.
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let dir = process_dir().join(format!("es-{tag}-{:08x}", fastrand::u32(..)));
-    std::fs::create_dir_all(&dir).expect("a temporary directory can be created");
-    dir
-}
-
-/// Where every test process keeps its temporary directories: `eventsource-tests` in the
-/// system's temporary directory, one directory per process named by its pid.
-pub fn tests_temp_root() -> PathBuf {
-    std::env::temp_dir().join("eventsource-tests")
-}
-
-/// This test process's temporary directory. Created on first use, together with a cleaner
-/// (a shell that waits for this process to end, lets the servers' watchdogs stop them, and
-/// removes the directory), so the data of the servers the tests started (a private
-/// PostgreSQL cluster is 50–175 MB) does not outlive the run. Directories of processes that
-/// died without their cleaner (a kill of the whole process group) are removed by the next
-/// test process that starts.
-pub fn process_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = tests_temp_root();
-        std::fs::create_dir_all(&root).expect("a temporary directory can be created");
-        sweep_dead(&root);
-        let pid = std::process::id();
-        let dir = root.join(pid.to_string());
-        std::fs::create_dir_all(&dir).expect("a temporary directory can be created");
-        // Detached from this process (its own session), so it outlives it.
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 0.3; done; sleep 1; rm -rf '{dir}'",
-            dir = dir.display()
-        );
-        let detached = |program: &str, args: &[&str]| {
-            Command::new(program)
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-        };
-        let cleaner = detached("setsid", &["sh", "-c", &script])
-            .or_else(|_| detached("sh", &["-c", &script]));
-        if let Err(e) = cleaner {
-            eprintln!(
-                "(no cleaner for {}: {e}; remove it after the run)",
-                dir.display()
-            );
-        }
-        dir
-    })
-}
-
-/// Removes the directories of test processes that no longer run.
-fn sweep_dead(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid.to_string()).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -496,118 +431,4 @@ pub fn port_of(url: &str) -> u16 {
         .next()
         .and_then(|p| p.trim_end_matches('/').split('/').next()?.parse().ok())
         .unwrap_or(6379)
-}
-
-/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, made with
-/// the `openssl` command in `dir`.
-pub fn certificates(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("the TLS tests need the openssl command (Debian: apt install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=eventsource-test-ca",
-    ]);
-    for who in ["server", "client"] {
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{who}.key"),
-            "-out",
-            &format!("{who}.csr"),
-            "-subj",
-            &format!("/CN={who}"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{who}.csr"),
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &format!("{who}.crt"),
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{who}.ext"),
-        ]);
-    }
-    // A second CA that vouches for nothing here.
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "other.key",
-        "-out",
-        "other.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=someone-else",
-    ]);
-}
-
-/// A TLS-only redis-server of the test's own (no plain port) with [`certificates`] in its
-/// directory (returned with its port); `auth_clients`: whether it demands a client
-/// certificate.
-pub fn tls_redis(auth_clients: bool) -> (OwnRedis, PathBuf, u16) {
-    let dir = temp_dir("tls");
-    certificates(&dir);
-    let port = free_port();
-    let file = |name: &str| dir.join(name).display().to_string();
-    let server = OwnRedis::start(
-        port,
-        &dir,
-        &[
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--tls-cert-file",
-            &file("server.crt"),
-            "--tls-key-file",
-            &file("server.key"),
-            "--tls-ca-cert-file",
-            &file("ca.crt"),
-            "--tls-auth-clients",
-            if auth_clients { "yes" } else { "no" },
-        ],
-    );
-    (server, dir, port)
 }

@@ -6,59 +6,20 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use eventsource_core::store::{StoreError, StoredEvent};
-use sqlx::postgres::PgListener;
 
-use crate::store::{PostgresEventStore, StoreCursor, backend};
+use crate::store::StoreCursor;
 
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::{CheckpointError, insert_start, load_start, restart, save_checkpoint};
+use super::checkpoint::{CheckpointError, save_checkpoint};
 use super::leader::{Candidate, Leadership};
-use super::{ProjectionError, StartFrom, StartSnapshot, Subscription, SubscriptionState, Target};
+use super::{ProjectionError, Subscription, SubscriptionState};
 
 /// The first wait before looking again at events held behind the frontier.
 const HELD_BACK_FIRST_WAIT: Duration = Duration::from_millis(5);
 
 /// A page of the feed read ahead, not yet decoded.
 type FeedRows = Result<Vec<sqlx::postgres::PgRow>, StoreError>;
-
-/// Wakes the subscriptions on every append notification.
-pub(super) async fn listen(
-    store: PostgresEventStore,
-    wake: Arc<tokio::sync::watch::Sender<u64>>,
-    stop: CancellationToken,
-) {
-    loop {
-        let mut listener = match PgListener::connect_with(store.pool()).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "no LISTEN connection; subscriptions poll");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                }
-            }
-        };
-        if let Err(e) = listener.listen(store.events_channel()).await {
-            tracing::warn!(error = %e, "LISTEN failed; subscriptions poll");
-        }
-        // Appends committed before the LISTEN took hold (at start, or while the connection
-        // was being re-established) sent notifications nobody heard: look once more now.
-        wake.send_modify(|g| *g += 1);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                n = listener.recv() => match n {
-                    Ok(_) => { wake.send_modify(|g| *g += 1); }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "LISTEN connection lost; reconnecting");
-                        break;
-                    }
-                }
-            }
-        }
-    }
-}
 
 impl Subscription {
     pub(super) fn lock(
@@ -433,93 +394,6 @@ impl Subscription {
             () = tokio::time::sleep(wait) => true,
             () = changed => true,
         }
-    }
-
-    /// The stored checkpoint, or the start position written as the first checkpoint. "At the
-    /// end" is the head behind the frontier together with the snapshot it was read in (stored
-    /// with it, so a restart before the position passes it skips the same events). Read
-    /// after the lock was taken; an instance that starts first writes the start only if none
-    /// is stored yet.
-    async fn initial_cursor(&self) -> Result<StoreCursor, StoreError> {
-        let (cursor, snapshot) = match load_start(&self.store, &self.name).await? {
-            Some(stored) => stored,
-            None => {
-                let (start, snapshot) = match self.options.start {
-                    StartFrom::Beginning => (StoreCursor::START, None),
-                    StartFrom::End => {
-                        let (head, snapshot) = self.store.head_and_snapshot().await?;
-                        (head, Some(snapshot))
-                    }
-                };
-                insert_start(&self.store, &self.name, start, snapshot.as_deref()).await?;
-                load_start(&self.store, &self.name).await?.ok_or_else(|| {
-                    StoreError::Backend("the checkpoint just written is missing".into())
-                })?
-            }
-        };
-        *self
-            .start_snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) =
-            snapshot.as_deref().map(StartSnapshot::parse).transpose()?;
-        Ok(cursor)
-    }
-
-    /// Handles a page. A read model's page and checkpoint commit together; a projector's
-    /// checkpoint is written only when `checkpoint` is set. Either write is refused
-    /// ([`Superseded`]) when the stored checkpoint is no longer `stored`.
-    async fn handle(
-        &self,
-        events: &[StoredEvent],
-        stored: StoreCursor,
-        last: StoreCursor,
-        checkpoint: bool,
-    ) -> Result<(), ProjectionError> {
-        match &self.target {
-            Target::Projector(p) => {
-                p.handle(events).await?;
-                if checkpoint {
-                    save_checkpoint(
-                        self.store.pool(),
-                        &self.store,
-                        &self.name,
-                        stored,
-                        last,
-                        false,
-                    )
-                    .await?;
-                }
-            }
-            Target::ReadModel(m) => {
-                let mut tx = self.store.pool().begin().await.map_err(backend)?;
-                m.apply(&mut tx, events).await?;
-                // Refused: the transaction rolls back with the page's changes.
-                save_checkpoint(&mut *tx, &self.store, &self.name, stored, last, true).await?;
-                tx.commit().await.map_err(backend)?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn reset(&self, stored: StoreCursor) -> Result<(), ProjectionError> {
-        match &self.target {
-            Target::Projector(p) => {
-                p.reset().await?;
-                restart(self.store.pool(), &self.store, &self.name, stored).await?;
-            }
-            Target::ReadModel(m) => {
-                let mut tx = self.store.pool().begin().await.map_err(backend)?;
-                m.reset(&mut tx).await?;
-                restart(&mut *tx, &self.store, &self.name, stored).await?;
-                tx.commit().await.map_err(backend)?;
-            }
-        }
-        // A rebuild replays the whole history: nothing is skipped any more.
-        *self
-            .start_snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
-        Ok(())
     }
 }
 

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::PartitionedEventBus;
 use super::owner;
-use super::run::lock_write_owned;
+use super::state::lock_write_owned;
 use crate::bus::lock;
 use crate::conn::Commands;
 use crate::error::RedisBusError;
