@@ -130,9 +130,6 @@ pub struct StreamDetails {
     pub first_entry_id: Option<String>,
     /// Newest entry id (None when empty).
     pub last_entry_id: Option<String>,
-    /// Entries ever added to the stream (`XINFO STREAM` `entries-added`, Redis 7.0+): with
-    /// each group's `entries_read`, what throughput is measured from.
-    pub entries_added: Option<u64>,
 }
 
 /// One consumer group on the stream.
@@ -294,19 +291,11 @@ impl RedisEventBus {
             .arg("COUNT")
             .arg(1);
         pipe.cmd("XINFO").arg("GROUPS").arg(&self.inner.stream);
-        pipe.cmd("XINFO").arg("STREAM").arg(&self.inner.stream);
-        let (length, first, last, groups, stream): (
-            u64,
-            Value,
-            Value,
-            StreamInfoGroupsReply,
-            Value,
-        ) = pipe
+        let (length, first, last, groups): (u64, Value, Value, StreamInfoGroupsReply) = pipe
             .query_async(&mut conn)
             .await
             .map_err(|e| self.command_error("XINFO GROUPS", e))?;
         info.stream.length = length;
-        info.stream.entries_added = codec::reply_field_u64(&stream, "entries-added");
         info.stream.first_entry_id = codec::parse_range(first).pop().map(|e| e.id);
         info.stream.last_entry_id = codec::parse_range(last).pop().map(|e| e.id);
         for g in groups.groups {
@@ -325,6 +314,27 @@ impl RedisEventBus {
             info.consumer_groups.push(group);
         }
         Ok(info)
+    }
+
+    /// Entries ever added to the stream (`XINFO STREAM` `entries-added`, Redis 7.0+; `None`
+    /// when the stream does not exist): with each group's `entries_read`, what throughput is
+    /// measured from. Needs `+xinfo|stream` (the operator's rule), which the consumer's does
+    /// not grant: [`stream_info`](Self::stream_info) does not ask for it.
+    ///
+    /// # Errors
+    /// [`RedisBusError`] when Redis fails.
+    pub async fn entries_added(&self) -> Result<Option<u64>, RedisBusError> {
+        let mut conn = self.commands().await?;
+        let reply: Result<Value, redis::RedisError> = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&self.inner.stream)
+            .query_async(&mut conn)
+            .await;
+        match reply {
+            Ok(reply) => Ok(codec::reply_field_u64(&reply, "entries-added")),
+            Err(e) if e.to_string().contains("no such key") => Ok(None),
+            Err(e) => Err(self.command_error("XINFO STREAM", e)),
+        }
     }
 
     /// The oldest `count` entries of this group's pending list, with owner, idle time and

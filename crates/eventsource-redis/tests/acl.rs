@@ -111,9 +111,11 @@ async fn the_documented_rules_run_the_whole_flow() {
         .unwrap();
     let task = spawn_consumer(&consumer);
     assert!(wait_until(WAIT, || async { handled.load(Ordering::SeqCst) == 4 }).await);
+    let health = consumer.health_check().await;
     assert_eq!(
-        consumer.health_check().await.status,
-        eventsource_redis::HealthStatus::Healthy
+        health.status,
+        eventsource_redis::HealthStatus::Healthy,
+        "{health:?}"
     );
     // The failed entry: recovery dead-letters it (max_retries 0), replay brings it back.
     let stats = consumer
@@ -246,9 +248,11 @@ async fn the_documented_partitioned_rules_run_the_whole_flow() {
     });
     assert!(wait_until(WAIT, || async { handled.load(Ordering::SeqCst) == 7 }).await);
     assert_eq!(consumer.owned_partitions().len(), 4);
+    let health = consumer.health_check().await;
     assert_eq!(
-        consumer.health_check().await.status,
-        eventsource_redis::HealthStatus::Healthy
+        health.status,
+        eventsource_redis::HealthStatus::Healthy,
+        "{health:?}"
     );
     // Recovery, the dead letter and its replay, in the failed event's partition.
     let mut dead = 0;

@@ -204,6 +204,8 @@ pub fn spawn_watched(program: &str, args: &[String], dir: &Path) -> std::process
 /// stopped when dropped (and, by its watchdog, when the test process ends).
 pub struct OwnRedis {
     watchdog: std::process::Child,
+    /// The server's pid (read when it came up); `None` once killed.
+    server: Option<u32>,
     /// Its port (0: Unix socket only).
     pub port: u16,
     /// Its working directory (AOF files, the log).
@@ -245,16 +247,7 @@ impl OwnRedis {
 
     /// The server's process id (the watchdog's child).
     pub fn server_pid(&self) -> Option<u32> {
-        let out = Command::new("pgrep")
-            .args(["-P", &self.watchdog.id().to_string()])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()?
-            .trim()
-            .parse()
-            .ok()
+        self.server
     }
 
     fn start_in(port: u16, dir: &Path, extra: &[&str], tmpfs: Option<&str>) -> Self {
@@ -320,8 +313,23 @@ impl OwnRedis {
             "redis-server on port {port} did not come up within 20 s; see {}",
             dir.join("server.log").display()
         );
+        // The watchdog writes the pid as it starts the server; read now, before a later
+        // server on the same directory writes its own.
+        let pid_file = dir.join("server.pid");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let server = loop {
+            let pid = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            if pid.is_some() || Instant::now() > deadline {
+                break pid;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = std::fs::remove_file(&pid_file);
         Self {
             watchdog,
+            server,
             port,
             dir: dir.to_owned(),
         }
@@ -334,18 +342,19 @@ impl OwnRedis {
 
     /// Stops it at once (SIGKILL, like a crash), waiting until the port is free.
     pub fn kill(&mut self) {
-        // The server (its pid, written by the watchdog), hard; then the watchdog. Not every
-        // child of the watchdog: killing the `sleep` it waits on makes its shell print
-        // "Killed" into the test output.
-        if let Some(pid) = std::fs::read_to_string(self.dir.join("server.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-        {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
+        // Once only: a test that restarts a server on the same port drops the old value
+        // after the new one started.
+        let Some(pid) = self.server.take() else {
+            let _ = self.watchdog.kill();
+            let _ = self.watchdog.wait();
+            return;
+        };
+        // The server, hard; then the watchdog. Not every child of the watchdog: killing the
+        // `sleep` it waits on makes its shell print "Killed" into the test output.
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.watchdog.kill();
         let _ = self.watchdog.wait();
         if self.port != 0 {

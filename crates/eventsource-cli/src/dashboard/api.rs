@@ -70,7 +70,7 @@ pub(super) async fn overview(State(d): State<Shared>, Path(prefix): Path<String>
             "pending_by_age": AGE_BUCKETS.iter().zip(ages).map(|((label, _), n)| json!({ "age": label, "count": n })).collect::<Vec<_>>(),
         }));
     }
-    let added = stream.entries_added.unwrap_or(0);
+    let added = bus.entries_added().await.map_err(redis_down)?.unwrap_or(0);
     let throughput = d.sample(&prefix, added, read);
     Ok(axum::Json(json!({
         "prefix": prefix,
