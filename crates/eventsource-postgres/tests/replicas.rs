@@ -756,3 +756,125 @@ async fn a_holder_that_lost_its_lock_mid_page_cannot_commit_the_page() {
     first_task.await.unwrap();
     second_task.await.unwrap();
 }
+
+/// A read model with the default options catching up over many full pages keeps its lock:
+/// its checkpoint is stored with every page, so its own writes are never taken for another
+/// instance's (regression: a full page within `checkpoint_interval` left the instance's idea
+/// of the stored checkpoint behind, the next write was refused and it stood by and took the
+/// lock again, every other page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_model_catching_up_keeps_its_lock() {
+    let (store, guard) = store("replica_keeps", false).await;
+    let table = format!("{}.seen", guard.0);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {table} (event_id UUID NOT NULL)"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    for _ in 0..40 {
+        let aggregate = Uuid::new_v4();
+        let events: Vec<EventEnvelope> = (0..10)
+            .map(|v| {
+                Event::new(
+                    aggregate,
+                    OrderCreated {
+                        customer_id: "c".into(),
+                        total_amount: 1.0,
+                    },
+                )
+                .with_aggregate_version(v + 1)
+                .into_envelope()
+            })
+            .collect();
+        store
+            .append(aggregate, "Order", &events, ExpectedVersion::NoStream)
+            .await
+            .unwrap();
+    }
+    let mut manager = SubscriptionManager::new(store.clone());
+    let handle = manager
+        .add_read_model(
+            "keeps",
+            Counting {
+                table: table.clone(),
+                slow: None,
+                pages: Default::default(),
+            },
+            SubscriptionOptions {
+                page_size: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        manager
+            .run_until(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while handle.status().handled < 400 {
+        assert!(Instant::now() < deadline, "{:?}", handle.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(handle.status().takeovers, 1, "{:?}", handle.status());
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    let rows: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(rows, 400);
+}
+
+/// Dropping `run_until`'s future (instead of completing its shutdown) gives the lock up: a
+/// standby takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_manager_s_future_hands_the_subscription_over() {
+    let (store, _guard) = store("replica_dropped", false).await;
+    let options = SubscriptionOptions {
+        takeover_poll: Duration::from_millis(100),
+        leader_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let start = || {
+        let mut manager = SubscriptionManager::new(store.clone());
+        let handle = manager
+            .add_projector(
+                "dropped",
+                AppliedOutside {
+                    applied: Applied {
+                        table: "unused".into(),
+                        instance: "x".into(),
+                    },
+                    pool: store.pool().clone(),
+                },
+                options.clone(),
+            )
+            .unwrap();
+        let task = tokio::spawn(async move { manager.run_until(std::future::pending()).await });
+        (handle, task)
+    };
+    let (first, first_task) = start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !first.status().active {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (second, second_task) = start();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.status().active);
+    first_task.abort();
+    let _ = first_task.await;
+    // Far less than leader_timeout (30 s): the lock was given up, not timed out.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second.status().active {
+        assert!(Instant::now() < deadline, "the lock was not given up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second_task.abort();
+}

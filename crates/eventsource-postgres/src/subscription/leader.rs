@@ -33,9 +33,18 @@ pub(super) struct Leadership {
 
 impl Leadership {
     /// Gives the lock up and waits until it is released (bounded by the leader timeout).
-    pub(super) async fn release(self) {
+    pub(super) async fn release(mut self) {
         self.release.cancel();
-        let _ = self.watchdog.await;
+        let _ = (&mut self.watchdog).await;
+    }
+}
+
+/// Dropped without `release` (the subscription's task aborted: `run_until`'s future dropped,
+/// or a handler panicked): the watchdog gives the lock up by itself (or, if the runtime is
+/// going away with it, its connection closes and the server releases the lock).
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.release.cancel();
     }
 }
 
@@ -114,8 +123,10 @@ async fn watch(mut held: Candidate, lost: CancellationToken, release: Cancellati
             () = release.cancelled() => break,
             () = tokio::time::sleep(held.poll) => {}
         }
+        // Half the server's idle timeout: the holder gives up (and stops between pages)
+        // before the server would end its session and let a standby in.
         let ping = tokio::time::timeout(
-            held.timeout,
+            held.timeout / 2,
             sqlx::query("SELECT 1").execute(&mut held.conn),
         );
         match ping.await {

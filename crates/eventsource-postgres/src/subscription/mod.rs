@@ -391,9 +391,22 @@ impl SubscriptionManager {
             let stop = stop.clone();
             tokio::spawn(async move { listen(store, wake, stop).await })
         };
+        // Dropping this future (instead of completing `shutdown`) stops everything too: the
+        // subscriptions' tasks are aborted with `tasks` (their locks given up), the listener
+        // with this guard.
+        let _stop_on_drop = stop.clone().drop_guard();
+        let _listener = AbortOnDrop(listener);
         shutdown.await;
         stop.cancel();
         while tasks.join_next().await.is_some() {}
-        listener.abort();
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -75,17 +75,21 @@ impl Subscription {
         Ok(())
     }
 
-    pub(super) async fn reset(&self, stored: StoreCursor) -> Result<(), ProjectionError> {
+    pub(super) async fn reset(&self, stored: &mut StoreCursor) -> Result<(), ProjectionError> {
         match &self.target {
             Target::Projector(p) => {
+                // The checkpoint first: an instance that lost its lock is refused before it
+                // clears anything (a reset that then fails only means events again).
+                restart(self.store.pool(), &self.store, &self.name, *stored).await?;
+                *stored = StoreCursor::START;
                 p.reset().await?;
-                restart(self.store.pool(), &self.store, &self.name, stored).await?;
             }
             Target::ReadModel(m) => {
                 let mut tx = self.store.pool().begin().await.map_err(backend)?;
                 m.reset(&mut tx).await?;
-                restart(&mut *tx, &self.store, &self.name, stored).await?;
+                restart(&mut *tx, &self.store, &self.name, *stored).await?;
                 tx.commit().await.map_err(backend)?;
+                *stored = StoreCursor::START;
             }
         }
         // A rebuild replays the whole history: nothing is skipped any more.

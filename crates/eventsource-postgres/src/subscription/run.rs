@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{CheckpointError, save_checkpoint};
 use super::leader::{Candidate, Leadership};
-use super::{ProjectionError, Subscription, SubscriptionState};
+use super::{ProjectionError, Subscription, SubscriptionState, Target};
 
 /// The first wait before looking again at events held behind the frontier.
 const HELD_BACK_FIRST_WAIT: Duration = Duration::from_millis(5);
@@ -43,6 +43,20 @@ impl Subscription {
             *start = None;
         }
         start.as_ref().map(|s| s.text.clone())
+    }
+
+    /// As [`skip_visible_in`](Self::skip_visible_in), keeping the snapshot: for the page read
+    /// ahead, which may be thrown away (the current page fails and is read again from a
+    /// position that still needs the snapshot).
+    fn peek_skip_visible_in(&self, cursor: StoreCursor) -> Option<Arc<str>> {
+        let start = self
+            .start_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        start
+            .as_ref()
+            .filter(|s| cursor.tx < s.xmax)
+            .map(|s| s.text.clone())
     }
 
     /// Runs the subscription until `stop`: stands by until it holds its name's lock, then
@@ -93,33 +107,43 @@ impl Subscription {
                 SubscriptionState::Standby
             });
             let wait = if self.paused.load(Ordering::SeqCst) {
+                // An idle lock connection would be ended by the server meanwhile.
+                *candidate = None;
                 self.options.poll_interval.max(self.options.takeover_poll)
             } else {
-                let attempt = match candidate.take() {
-                    Some(c) => Ok(c),
-                    None => {
-                        Candidate::connect(
+                // Each step bounded (a half-open connection must not block the takeover) and
+                // given up at once on the stop.
+                let limit = self.options.leader_timeout;
+                let attempt = async {
+                    let c = match candidate.take() {
+                        Some(c) => c,
+                        None => Candidate::connect(
                             &self.store,
                             &self.name,
                             self.options.takeover_poll,
                             self.options.leader_timeout,
                         )
                         .await
+                        .map_err(|e| e.to_string())?,
+                    };
+                    c.try_take().await.map_err(|e| e.to_string())
+                };
+                let attempt = tokio::select! {
+                    () = stop.cancelled() => return None,
+                    r = tokio::time::timeout(limit, attempt) => {
+                        r.unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
                     }
                 };
                 match attempt {
-                    Ok(c) => match c.try_take().await {
-                        Ok(Ok(leadership)) => return Some(leadership),
-                        Ok(Err(c)) => {
-                            *candidate = Some(c);
-                            backoff.reset();
-                            self.options.takeover_poll
-                        }
-                        Err(e) => {
-                            self.failed(&format!("lock connection: {e}"));
-                            backoff.next_delay()
-                        }
-                    },
+                    Ok(Ok(leadership)) => {
+                        self.failures.store(0, Ordering::SeqCst);
+                        return Some(leadership);
+                    }
+                    Ok(Err(c)) => {
+                        *candidate = Some(c);
+                        backoff.reset();
+                        self.options.takeover_poll
+                    }
                     Err(e) => {
                         self.failed(&format!("lock connection: {e}"));
                         backoff.next_delay()
@@ -186,14 +210,18 @@ impl Subscription {
                 continue;
             }
             if self.rebuild.swap(false, Ordering::SeqCst) {
-                match self.reset(stored).await {
+                match self.reset(&mut stored).await {
                     Ok(()) => {
                         cursor = StoreCursor::START;
-                        stored = cursor;
                         self.lock().1 = cursor;
                         tracing::info!(subscription = %self.name, "rebuilding from the beginning");
                     }
-                    Err(e) if is_superseded(&e) => break true,
+                    Err(e) if is_superseded(&e) => {
+                        // The rebuild was asked of this subscription, not of this holder:
+                        // whoever is active next does it.
+                        self.rebuild.store(true, Ordering::SeqCst);
+                        break true;
+                    }
                     Err(e) => {
                         self.rebuild.store(true, Ordering::SeqCst);
                         self.failed(&format!("rebuild: {e}"));
@@ -233,7 +261,7 @@ impl Subscription {
                 let (store, filter, skip, size) = (
                     self.store.clone(),
                     self.options.filter.clone(),
-                    self.skip_visible_in(next),
+                    self.peek_skip_visible_in(next),
                     self.options.page_size,
                 );
                 prefetched = Some((
@@ -292,7 +320,11 @@ impl Subscription {
             };
             let events: Vec<StoredEvent> = page.into_iter().map(|(_, e)| e).collect();
             let caught_up = events.len() < self.options.page_size;
-            let checkpoint = caught_up || saved_at.elapsed() >= self.options.checkpoint_interval;
+            // A read model stores its checkpoint with every page (in the page's transaction);
+            // a projector at most every checkpoint_interval while catching up.
+            let checkpoint = matches!(self.target, Target::ReadModel(_))
+                || caught_up
+                || saved_at.elapsed() >= self.options.checkpoint_interval;
             match self.handle(&events, stored, last, checkpoint).await {
                 Ok(()) => {
                     if checkpoint {
