@@ -13,15 +13,16 @@
 //!   refuses it always;
 //! - only the prefix the dashboard was started for is served, unless `--all-prefixes`.
 //!
-//! The page learns the token from the link the command printed (`?token=`): the server
-//! keeps it in a `SameSite=Strict`, `HttpOnly` cookie and writes it into the page it serves
-//! to that browser, whose script sends it in the header.
+//! The page learns the token from the link the command printed (`?token=`): the server writes
+//! it into that page, whose script keeps it in the tab's `sessionStorage` (per origin, so no
+//! other server on the host ever sees it, as it would a cookie), removes it from the address
+//! bar and sends it in the header.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -29,8 +30,6 @@ use super::{ApiError, Shared, problem};
 
 /// The header the page sends the token in.
 pub(super) const TOKEN_HEADER: &str = "x-eventsource-token";
-/// The cookie the token is kept in once the printed link was opened.
-pub(super) const TOKEN_COOKIE: &str = "eventsource_dashboard_token";
 
 /// What the dashboard lets through.
 #[derive(Debug, Clone)]
@@ -67,6 +66,14 @@ impl Access {
                 format!("127.0.0.1:{port}"),
                 format!("[::1]:{port}"),
             ]);
+        }
+        // On port 80 a browser sends the host without the port.
+        if port == 80 {
+            let bare: Vec<String> = hosts
+                .iter()
+                .filter_map(|h| h.strip_suffix(":80").map(str::to_owned))
+                .collect();
+            hosts.extend(bare);
         }
         let mut names = Vec::new();
         for h in allow_hosts {
@@ -126,18 +133,6 @@ fn host_name(host: &str) -> &str {
     }
 }
 
-/// The token in the request's cookie, if it is the right one.
-pub(super) fn cookie_token(access: &Access, headers: &HeaderMap) -> Option<Arc<str>> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, v)| *k == TOKEN_COOKIE && access.token_matches(v))
-        .map(|_| access.token.clone())
-}
-
 /// Refuses what does not come from the operator's own use of the dashboard; adds the headers
 /// that keep the page out of frames and its address out of referrers.
 pub(super) async fn guard(State(d): State<Shared>, request: Request, next: Next) -> Response {
@@ -179,8 +174,10 @@ fn check(access: &Access, request: &Request) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("same-origin");
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    // `https://` too: behind a TLS proxy that keeps the Host.
     let same_origin = origin.is_none_or(|o| {
         o.strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
             .is_some_and(|o| o.eq_ignore_ascii_case(host))
     });
     if !matches!(site, "same-origin" | "none") || !same_origin {
@@ -268,6 +265,9 @@ mod tests {
         ] {
             assert!(!a.host_allowed(refused), "{refused}");
         }
+        let on_80 = access("127.0.0.1:80", &[]);
+        assert!(on_80.host_allowed("localhost") && on_80.host_allowed("127.0.0.1"));
+        assert!(!on_80.host_allowed("evil.example"));
         let v6 = access("[::1]:9180", &[]);
         assert!(v6.host_allowed("[::1]:9180"));
         assert!(!v6.host_allowed("[::2]:9180"));

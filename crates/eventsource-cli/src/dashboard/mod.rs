@@ -81,9 +81,16 @@ pub(crate) async fn run(config: &RedisEventBusConfig, options: Options) -> Outco
         .local_addr()
         .map_err(|e| Failure::Usage(format!("--listen {listen}: {e}")))?;
     let token = match options.token {
-        Some(t) if t.len() < 16 => {
+        Some(t)
+            if t.len() < 16
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
             return Err(Failure::Usage(
-                "--token must be at least 16 characters (or leave it out for a random one)".into(),
+                "--token must be at least 16 letters, digits, `-` or `_` (or leave it out for \
+                 a random one)"
+                    .into(),
             ));
         }
         Some(t) => t,
@@ -273,14 +280,12 @@ struct PageQuery {
     token: Option<String>,
 }
 
-/// The page of one prefix. Opened with the run's token (`?token=`), it keeps the token in a
-/// cookie and sends the browser to the clean address; served to a browser holding that
-/// cookie, it carries the token for its script to send with replay and purge.
+/// The page of one prefix. Opened with the run's token (`?token=`), it carries the token for
+/// its script, which keeps it for the tab and sends it with replay and purge.
 async fn page(
     State(d): State<Shared>,
     Path(prefix): Path<String>,
     Query(q): Query<PageQuery>,
-    headers: axum::http::HeaderMap,
 ) -> ApiResult {
     if !valid_prefix(&prefix) {
         return Err(problem(
@@ -291,32 +296,28 @@ async fn page(
     if !d.access.serves(&prefix) {
         return Err(d.access.scope_error(&prefix));
     }
-    if let Some(given) = &q.token {
-        if !d.access.token_matches(given) {
+    // The token travels once, in the printed link; the page keeps it in the tab's
+    // sessionStorage (per origin: scheme, host and port, unlike a cookie, which every
+    // server on the same host would receive) and takes it out of the address bar.
+    let token = match &q.token {
+        Some(given) if d.access.token_matches(given) => d.access.token.clone(),
+        Some(_) => {
             return Err(problem(
                 StatusCode::FORBIDDEN,
                 "that is not this dashboard's token: open the link it printed at start".into(),
             ));
         }
-        let cookie = format!(
-            "{}={given}; Path=/; HttpOnly; SameSite=Strict",
-            guard::TOKEN_COOKIE
-        );
-        let mut response =
-            axum::response::Redirect::to(&format!("/p/{}", urlencode(&prefix))).into_response();
-        if let Ok(value) = header::HeaderValue::from_str(&cookie) {
-            response.headers_mut().insert(header::SET_COOKIE, value);
-        }
-        return Ok(response);
-    }
-    let token = guard::cookie_token(&d.access, &headers);
+        None => "".into(),
+    };
+    // The token first: it is checked to be plain characters, while a prefix is anything
+    // (escaped) and must not be able to name a placeholder.
     let body = PAGE_HTML
-        .replace("{{PREFIX}}", &html_escape(&prefix))
-        .replace("{{TOKEN}}", token.as_deref().unwrap_or_default())
+        .replace("{{TOKEN}}", &token)
         .replace(
             "{{READ_ONLY}}",
             if d.access.read_only { "true" } else { "false" },
-        );
+        )
+        .replace("{{PREFIX}}", &html_escape(&prefix));
     Ok((
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -325,19 +326,6 @@ async fn page(
         body,
     )
         .into_response())
-}
-
-/// `s` percent-encoded for a path segment.
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 fn html_escape(s: &str) -> String {

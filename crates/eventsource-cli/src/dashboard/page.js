@@ -4,7 +4,12 @@
 const prefix = document.body.dataset.prefix;
 // The run's token (empty unless this browser opened the link the dashboard printed): sent in
 // a header with replay and purge, which a page of another site cannot do.
-const token = document.body.dataset.token;
+// Kept for the tab (sessionStorage is per origin), then taken out of the address bar.
+const token = document.body.dataset.token || sessionStorage.getItem("eventsource-token") || "";
+if (document.body.dataset.token) {
+  sessionStorage.setItem("eventsource-token", document.body.dataset.token);
+  history.replaceState(null, "", location.pathname);
+}
 const readOnly = document.body.dataset.readOnly === "true";
 const canAct = !!token && !readOnly;
 const api = (path) => `/api/p/${encodeURIComponent(prefix)}${path}`;

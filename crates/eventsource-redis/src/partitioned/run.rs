@@ -262,6 +262,11 @@ impl PartitionedEventBus {
         let assigned = match heartbeat {
             Ok(Ok(members)) => Some(self.assigned(&members)),
             failed => {
+                // Redis may have forgotten the scripts (a restart, SCRIPT FLUSH): load them
+                // again outside the per-call bound before the next round.
+                self.inner
+                    .scripts_loaded
+                    .store(false, std::sync::atomic::Ordering::Release);
                 let why = match failed {
                     Ok(Err(e)) => format!("the membership heartbeat fails: {e}"),
                     _ => format!("the membership heartbeat gets no reply within {limit:?}"),
