@@ -188,69 +188,7 @@ pub(crate) async fn consume_tls_workload(o: &Options) -> Result<Json, Error> {
     let n = o.n.unwrap_or(20_000);
     let dir = std::env::temp_dir().join(format!("es-bench-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let openssl = |args: &[&str]| -> Result<(), Error> {
-        let ok = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(&dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .map_err(|e| format!("consume_1_tls needs the openssl command: {e}"))?
-            .success();
-        if ok {
-            Ok(())
-        } else {
-            Err(format!("openssl {args:?} failed").into())
-        }
-    };
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )?;
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=bench-ca",
-    ])?;
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ])?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "server.ext",
-    ])?;
+    eventsource_testsupport::try_certificates(&dir).map_err(|e| format!("consume_1_tls: {e}"))?;
     let free = || -> Result<u16, Error> {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?

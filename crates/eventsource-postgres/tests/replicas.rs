@@ -85,6 +85,28 @@ impl Projector for AppliedOutside {
     }
 }
 
+/// Appends one new order's first `n` events in one append.
+async fn append_order(store: &PostgresEventStore, n: u64) {
+    let aggregate = Uuid::new_v4();
+    let events: Vec<EventEnvelope> = (0..n)
+        .map(|v| {
+            Event::new(
+                aggregate,
+                OrderCreated {
+                    customer_id: "c".into(),
+                    total_amount: 1.0,
+                },
+            )
+            .with_aggregate_version(v + 1)
+            .into_envelope()
+        })
+        .collect();
+    store
+        .append(aggregate, "Order", &events, ExpectedVersion::NoStream)
+        .await
+        .unwrap();
+}
+
 async fn connect(schema: &str) -> PostgresEventStore {
     PostgresEventStore::connect(
         &database_url(),
@@ -257,24 +279,7 @@ async fn rolling_deploy(kind: &str, replicas: usize) -> (Vec<(Change, Duration)>
         let store = store.clone();
         tokio::spawn(async move {
             for _ in 0..EVENTS / 10 {
-                let aggregate = Uuid::new_v4();
-                let events: Vec<EventEnvelope> = (0..10)
-                    .map(|v| {
-                        Event::new(
-                            aggregate,
-                            OrderCreated {
-                                customer_id: "c".into(),
-                                total_amount: 1.0,
-                            },
-                        )
-                        .with_aggregate_version(v + 1)
-                        .into_envelope()
-                    })
-                    .collect();
-                store
-                    .append(aggregate, "Order", &events, ExpectedVersion::NoStream)
-                    .await
-                    .unwrap();
+                append_order(&store, 10).await;
                 tokio::time::sleep(Duration::from_millis(4)).await;
             }
         })
@@ -644,19 +649,7 @@ async fn a_holder_that_lost_its_lock_mid_page_cannot_commit_the_page() {
     .await
     .unwrap();
     for _ in 0..30 {
-        let aggregate = Uuid::new_v4();
-        let event = Event::new(
-            aggregate,
-            OrderCreated {
-                customer_id: "c".into(),
-                total_amount: 1.0,
-            },
-        )
-        .into_envelope();
-        store
-            .append(aggregate, "Order", &[event], ExpectedVersion::NoStream)
-            .await
-            .unwrap();
+        append_order(&store, 1).await;
     }
     let options = SubscriptionOptions {
         page_size: 10,
@@ -773,24 +766,7 @@ async fn a_read_model_catching_up_keeps_its_lock() {
     .await
     .unwrap();
     for _ in 0..40 {
-        let aggregate = Uuid::new_v4();
-        let events: Vec<EventEnvelope> = (0..10)
-            .map(|v| {
-                Event::new(
-                    aggregate,
-                    OrderCreated {
-                        customer_id: "c".into(),
-                        total_amount: 1.0,
-                    },
-                )
-                .with_aggregate_version(v + 1)
-                .into_envelope()
-            })
-            .collect();
-        store
-            .append(aggregate, "Order", &events, ExpectedVersion::NoStream)
-            .await
-            .unwrap();
+        append_order(&store, 10).await;
     }
     let mut manager = SubscriptionManager::new(store.clone());
     let handle = manager

@@ -25,7 +25,7 @@ use std::sync::OnceLock;
 
 use std::time::{Duration, Instant};
 pub use temp::{process_dir, temp_dir, tests_temp_root};
-pub use tls::{certificates, tls_redis};
+pub use tls::{certificates, tls_redis, try_certificates};
 
 pub mod cluster;
 #[cfg(feature = "harness")]

@@ -7,25 +7,40 @@ use crate::{OwnRedis, free_port, temp_dir};
 
 /// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, made with
 /// the `openssl` command in `dir`.
+///
+/// # Panics
+/// As [`try_certificates`] fails.
 pub fn certificates(dir: &Path) {
-    let run = |args: &[&str]| {
+    try_certificates(dir).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// As [`certificates`], saying what failed (no `openssl`, a refused argument).
+///
+/// # Errors
+/// The sentence to show.
+pub fn try_certificates(dir: &Path) -> Result<(), String> {
+    let run = |args: &[&str]| -> Result<(), String> {
         let out = Command::new("openssl")
             .args(args)
             .current_dir(dir)
             .output()
-            .expect("the TLS tests need the openssl command (Debian: apt install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .map_err(|e| {
+                format!("TLS needs the openssl command (Debian: apt install openssl): {e}")
+            })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
     };
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text).map_err(|e| format!("writing {name}: {e}"))
+    };
+    write("server.ext", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")?;
+    write("client.ext", "extendedKeyUsage=clientAuth\n")?;
     run(&[
         "req",
         "-x509",
@@ -40,7 +55,7 @@ pub fn certificates(dir: &Path) {
         "2",
         "-subj",
         "/CN=eventsource-test-ca",
-    ]);
+    ])?;
     for who in ["server", "client"] {
         run(&[
             "req",
@@ -53,7 +68,7 @@ pub fn certificates(dir: &Path) {
             &format!("{who}.csr"),
             "-subj",
             &format!("/CN={who}"),
-        ]);
+        ])?;
         run(&[
             "x509",
             "-req",
@@ -70,7 +85,7 @@ pub fn certificates(dir: &Path) {
             "2",
             "-extfile",
             &format!("{who}.ext"),
-        ]);
+        ])?;
     }
     // A second CA that vouches for nothing here.
     run(&[
@@ -87,7 +102,8 @@ pub fn certificates(dir: &Path) {
         "2",
         "-subj",
         "/CN=someone-else",
-    ]);
+    ])?;
+    Ok(())
 }
 
 /// A TLS-only redis-server of the test's own (no plain port) with [`certificates`] in its
