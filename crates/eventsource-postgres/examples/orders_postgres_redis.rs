@@ -100,7 +100,7 @@ async fn run() -> Result<(), Error> {
     let unreachable = |e: redis::RedisError| {
         format!(
             "cannot connect to Redis at {}: {e}; start Redis or set EVENTSOURCE_REDIS_URL",
-            eventsource_redis::config::redact_url(&config.redis_url)
+            eventsource_redis::redact_url(&config.redis_url)
         )
     };
     let mut conn = config

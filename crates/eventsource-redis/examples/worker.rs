@@ -219,7 +219,7 @@ async fn run_partitioned(
             tokio::spawn(async move { bus.start_consuming().await })
         })
         .collect();
-    eventsource_redis::service::shutdown_signal().await;
+    eventsource_redis::shutdown_signal().await;
     for bus in &buses {
         bus.stop_consuming();
     }

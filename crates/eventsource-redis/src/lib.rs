@@ -47,30 +47,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! ## Layout
-//! - [`config`]: every option with the tutorial's names and defaults, validation, key names.
-//! - [`codec`]: stream entry (bytes) ⇄ event (`docs/wire-format.md`).
-//! - `bus`: connections, publishing (one pipelined round trip per batch), subscriptions,
-//!   counters, the consumer's lifecycle state.
-//! - `consume`: start / stop / shutdown / pause, and the read loop — own pending entries
-//!   first, then new ones with a bounded read-ahead, recovery one page per tick.
-//! - `handle`: what the loop and recovery share — run a batch of held entries, settle each
-//!   outcome, acknowledge, dead-letter.
-//! - `lease`: the entries a consumer holds, renewed so no one takes them while they wait, and
-//!   the attempt count (handler starts).
-//! - [`recovery`]: claiming idle pending entries, dead-lettering exhausted ones.
-//! - `scripts`: the Lua scripts that make check-then-act steps atomic.
-//! - [`dlq`]: list, inspect, replay dead letters; replay history into a projection.
-//! - [`ops`]: what an operator tool needs: consumers, purge, dead-letter exhausted entries
-//!   without handling anything, read the stream without joining a group.
-//! - [`info`]: statistics, stream info, health.
-//! - [`service`]: run until SIGTERM/SIGINT and shut down gracefully.
-//! - [`trace`]: W3C trace context carried in entry fields.
-//! - [`trim`]: trimming only what every group has acknowledged.
-//! - `partitioned`: [`PartitionedEventBus`] — a stream over `partitions` streams, one owner
-//!   per partition and group (membership, bounded-load rendezvous assignment, leases with
-//!   fencing tokens, a watchdog), on one Redis or a Redis Cluster (`docs/scale-out.md`).
-//! - `conn`: the command connection, one node or a cluster.
+//! ## What you use
+//! Everything a program names is at the crate root: the buses ([`RedisEventBus`],
+//! [`PartitionedEventBus`]), their configuration ([`RedisEventBusConfig`]), the reports they
+//! return ([`BusStats`], [`StreamInfo`], [`Health`], [`DlqMessage`], [`RecoveryStats`],
+//! [`TrimReport`], ...), the errors ([`RedisBusError`], [`ConfigError`]), the service
+//! ([`RedisEventBusService`], [`shutdown_signal`]), [`TraceContext`] and [`FencingToken`];
+//! the `http` feature adds the `http` module (`/metrics`, `/healthz`, `/readyz`). The modules
+//! behind them are private: `docs/architecture.md` maps them (connections, publishing, the
+//! read loop, the lease, recovery, dead letters, scripts, partitions).
 //!
 //! ## Guarantees
 //! - **At-least-once per consumer group.** An entry is acknowledged only after every handler
@@ -140,12 +125,14 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod bus;
+// The stream entry format, for the workspace's benchmark and CLI; not a stable API.
+#[doc(hidden)]
 pub mod codec;
-pub mod config;
+mod config;
 mod conn;
 mod connect;
 mod consume;
-pub mod dlq;
+mod dlq;
 mod error;
 mod fence;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -155,23 +142,23 @@ mod handle;
 mod health;
 #[cfg(feature = "http")]
 pub mod http;
-pub mod info;
+mod info;
 mod lease;
-pub mod metrics;
-pub mod ops;
+mod metrics;
+mod ops;
 #[cfg(feature = "otel")]
-pub mod otel;
+mod otel;
 mod partitioned;
 mod publish;
 mod reader;
-pub mod recovery;
+mod recovery;
 mod scripts;
-pub mod service;
-pub mod trace;
-pub mod trim;
+mod service;
+mod trace;
+mod trim;
 
 pub use bus::RedisEventBus;
-pub use config::{ConfigError, RedisEventBusConfig, RejectedPolicy};
+pub use config::{ConfigError, ENV_PREFIX, RedisEventBusConfig, RejectedPolicy, redact_url};
 pub use consume::ShutdownReport;
 pub use dlq::{DlqMessage, HistoryError, HistorySummary, ReplayOutcome};
 pub use error::{PartitionFailure, RedisBusError};
@@ -189,7 +176,8 @@ pub use recovery::{RecoveryOptions, RecoveryStats};
 /// of [`RedisBusError`], `redis::Client` from [`RedisEventBusConfig::client`]): use this
 /// re-export instead of depending on a matching redis-rs version yourself.
 pub use redis;
-pub use service::RedisEventBusService;
+pub use service::{RedisEventBusService, shutdown_signal};
+pub use trace::TraceContext;
 pub use trim::TrimReport;
 
 /// The README's Rust examples, compiled as doc tests.

@@ -32,7 +32,7 @@
 //! the recorder before the bus publishes or consumes.
 
 /// Distinct `event_type` label values per bus; further types are recorded as `other`.
-pub const MAX_EVENT_TYPES: usize = 256;
+pub(crate) const MAX_EVENT_TYPES: usize = 256;
 
 #[cfg(feature = "metrics")]
 mod on {

@@ -117,11 +117,11 @@ fn password_is_redacted() {
     let (_, text) = refused(bad);
     assert!(!text.contains("s3cret-pw"), "{text}");
     assert_eq!(
-        eventsource_redis::config::redact_url("redis://pw@h:1"),
+        eventsource_redis::redact_url("redis://pw@h:1"),
         "redis://***@h:1"
     );
     assert_eq!(
-        eventsource_redis::config::redact_url("redis://h:1/0"),
+        eventsource_redis::redact_url("redis://h:1/0"),
         "redis://h:1/0"
     );
     // Passwords holding URL delimiters, percent-encoded (as they must be) or not.
@@ -136,7 +136,7 @@ fn password_is_redacted() {
             "top-secret",
         ),
     ] {
-        let redacted = eventsource_redis::config::redact_url(url);
+        let redacted = eventsource_redis::redact_url(url);
         assert!(!redacted.contains(secret), "{url} -> {redacted}");
         let tail = secret.split(['/', '?', '#', '@', '%']).next_back().unwrap();
         assert!(

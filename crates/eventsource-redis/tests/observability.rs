@@ -11,7 +11,7 @@ use common::*;
 use eventsource_core::bus::named;
 use eventsource_core::prelude::*;
 use eventsource_core::testkit::orders::{OrderCreated, OrderShipped};
-use eventsource_redis::trace::TraceContext;
+use eventsource_redis::TraceContext;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event as TracingEvent, Metadata, Subscriber};

@@ -145,7 +145,7 @@ pub(crate) async fn run(config: &RedisEventBusConfig, options: Options) -> Outco
     }
     println!("(open that link: the token lets this browser replay and purge; keep it to yourself)");
     axum::serve(listener, app)
-        .with_graceful_shutdown(eventsource_redis::service::shutdown_signal())
+        .with_graceful_shutdown(eventsource_redis::shutdown_signal())
         .await
         .map_err(|e| Failure::No(format!("the dashboard stopped: {e}")))?;
     Ok(std::process::ExitCode::SUCCESS)

@@ -184,9 +184,7 @@ async fn run() -> Result<(), Error> {
     let relay = OutboxRelay::new(store, Arc::new(bus), RelayConfig::default());
     println!("relay running");
     tracing::info!("outbox relay running");
-    relay
-        .run_until(eventsource_redis::service::shutdown_signal())
-        .await;
+    relay.run_until(eventsource_redis::shutdown_signal()).await;
     if let Some(surface) = surface {
         surface.shutdown().await;
     }

@@ -438,7 +438,7 @@ impl RedisEventBusConfig {
 }
 
 /// `{hostname}-{8 random hex chars}`, as eventsource-py names consumers.
-pub fn default_consumer_name() -> String {
+pub(crate) fn default_consumer_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
