@@ -1,6 +1,5 @@
 //! The inspecting commands (info, health, groups, consumers, pending, tail, recover) and trim.
 
-use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -8,9 +7,9 @@ use eventsource_redis::{RecoveryOptions, RedisEventBus, StreamInfo};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::Outcome;
 use crate::cli::{HealthArgs, TailArgs};
-use crate::output::{Out, warn};
-use crate::{Failure, Outcome};
+use crate::output::{Out, confirm, warn};
 
 /// Warns when the stream or the group does not exist: a mistyped `--prefix` or `--group`
 /// otherwise shows only zeros.
@@ -40,28 +39,6 @@ pub(crate) fn warn_missing(bus: &RedisEventBus, info: &StreamInfo) {
                 names.join(", ")
             }
         ));
-    }
-}
-
-/// Asks before a destructive action; without a terminal to ask, `--yes` is required.
-pub(crate) fn confirm(question: &str, yes: bool) -> Result<(), Failure> {
-    if yes {
-        return Ok(());
-    }
-    if !std::io::stdin().is_terminal() {
-        return Err(Failure::Usage(format!(
-            "{question} — refusing without --yes (no terminal to ask)"
-        )));
-    }
-    let mut err = std::io::stderr();
-    let _ = write!(err, "{question} [y/N] ");
-    let _ = err.flush();
-    let mut answer = String::new();
-    let _ = std::io::stdin().lock().read_line(&mut answer);
-    if matches!(answer.trim(), "y" | "Y" | "yes") {
-        Ok(())
-    } else {
-        Err(Failure::No("not confirmed; nothing changed".into()))
     }
 }
 

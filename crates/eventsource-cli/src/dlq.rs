@@ -12,7 +12,7 @@ use eventsource_redis::{DlqMessage, PurgeOutcome, RedisEventBus, ReplayOutcome};
 use serde_json::{Map, Value, json};
 
 use crate::cli::{DlqCommand, Selection};
-use crate::commands::confirm;
+use crate::output::confirm;
 use crate::output::{Out, Progress};
 use crate::{Failure, Outcome};
 

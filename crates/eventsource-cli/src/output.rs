@@ -1,7 +1,7 @@
 //! Output: text tables sized to their content, JSON documents, colour only where it helps,
 //! and a closed pipe (`eventsource dlq list | head`) ending the command quietly.
 
-use std::io::{IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Write};
 
 use crate::cli::ColorChoice;
 
@@ -173,5 +173,27 @@ impl Drop for Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// Asks before a destructive action; without a terminal to ask, `--yes` is required.
+pub(crate) fn confirm(question: &str, yes: bool) -> Result<(), crate::Failure> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(crate::Failure::Usage(format!(
+            "{question} — refusing without --yes (no terminal to ask)"
+        )));
+    }
+    let mut err = std::io::stderr();
+    let _ = write!(err, "{question} [y/N] ");
+    let _ = err.flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(crate::Failure::No("not confirmed; nothing changed".into()))
     }
 }

@@ -8,7 +8,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::cli::{Command, DlqCommand};
-use crate::commands::{self, confirm};
+use crate::commands;
+use crate::output::confirm;
 use crate::output::{Out, capture, warn};
 use crate::{Failure, Outcome};
 

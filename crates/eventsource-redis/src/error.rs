@@ -251,24 +251,6 @@ impl Problem {
             message: crate::codec::error_chain(e),
         }
     }
-
-    pub(crate) fn from_read_error(what: &str, e: &crate::reader::ReadError) -> Self {
-        use crate::reader::ReadError;
-        match e {
-            ReadError::Server(text) | ReadError::NoGroup(text) => {
-                let (transient, message) = classify_server_text(what, text);
-                Self { transient, message }
-            }
-            ReadError::Connection(text) | ReadError::TimedOut(text) => Self {
-                transient: true,
-                message: format!("{what}: {text}"),
-            },
-            ReadError::Protocol(text) => Self {
-                transient: true,
-                message: format!("{what}: {text}"),
-            },
-        }
-    }
 }
 
 /// Classifies an error line from Redis: (transient, message with what to do).

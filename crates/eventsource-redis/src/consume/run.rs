@@ -205,7 +205,7 @@ impl RedisEventBus {
                         None => match self.blocking_reader().await {
                             Ok(r) => r,
                             Err(e) => {
-                                let problem = Problem::from_read_error("connecting the reader", &e);
+                                let problem = e.problem("connecting the reader");
                                 if !self.wait_after(&problem, &mut backoff, &stop).await {
                                     break;
                                 }
@@ -258,7 +258,7 @@ impl RedisEventBus {
                     bump(&self.inner.counters.reconnections, 1);
                     self.inner.metrics.reconnected();
                     self.inner.connected.store(false, Ordering::Relaxed);
-                    let problem = Problem::from_read_error("XREADGROUP", &e);
+                    let problem = e.problem("XREADGROUP");
                     if !self.wait_after(&problem, &mut backoff, &stop).await {
                         break;
                     }
@@ -266,7 +266,7 @@ impl RedisEventBus {
                 Err(e @ ReadError::Server(_)) => {
                     // E.g. UNBLOCKED (stream deleted while blocking), OOM, MISCONF, NOPERM.
                     group_ok = false;
-                    let problem = Problem::from_read_error("XREADGROUP", &e);
+                    let problem = e.problem("XREADGROUP");
                     if !self.wait_after(&problem, &mut backoff, &stop).await {
                         break;
                     }

@@ -46,6 +46,23 @@ impl std::fmt::Display for ReadError {
     }
 }
 
+impl ReadError {
+    /// What this failure of `what` means for the consumer's health.
+    pub(crate) fn problem(&self, what: &str) -> crate::error::Problem {
+        use crate::error::{Problem, classify_server_text};
+        match self {
+            Self::Server(text) | Self::NoGroup(text) => {
+                let (transient, message) = classify_server_text(what, text);
+                Problem { transient, message }
+            }
+            Self::Connection(text) | Self::TimedOut(text) | Self::Protocol(text) => Problem {
+                transient: true,
+                message: format!("{what}: {text}"),
+            },
+        }
+    }
+}
+
 impl From<redis::RedisError> for ReadError {
     fn from(e: redis::RedisError) -> Self {
         if crate::error::is_nogroup(&e) {
