@@ -13,6 +13,7 @@ mod batch;
 mod concurrent;
 mod dead_letter;
 mod entry;
+mod hold;
 
 pub(crate) use batch::{Item, ItemBody};
 pub(crate) use dead_letter::{DeadLetterMode, DeadLettered};
