@@ -62,12 +62,11 @@ impl PartitionedEventBus {
     }
 
     /// Opens the ownership connection and loads the ownership scripts, bounded by the
-    /// connection's own timeouts rather than a quarter of the lease: over a slow link the
-    /// handshake and a first `EVALSHA` (refused `NOSCRIPT`, then `SCRIPT LOAD`, then again)
-    /// take several round trips, and bounding them by the per-call limit cancelled them
-    /// every round — a member 200 ms away from Redis never joined. Once open, each ownership
-    /// call is one round trip. A script flushed later (`SCRIPT FLUSH`, a restart) is loaded
-    /// again by the call that finds it missing.
+    /// connection's own timeouts rather than a quarter of the lease: the handshake and a
+    /// first `EVALSHA` (refused `NOSCRIPT`, then `SCRIPT LOAD`, then again) take several
+    /// round trips, which over a slow link do not fit the per-call bound, while each
+    /// ownership call after them is one round trip. The scripts are loaded again after a
+    /// heartbeat fails (Redis restarted, or `SCRIPT FLUSH`).
     pub(super) async fn prepare_control(&self) -> Result<(), RedisBusError> {
         if self.inner.scripts_loaded.load(Ordering::Acquire) {
             return Ok(());
