@@ -854,3 +854,76 @@ async fn dropping_the_manager_s_future_hands_the_subscription_over() {
     }
     second_task.abort();
 }
+
+/// A standby's `lag()` is what the active instance has left, with the start snapshot of a
+/// subscription started "at the end" (events committed before the start are not counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_reports_the_lag_the_active_one_has_left() {
+    let (store, _guard) = store("replica_lag", false).await;
+    for _ in 0..5 {
+        append_order(&store, 1).await;
+    }
+    // Two events committed before the start but behind a writing transaction still open then:
+    // they sort after the start position, and only the start snapshot says to skip them.
+    let mut blocker = store.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        append_order(&store, 1).await;
+    }
+    let options = SubscriptionOptions {
+        start: eventsource_postgres::StartFrom::End,
+        takeover_poll: Duration::from_millis(100),
+        leader_timeout: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let start = || {
+        let mut manager = SubscriptionManager::new(store.clone());
+        let handle = manager
+            .add_projector(
+                "lagging",
+                AppliedOutside {
+                    applied: Applied {
+                        table: "unused".into(),
+                        instance: "x".into(),
+                    },
+                    pool: store.pool().clone(),
+                },
+                options.clone(),
+            )
+            .unwrap();
+        let task = tokio::spawn(async move { manager.run_until(std::future::pending()).await });
+        (handle, task)
+    };
+    let (active, active_task) = start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while active.status().state != SubscriptionState::Live {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    blocker.rollback().await.unwrap();
+    active.pause();
+    let (standby, standby_task) = start();
+    while standby.status().state != SubscriptionState::Standby {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..3 {
+        append_order(&store, 1).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while active.lag().await.unwrap() != 3 {
+        assert!(Instant::now() < deadline, "the active instance's lag");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        standby.lag().await.unwrap(),
+        3,
+        "the standby counts what the active one left"
+    );
+    active_task.abort();
+    standby_task.abort();
+}

@@ -261,14 +261,25 @@ impl SubscriptionHandle {
     /// # Errors
     /// [`StoreError`] when the store fails.
     pub async fn lag(&self) -> Result<u64, StoreError> {
-        let checkpoint = if self.0.active.load(Ordering::SeqCst) {
-            self.0.lock().1
+        let (checkpoint, skip) = if self.0.active.load(Ordering::SeqCst) {
+            let checkpoint = self.0.lock().1;
+            (checkpoint, self.0.skip_visible_in(checkpoint))
         } else {
-            load_checkpoint(&self.0.store, &self.0.name)
-                .await?
-                .unwrap_or(StoreCursor::START)
+            // What the active instance has left: the stored checkpoint, with the start
+            // snapshot stored with it (a standby has none of its own).
+            match checkpoint::load_start(&self.0.store, &self.0.name).await? {
+                Some((cursor, snapshot)) => {
+                    let skip = snapshot
+                        .as_deref()
+                        .map(StartSnapshot::parse)
+                        .transpose()?
+                        .filter(|s| cursor.tx < s.xmax)
+                        .map(|s| s.text);
+                    (cursor, skip)
+                }
+                None => (StoreCursor::START, None),
+            }
         };
-        let skip = self.0.skip_visible_in(checkpoint);
         self.0
             .store
             .count_feed(checkpoint, &self.0.options.filter, skip.as_deref())
